@@ -1,0 +1,104 @@
+"""Gated linear attention in plain torch: the oracle for the Triton kernels and
+the CPU execution path.
+
+Per head:  S_t = Diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = (scale * q_t) S_t
+(the state is updated with the current token before it is read, as in fla's
+``naive_recurrent_gla``). All math runs in fp32 (or fp64 when the inputs are
+fp64, which the tests use); outputs come back in v's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+# Chunk length of the chunked form. Within a chunk the decays are factored
+# around the chunk's midpoint, so an exponent never exceeds CHUNK/2 * |g|; with
+# GLA's gate (logsigmoid / 16) that stays far from fp32 overflow.
+CHUNK = 32
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gla_recurrent(q, k, v, g, scale, initial_state=None):
+    """Token-by-token recurrence. q,k,g [B,T,H,K], v [B,T,H,V] -> (o, S [B,H,K,V])."""
+    dt = _math_dtype(q)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = (torch.zeros(B, H, K, V, dtype=dt, device=q.device) if initial_state is None
+         else initial_state.to(dt).clone())
+    o = torch.empty(B, T, H, V, dtype=dt, device=q.device)
+    for t in range(T):
+        S = S * g[:, t].to(dt).exp()[..., None] + k[:, t].to(dt)[..., None] * v[:, t].to(dt)[..., None, :]
+        o[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t].to(dt) * scale, S)
+    return o.to(v.dtype), S
+
+
+def gla_chunk(q, k, v, g, scale, initial_state=None, chunk_size: int = CHUNK):
+    """Chunked form (same function as ``gla_recurrent``, O(T) with matmuls).
+
+    Differentiable. q,k,g [B,T,H,K], v [B,T,H,V], initial_state [B,H,K,V].
+    Returns (o [B,T,H,V] in v's dtype, final_state [B,H,K,V] fp32/fp64).
+    """
+    dt = _math_dtype(q)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    pad = (-T) % C
+    # [B,H,T,*] in math precision; padded steps have g=0 (no decay), k=v=0.
+    q_, k_, v_, g_ = (x.to(dt).transpose(1, 2) for x in (q, k, v, g))
+    if pad:
+        q_, k_, v_, g_ = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q_, k_, v_, g_))
+    n = (T + pad) // C
+    q_ = q_.reshape(B, H, n, C, K) * scale
+    k_ = k_.reshape(B, H, n, C, K)
+    v_ = v_.reshape(B, H, n, C, V)
+    G = g_.reshape(B, H, n, C, K).cumsum(-2)              # log decay from chunk start, inclusive
+    mid = G[..., C // 2 - 1: C // 2, :]                     # reference point for the factorisation
+    q_in = q_ * (G - mid).exp()
+    k_in = k_ * (mid - G).exp()
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    A = (q_in @ k_in.transpose(-1, -2)).masked_fill(~causal, 0.0)   # [B,H,n,C,C]
+    o_intra = A @ v_                                                 # [B,H,n,C,V]
+
+    q_inter = q_ * G.exp()                                   # decay from chunk start to token
+    k_to_end = k_ * (G[..., -1:, :] - G).exp()               # decay from token to chunk end
+    decay_chunk = G[..., -1, :].exp()                        # [B,H,n,K]
+
+    S = (torch.zeros(B, H, K, V, dtype=dt, device=q.device) if initial_state is None
+         else initial_state.to(dt))
+    outs = []
+    for c in range(n):
+        outs.append(o_intra[:, :, c] + q_inter[:, :, c] @ S)
+        S = decay_chunk[:, :, c, :, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ v_[:, :, c]
+    o = torch.stack(outs, dim=2).reshape(B, H, n * C, V)[:, :, :T]
+    return o.transpose(1, 2).to(v.dtype), S
+
+
+def gla_decode(q, k, v, g, state_pool, slots, scale):
+    """One token per sequence, in place on ``state_pool[slots]`` (slot -1 skipped)."""
+    o = torch.zeros_like(v)
+    for i, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        dt = torch.float64 if state_pool.dtype == torch.float64 else torch.float32
+        S = state_pool[slot].to(dt)
+        S = S * g[i].to(dt).exp()[..., None] + k[i].to(dt)[..., None] * v[i].to(dt)[..., None, :]
+        o[i] = torch.einsum("hk,hkv->hv", q[i].to(dt) * scale, S).to(v.dtype)
+        state_pool[slot] = S.to(state_pool.dtype)
+    return o
+
+
+def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale):
+    """Variable-length prompts, each from its slot's state (or zero), final state written back."""
+    o = torch.zeros_like(v)
+    bounds = cu_seqlens.tolist()
+    for i, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        s, e = bounds[i], bounds[i + 1]
+        init = state_pool[slot][None] if bool(has_initial_state[i]) else None
+        oi, S = gla_chunk(q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], scale, init)
+        o[s:e] = oi[0]
+        state_pool[slot] = S[0].to(state_pool.dtype)
+    return o

@@ -1,0 +1,139 @@
+"""What both families share: the causal-LM shell around a stack of blocks,
+with three execution paths over the same weights:
+
+(a) ``forward``: whole sequences, chunked (training, scoring), optionally from
+    and to per-sequence states;
+(b) ``decode``: one token per sequence, states read and written in place in a
+    ``StatePools`` addressed by slot;
+(c) ``prefill``: variable-length prompts (flattened, ``cu_seqlens``) that start
+    from their slot's state (or zero) and leave their final state there, after
+    which (b) continues.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from model_registry.state import StatePools, StateSpec
+
+
+@dataclass
+class StateXCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    # one dict per layer, the same keys as the state pools, each [B, *shape]
+    states: list[dict[str, torch.Tensor]] | None = None
+
+
+class StateXPreTrainedModel(PreTrainedModel):
+    """Subclasses set ``self.embeddings``, ``self.layers``, ``self.final_norm``
+    (property), ``self.lm_head`` and implement ``state_spec``."""
+
+    supports_gradient_checkpointing = True
+    _supports_cache_class = False
+    _is_stateful = True
+
+    # --- the family-specific pieces -------------------------------------------------
+    @property
+    def blocks(self):
+        raise NotImplementedError
+
+    @property
+    def embeddings(self) -> torch.nn.Embedding:
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def state_spec(self, state_dtype: torch.dtype | None = None) -> StateSpec:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        raise NotImplementedError("replace the embedding weights in place instead")
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def allocate_state_pools(self, num_slots: int, device=None, state_dtype: torch.dtype | None = None
+                             ) -> StatePools:
+        return StatePools.allocate(self.state_spec(state_dtype), num_slots,
+                                   device=device if device is not None else self.device)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.final_norm(h)
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                initial_states: list[dict[str, torch.Tensor]] | None = None,
+                return_states: bool = False, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> StateXCausalLMOutput:
+        """Path (a). ``labels`` follow the HF convention (shifted inside; -100 ignored)."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding masks are not supported: pack sequences or run them separately")
+        h = self.embeddings(input_ids)
+        states = []
+        for i, block in enumerate(self.blocks):
+            h, st = block(h, initial_states[i] if initial_states is not None else None)
+            states.append(st)
+        logits = self._logits(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return StateXCausalLMOutput(loss=loss, logits=logits, states=states if return_states else None)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, slots: torch.Tensor,
+                has_initial_state: torch.Tensor, pools: StatePools, all_logits: bool = False
+                ) -> torch.Tensor:
+        """Path (c). input_ids [N_tok]; returns logits of each sequence's last token
+        ``[B, vocab]`` (or of every token ``[N_tok, vocab]`` with ``all_logits``)."""
+        h = self.embeddings(input_ids)
+        for i, block in enumerate(self.blocks):
+            h = block.prefill(h, pools[i], slots, cu_seqlens, has_initial_state)
+        if not all_logits:
+            h = h[cu_seqlens[1:].long() - 1]
+        return self._logits(h)
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, slots: torch.Tensor, pools: StatePools) -> torch.Tensor:
+        """Path (b). input_ids [B] (one token per sequence) -> logits [B, vocab]."""
+        h = self.embeddings(input_ids)
+        for i, block in enumerate(self.blocks):
+            h = block.decode(h, pools[i], slots)
+        return self._logits(h)
+
+    def write_states_(self, pools: StatePools, slots: list[int], states: list[dict[str, torch.Tensor]]) -> None:
+        """Hand states from path (a) (batch-major) to pool slots."""
+        for layer, st in zip(pools.pools, states):
+            for name, t in layer.items():
+                t[torch.as_tensor(slots, device=t.device)] = st[name].to(t.dtype)
+
+    @torch.no_grad()
+    def greedy_generate(self, prompt_ids: list[int], max_new_tokens: int, pools: StatePools | None = None,
+                        slot: int = 0) -> list[int]:
+        """Greedy tokens for one prompt through paths (c) then (b): the oracle the
+        engines (native and vLLM) are compared with."""
+        dev = self.device
+        pools = pools or self.allocate_state_pools(1)
+        ids = torch.tensor(prompt_ids, device=dev)
+        cu = torch.tensor([0, len(prompt_ids)], device=dev, dtype=torch.int32)
+        slots = torch.tensor([slot], device=dev, dtype=torch.int32)
+        logits = self.prefill(ids, cu, slots, torch.tensor([False], device=dev), pools)
+        out = []
+        for _ in range(max_new_tokens):
+            tok = int(logits[0].argmax())
+            out.append(tok)
+            if len(out) == max_new_tokens:
+                break
+            logits = self.decode(torch.tensor([tok], device=dev), slots, pools)
+        return out

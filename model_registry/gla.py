@@ -1,0 +1,138 @@
+"""Gated linear attention (fla-hub GLA) with per-layer head counts (StateX: merged heads).
+
+Module and tensor names follow fla's ``GLAForCausalLM`` so fla checkpoints load
+by name. The math is fla's ``GatedLinearAttention`` without the options the
+fla-hub models do not use (short conv, feature maps, grouped kv heads).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+import kernels.gla as gla_ops
+from model_registry.base import StateXPreTrainedModel
+from model_registry.configs import StateXGLAConfig
+from model_registry.layers import HeadRMSNormSwishGate, RMSNorm, SwiGLUMLP, init
+from model_registry.state import StateSpec
+
+
+class GLAMixer(nn.Module):
+    """One GLA token mixer. ``num_heads`` may differ per layer: every projection
+    keeps its shape, only the head split (and the output-norm width) changes."""
+
+    def __init__(self, config: StateXGLAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_k_dim, self.head_v_dim = config.head_dims(layer_idx)
+        D, Kd, Vd = config.hidden_size, config.key_dim, config.value_dim
+        self.scale = self.head_k_dim ** -0.5
+        self.gate_logit_normalizer = config.gate_logit_normalizer
+        self.clamp_min = config.clamp_min
+        self.q_proj = nn.Linear(D, Kd, bias=False)
+        self.k_proj = nn.Linear(D, Kd, bias=False)
+        self.v_proj = nn.Linear(D, Vd, bias=False)
+        self.g_proj = nn.Linear(D, Vd, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(D, config.gate_low_rank_dim, bias=False),
+                                     nn.Linear(config.gate_low_rank_dim, Kd, bias=True))
+        self.o_proj = nn.Linear(Vd, D, bias=False)
+        self.g_norm_swish_gate = HeadRMSNormSwishGate(self.head_v_dim, eps=config.norm_eps)
+
+    def _qkvg(self, x):
+        """x [..., D] -> q, k, log-decay g [..., H, K]; v [..., H, V]."""
+        H = self.num_heads
+        q = self.q_proj(x).unflatten(-1, (H, self.head_k_dim))
+        k = self.k_proj(x).unflatten(-1, (H, self.head_k_dim))
+        v = self.v_proj(x).unflatten(-1, (H, self.head_v_dim))
+        g = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
+        if self.clamp_min is not None:
+            g = g.clamp_min(self.clamp_min)
+        return q, k, v, g.unflatten(-1, (H, self.head_k_dim))
+
+    def _out(self, o, x):
+        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        return self.o_proj(self.g_norm_swish_gate(o, gate).flatten(-2))
+
+    def forward(self, x, state=None):
+        q, k, v, g = self._qkvg(x)
+        o, final = gla_ops.gla_chunk(q, k, v, g, self.scale, state["recurrent"] if state is not None else None)
+        return self._out(o, x), {"recurrent": final}
+
+    def prefill(self, x, pool, slots, cu_seqlens, has_initial_state):
+        q, k, v, g = self._qkvg(x)
+        o = gla_ops.gla_prefill(q, k, v, g, pool["recurrent"], slots, cu_seqlens, has_initial_state, self.scale)
+        return self._out(o, x)
+
+    def decode(self, x, pool, slots):
+        q, k, v, g = self._qkvg(x)
+        o = gla_ops.gla_decode(q, k, v, g, pool["recurrent"], slots, self.scale)
+        return self._out(o, x)
+
+
+class GLABlock(GradientCheckpointingLayer):
+    def __init__(self, config: StateXGLAConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = GLAMixer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def _mlp(self, h):
+        return h + self.mlp(self.mlp_norm(h))
+
+    def forward(self, h, state=None):
+        y, final = self.attn(self.attn_norm(h), state)
+        return self._mlp(h + y), final
+
+    def prefill(self, h, pool, slots, cu_seqlens, has_initial_state):
+        return self._mlp(h + self.attn.prefill(self.attn_norm(h), pool, slots, cu_seqlens, has_initial_state))
+
+    def decode(self, h, pool, slots):
+        return self._mlp(h + self.attn.decode(self.attn_norm(h), pool, slots))
+
+
+class StateXGLAModel(nn.Module):
+    def __init__(self, config: StateXGLAConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([GLABlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class StateXGLAForCausalLM(StateXPreTrainedModel):
+    config_class = StateXGLAConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["GLABlock"]
+
+    def __init__(self, config: StateXGLAConfig):
+        super().__init__(config)
+        self.model = StateXGLAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def blocks(self):
+        return self.model.layers
+
+    @property
+    def embeddings(self):
+        return self.model.embeddings
+
+    @property
+    def final_norm(self):
+        return self.model.norm
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, HeadRMSNormSwishGate)):
+            init.ones_(module.weight)
+
+    def state_spec(self, state_dtype: torch.dtype | None = None) -> StateSpec:
+        return self.config.state_spec(state_dtype)

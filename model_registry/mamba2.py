@@ -1,0 +1,172 @@
+"""Mamba2 with per-layer state size (StateX: larger d_state in chosen layers).
+
+Module and tensor names follow transformers' ``Mamba2ForCausalLM`` (mamba_ssm
+checkpoints are renamed on import). Math: in_proj -> z | xBC | dt, depthwise
+causal conv + silu over xBC, SSD with D skip, gated RMSNorm with z, out_proj.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+import kernels.conv as conv_ops
+import kernels.mamba2 as ssd_ops
+from model_registry.base import StateXPreTrainedModel
+from model_registry.configs import StateXMamba2Config
+from model_registry.layers import GatedRMSNorm, RMSNorm, init
+from model_registry.state import StateSpec
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: StateXMamba2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.layer_state_size[layer_idx]
+        self.intermediate_size = config.intermediate_size
+        self.conv_dim = config.conv_dim(layer_idx)
+        self.dt_limit = tuple(config.time_step_limit)
+        self.activation = config.hidden_act
+        self.in_proj = nn.Linear(config.hidden_size, config.in_proj_dim(layer_idx), bias=config.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
+                                padding=config.conv_kernel - 1, bias=config.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.intermediate_size, config.norm_group_size, eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+
+    @property
+    def conv_weight(self):
+        return self.conv1d.weight[:, 0, :]                           # [C, W]
+
+    def _split_in(self, x):
+        zxbcdt = self.in_proj(x)
+        return torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+
+    def _split_xbc(self, xbc):
+        G, N = self.n_groups, self.state_size
+        xs, B, C = torch.split(xbc, [self.intermediate_size, G * N, G * N], dim=-1)
+        return (xs.unflatten(-1, (self.num_heads, self.head_dim)), B.unflatten(-1, (G, N)),
+                C.unflatten(-1, (G, N)))
+
+    def _ssm_args(self):
+        return -torch.exp(self.A_log.float()), self.D, self.dt_bias, self.dt_limit
+
+    def _out(self, y, z):
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def forward(self, x, state=None):
+        z, xbc, dt = self._split_in(x)
+        xbc, conv_final = conv_ops.causal_conv(xbc, self.conv_weight, self.conv1d.bias,
+                                               state["conv"] if state is not None else None, self.activation)
+        xs, B, C = self._split_xbc(xbc)
+        A, D, dt_bias, dt_limit = self._ssm_args()
+        y, ssm_final = ssd_ops.ssd_chunk(xs, dt, A, B, C, D, dt_bias, dt_limit,
+                                         state["ssm"] if state is not None else None)
+        return self._out(y, z), {"conv": conv_final, "ssm": ssm_final}
+
+    def prefill(self, x, pool, slots, cu_seqlens, has_initial_state):
+        z, xbc, dt = self._split_in(x)
+        xbc = conv_ops.conv_prefill(xbc, pool["conv"], slots, cu_seqlens, has_initial_state, self.conv_weight,
+                                    self.conv1d.bias, self.activation)
+        xs, B, C = self._split_xbc(xbc)
+        A, D, dt_bias, dt_limit = self._ssm_args()
+        y = ssd_ops.ssd_prefill(xs, dt, A, B, C, D, dt_bias, dt_limit, pool["ssm"], slots, cu_seqlens,
+                                has_initial_state)
+        return self._out(y, z)
+
+    def decode(self, x, pool, slots):
+        z, xbc, dt = self._split_in(x)
+        xbc = conv_ops.conv_decode(xbc, pool["conv"], slots, self.conv_weight, self.conv1d.bias, self.activation)
+        xs, B, C = self._split_xbc(xbc)
+        A, D, dt_bias, dt_limit = self._ssm_args()
+        y = ssd_ops.ssd_decode(xs, dt, A, B, C, D, dt_bias, dt_limit, pool["ssm"], slots)
+        return self._out(y, z)
+
+
+class Mamba2Block(GradientCheckpointingLayer):
+    def __init__(self, config: StateXMamba2Config, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = Mamba2Mixer(config, layer_idx)
+
+    def _add(self, h, y):
+        # transformers/mamba_ssm keep the residual stream in fp32 (residual_in_fp32)
+        return (h.float() if self.residual_in_fp32 else h) + y
+
+    def _in(self, h):
+        return self.norm(h.to(self.norm.weight.dtype))
+
+    def forward(self, h, state=None):
+        y, final = self.mixer(self._in(h), state)
+        return self._add(h, y), final
+
+    def prefill(self, h, pool, slots, cu_seqlens, has_initial_state):
+        return self._add(h, self.mixer.prefill(self._in(h), pool, slots, cu_seqlens, has_initial_state))
+
+    def decode(self, h, pool, slots):
+        return self._add(h, self.mixer.decode(self._in(h), pool, slots))
+
+
+class StateXMamba2Model(nn.Module):
+    def __init__(self, config: StateXMamba2Config):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Mamba2Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+
+class StateXMamba2ForCausalLM(StateXPreTrainedModel):
+    config_class = StateXMamba2Config
+    base_model_prefix = "backbone"
+    _no_split_modules = ["Mamba2Block"]
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: StateXMamba2Config):
+        super().__init__(config)
+        self.backbone = StateXMamba2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def blocks(self):
+        return self.backbone.layers
+
+    @property
+    def embeddings(self):
+        return self.backbone.embeddings
+
+    @property
+    def final_norm(self):
+        return self.backbone.norm_f
+
+    def _init_weights(self, module):
+        cfg = self.config
+        if isinstance(module, Mamba2Mixer):
+            init.copy_(module.A_log, torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
+            init.ones_(module.D)
+            # dt_bias = softplus^-1(dt), dt log-uniform in [time_step_min, time_step_max]
+            dt = torch.exp(torch.rand(module.num_heads) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+                           + math.log(cfg.time_step_min)).clamp(min=cfg.time_step_floor)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init.zeros_(module.conv1d.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=cfg.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=cfg.initializer_range)
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            init.ones_(module.weight)
+
+    def state_spec(self, state_dtype: torch.dtype | None = None) -> StateSpec:
+        return self.config.state_spec(state_dtype, conv_dtype=self.dtype)
