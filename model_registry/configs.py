@@ -22,6 +22,13 @@ def _config_dtype(config) -> torch.dtype:
     return getattr(torch, dt) if isinstance(dt, str) else dt
 
 
+def _as_float(x) -> float:
+    # transformers 5 writes inf in JSON as {"__float__": "Infinity"}
+    if isinstance(x, dict) and "__float__" in x:
+        return float(x["__float__"])
+    return float(x)
+
+
 class ConfigError(ValueError):
     """A config that our models cannot run; the message says which field and why."""
 
@@ -205,7 +212,7 @@ class StateXMamba2Config(_BaseConfig):
         self.time_step_min = time_step_min
         self.time_step_max = time_step_max
         self.time_step_floor = time_step_floor
-        self.time_step_limit = tuple(float(x) for x in time_step_limit)
+        self.time_step_limit = tuple(_as_float(x) for x in time_step_limit)
         self.rescale_prenorm_residual = rescale_prenorm_residual
         self.chunk_size = chunk_size
         self.initializer_range = initializer_range

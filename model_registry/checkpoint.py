@@ -1,0 +1,146 @@
+"""Our checkpoint format: a directory with config.json, model.safetensors,
+tokenizer files and statex.json (provenance). Writes are atomic: everything goes
+to a temporary sibling directory that is renamed into place at the end, so a
+failure never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model_registry.configs import ConfigError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded or converted; the message names the file or tensor."""
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
+    """Yield a temporary directory next to ``out_dir``; on success it replaces
+    ``out_dir``, on failure it is removed and ``out_dir`` is untouched."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def read_config_dict(src: str | Path) -> dict:
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{src}: no config.json (expected a checkpoint directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_state_dict(src: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint dir: model.safetensors (or sharded *.safetensors),
+    else pytorch_model.bin."""
+    src = Path(src)
+    files = sorted(src.glob("*.safetensors"))
+    if files:
+        sd = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        return sd
+    bins = sorted(src.glob("pytorch_model*.bin"))
+    if bins:
+        sd = {}
+        for f in bins:
+            sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
+        return sd
+    raise CheckpointError(f"{src}: no weights (model.safetensors or pytorch_model.bin)")
+
+
+def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], src: str | Path = "checkpoint",
+                   allow_missing: tuple[str, ...] = ()) -> None:
+    """Load ``sd`` into ``model`` strictly, with errors that name tensors and shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and k not in allow_missing]
+    if missing:
+        raise CheckpointError(f"{src}: missing tensor {missing[0]} (shape {tuple(expected[missing[0]].shape)})"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{src}: unexpected tensor {unexpected[0]} (shape {tuple(sd[unexpected[0]].shape)}); "
+                              "the config does not describe these weights")
+    for k, t in sd.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{src}: tensor {k} has shape {tuple(t.shape)}, "
+                                  f"the config expects {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def save_checkpoint(model, out_dir: str | Path, tokenizer_src: str | Path | None = None,
+                    provenance: dict | None = None, overwrite: bool = False) -> Path:
+    """Export in our format (atomically). ``provenance`` goes to statex.json."""
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_src is not None:
+            copy_tokenizer_files(tokenizer_src, tmp)
+        (tmp / "statex.json").write_text(json.dumps(provenance or {}, indent=2, default=str))
+    return Path(out_dir)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def load_model(src: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load one of our checkpoints (model_type statex_gla / statex_mamba2)."""
+    from model_registry import MODEL_TYPES
+
+    cfg = read_config_dict(src)
+    mt = cfg.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise ConfigError(f"{src}: model_type {mt!r} is not one of ours ({', '.join(MODEL_TYPES)}); "
+                          "convert upstream checkpoints with `statex-train import --src DIR --out DIR`")
+    config_cls, model_cls = MODEL_TYPES[mt]
+    config = config_cls.from_dict(cfg)
+    with torch.device("meta"):
+        model = model_cls(config)
+    model = model.to_empty(device="cpu")
+    sd = load_state_dict(src)
+    check_and_load(model, sd, src, allow_missing=("lm_head.weight",) if config.tie_word_embeddings else ())
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""StateX post-training: expand, train, evaluate, export (``statex-train``)."""
