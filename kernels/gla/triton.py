@@ -1,0 +1,120 @@
+"""GLA on CUDA: slot-indexed decode (our Triton kernel) and prefill (fla ``chunk_gla``
+with our slot handling). Same signatures as ``kernels.gla.reference``.
+
+Decode is pure state traffic: per sequence and head the kernel reads S[K, V]
+once, updates it in fp32 and writes it back in place, so it is bound by memory
+bandwidth. One program owns a [K, BV] column strip of one (sequence, head):
+the output o[BV] needs the whole K reduction, so strips never share results
+and no atomics are needed; BV is chosen so that enough programs are in flight
+at small batch.
+
+Importing this module needs triton only; fla is imported when prefill runs.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gla_decode_kernel(
+    q, k, v, g, o, pool, slots, scale,
+    s_qb, s_qh, s_kb, s_kh, s_gb, s_gh, s_vb, s_vh, s_ob, s_oh,
+    s_pn, s_ph, s_pk, s_pv,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    slot = tl.load(slots + i_b).to(tl.int64)
+    if slot < 0:
+        return
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.0).to(tl.float32)
+    p_base = pool + slot * s_pn + i_h * s_ph
+    b_o = tl.zeros([BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_k, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_g = tl.load(g + i_b * s_gb + i_h * s_gh + o_k, mask=m_k, other=0.0).to(tl.float32)
+        p_s = p_base + o_k[:, None] * s_pk + o_v[None, :] * s_pv
+        m_s = m_k[:, None] & m_v[None, :]
+        b_s = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
+        b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
+        tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_s)
+        b_o += tl.sum(b_s * b_q[:, None], axis=0)
+    tl.store(o + i_b * s_ob + i_h * s_oh + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def decode_config(batch: int, H: int, K: int, V: int, state_bytes: int):
+    """(BK, BV, num_warps) for the decode kernel.
+
+    Aim for at least ~4 programs per SM (132 SMs on an H200) while keeping a
+    strip row at least 128 bytes wide; each loop step moves a BK x BV tile.
+    """
+    bv = 128 if state_bytes == 2 else 64
+    while bv > 16 and batch * H * triton.cdiv(V, bv) < 1024:
+        bv //= 2
+    bv = min(bv, triton.next_power_of_2(V))
+    bk = max(1, min(triton.next_power_of_2(K), 4096 // bv))
+    return bk, bv, 4
+
+
+def gla_decode_launch(q, k, v, g, state_pool, slots, scale, BK, BV, num_warps):
+    B, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v, g = (_last_dim_contiguous(t) for t in (q, k, v, g))
+    assert state_pool.shape[1:] == (H, K, V), (tuple(state_pool.shape), (H, K, V))
+    o = torch.empty_like(v)
+    if B == 0:
+        return o
+    grid = (B * H, triton.cdiv(V, BV))
+    _gla_decode_kernel[grid](
+        q, k, v, g, o, state_pool, slots, float(scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), g.stride(1),
+        v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        *state_pool.stride(),
+        H=H, K=K, V=V, BK=BK, BV=BV, num_warps=num_warps,
+    )
+    return o
+
+
+def gla_decode(q, k, v, g, state_pool, slots, scale):
+    """One token per sequence, in place on ``state_pool[slots]`` (slot -1 skipped)."""
+    B, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV, nw = decode_config(B, H, K, V, state_pool.element_size())
+    return gla_decode_launch(q, k, v, g, state_pool, slots, scale, BK, BV, nw)
+
+
+def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale):
+    """Variable-length prompts through fla ``chunk_gla``; states gathered from and
+    scattered back to the pool (one read and one write of B states per call)."""
+    from fla.ops.gla import chunk_gla
+
+    N = cu_seqlens.numel() - 1
+    slots = slots.to(torch.long)
+    valid = slots >= 0
+    use_init = valid & has_initial_state.to(torch.bool)
+    # Initial states in fp32 (chunk_gla's state dtype). Rows that start fresh or
+    # are padding get zeros: gather with clamped slots, then select (not multiply:
+    # an unused pool row may hold anything, NaN included).
+    h0 = state_pool.index_select(0, slots.clamp_min(0)).to(torch.float32)
+    h0 = torch.where(use_init.view(N, 1, 1, 1), h0, torch.zeros((), dtype=h0.dtype, device=h0.device))
+    o, ht = chunk_gla(
+        q[None], k[None], v[None], g[None], scale=scale, initial_state=h0,
+        output_final_state=True, cu_seqlens=cu_seqlens.to(torch.long),
+    )
+    idx = valid.nonzero().squeeze(1)
+    state_pool.index_copy_(0, slots.index_select(0, idx), ht.index_select(0, idx).to(state_pool.dtype))
+    return o[0]
