@@ -1,0 +1,61 @@
+"""What it takes to build an engine: the CLI's flags as one dataclass, shared by
+every backend (each reads the fields that apply to it)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}
+
+
+def parse_memory_size(text: str | int) -> int:
+    """``"2GiB"``, ``"512MiB"``, ``"1.5GB"``, ``"100000"`` -> bytes. KiB/MiB/GiB/TiB
+    and the bare K/M/G/T are powers of 1024; KB/MB/GB/TB powers of 1000."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot read {text!r} as a memory size (examples: 2GiB, 512MiB, 1.5GB, 1000000)")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"a memory size must be positive, got {text!r}")
+    return value
+
+
+@dataclass
+class EngineArgs:
+    model: str                                   # checkpoint directory
+    served_model_names: list[str] = field(default_factory=list)   # empty: ``model`` as given
+    device: str = "auto"                         # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                          # auto | float32 | bfloat16 | float16
+    state_dtype: str = "auto"                    # auto (the model's default, fp32) | float32 | bfloat16
+    max_num_seqs: int | None = None              # state-pool slots (None: from state_memory, else 64)
+    state_memory: int | None = None              # bytes for the state pool; capacity = budget // bytes/seq
+    max_model_len: int | None = None             # None: the checkpoint's max_position_embeddings
+    prefill_chunk: int = 512                     # prompt tokens prefilled per engine step, at most
+    max_queue: int = 1024                        # requests allowed to wait for a slot; more -> 503
+
+    DEFAULT_MAX_NUM_SEQS = 64
+
+    def __post_init__(self):
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
+        if self.max_queue < 0:
+            raise ValueError(f"--max-queue must be at least 0, got {self.max_queue}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if self.state_memory is not None and self.state_memory <= 0:
+            raise ValueError(f"--state-memory must be positive, got {self.state_memory}")
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_names[0] if self.served_model_names else self.model

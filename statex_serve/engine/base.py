@@ -1,0 +1,275 @@
+"""The engine interface: what the API, the bench and the tests talk to, whichever
+engine runs (the built-in ``NativeEngine`` or the ``VLLMEngine`` adapter).
+
+Contract, in the order a caller meets it:
+
+1. Construction loads the model and may block or raise (bad checkpoint, not
+   enough memory for one sequence's state): a server fails before it listens.
+2. ``await engine.start()`` runs inside the event loop that will call
+   ``generate``; ``await engine.shutdown()`` stops the engine and ends every
+   open stream with ``EngineDeadError``.
+3. ``engine.generate(request)`` is a plain (not async) call that checks and
+   queues the request *before it returns*, so a caller can still answer with an
+   error status: it raises ``InvalidRequestError`` (bad input: 400) or
+   ``EngineOverloadedError`` (queue full: 503 with Retry-After). It returns an
+   async iterator of ``RequestOutput`` *deltas*; the last one has
+   ``finished=True``. Closing the iterator early (``aclose()``, or cancelling the
+   task that iterates it, e.g. when the HTTP client goes away) aborts the
+   request and frees its state slots at once. An engine failure while the
+   request runs raises ``RequestFailedError`` from the iterator.
+4. Text is produced by the engine: it detokenizes incrementally (a delta never
+   ends inside a UTF-8 character) and applies stop strings, holding back text
+   that could be the start of one. The concatenation of a sequence's ``text``
+   deltas is its final text; of its ``token_ids`` deltas, its generated tokens.
+"""
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# Generated-token and prompt-token logprobs: at most this many alternatives per
+# position (OpenAI allows 20 for chat's top_logprobs; we use it everywhere).
+MAX_LOGPROBS = 20
+# n above this is refused whatever the pool size (a guard against typos).
+MAX_N = 128
+
+
+# --- errors ---------------------------------------------------------------------------
+
+class EngineError(Exception):
+    """Base of the errors an engine raises to its callers."""
+
+
+class InvalidRequestError(EngineError):
+    """The request cannot be served as given (HTTP 400). ``param`` names the
+    offending request field where there is one; ``code`` is a machine-readable
+    reason (e.g. ``context_length_exceeded``)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full (HTTP 503); retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class EngineDeadError(EngineError):
+    """The engine has stopped (shut down, or its loop died) and serves nothing more."""
+
+
+class RequestFailedError(EngineError):
+    """The engine failed while running this request (HTTP 500); other requests go on."""
+
+
+# --- requests -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate for one request. Defaults follow OpenAI's completions API."""
+
+    max_tokens: int = 16             # generated tokens per sequence; 0 only makes sense with prompt_logprobs
+    temperature: float = 1.0         # 0: greedy
+    top_p: float = 1.0               # nucleus mass kept, (0, 1]
+    top_k: int = 0                   # keep the k most likely tokens; 0 (or -1): all
+    min_tokens: int = 0              # stop tokens and stop strings are ignored before this many tokens
+    seed: int | None = None          # sequence i of n samples with seed + i; None: fresh randomness
+    n: int = 1                       # sequences per prompt (each its own state slot)
+    stop: tuple[str, ...] = ()       # stop strings (excluded from the text unless include_stop_str_in_output)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token_id, bias) added to the logits before sampling
+    logprobs: int | None = None      # per generated token: its logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def check(self, vocab_size: int, max_n: int = MAX_N) -> None:
+        """The checks every engine makes; raises ``InvalidRequestError``."""
+        if self.max_tokens < 0:
+            raise InvalidRequestError(f"max_tokens must be at least 0, got {self.max_tokens}", "max_tokens")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise InvalidRequestError("max_tokens must be at least 1 (0 is allowed only to score a prompt "
+                                      "with echo and logprobs)", "max_tokens")
+        if not 1 <= self.n <= max_n:
+            raise InvalidRequestError(f"n must be between 1 and {max_n}, got {self.n}", "n")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequestError(f"temperature must be between 0 and 2, got {self.temperature}",
+                                      "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1, 0 (off) or positive, got {self.top_k}", "top_k")
+        if self.min_tokens < 0 or self.min_tokens > max(self.max_tokens, 0):
+            raise InvalidRequestError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), "
+                                      f"got {self.min_tokens}", "min_tokens")
+        for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidRequestError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {k}", name)
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must not be empty", "stop")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise InvalidRequestError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})",
+                                          "stop_token_ids")
+        for t, _ in self.logit_bias:
+            if not 0 <= t < vocab_size:
+                raise InvalidRequestError(f"logit_bias token id {t} is outside the vocabulary [0, {vocab_size})",
+                                          "logit_bias")
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt, already tokenized. ``request_id`` must be unique among live requests."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+# --- outputs --------------------------------------------------------------------------
+
+@dataclass
+class TokenLogprob:
+    """One position: the chosen (or given) token's logprob and the top alternatives.
+
+    Logprobs are those of the model's distribution (log-softmax of the raw
+    logits), before temperature, top-k/top-p and logit_bias."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)   # (token_id, logprob), most likely first
+
+
+@dataclass
+class SequenceDelta:
+    """What one of a request's n sequences produced since the previous output."""
+
+    index: int                                  # 0..n-1
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
+    finish_reason: str | None = None            # "stop", "length" or "abort" on the sequence's last delta
+    stop_reason: str | int | None = None        # the stop string or stop token id that ended it (None for EOS)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: list[SequenceDelta]
+    finished: bool                               # every sequence has finished; nothing follows
+    num_prompt_tokens: int
+    # position 0 is None (nothing predicts the first token); sent once, on the
+    # first output, when the request asked for prompt_logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+# --- stats ----------------------------------------------------------------------------
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and the bench. Counters only grow."""
+
+    running_requests: int = 0
+    waiting_requests: int = 0
+    slots_total: int = 0                 # state-pool capacity in sequences
+    slots_used: int = 0
+    state_bytes_per_sequence: int = 0
+    state_pool_bytes: int = 0            # bytes the pool tensors hold
+    prompt_tokens_total: int = 0         # prompt tokens prefilled
+    generation_tokens_total: int = 0     # tokens sampled
+    requests_finished_total: int = 0
+    requests_aborted_total: int = 0
+    steps_total: int = 0                 # engine steps (one decode batch + prefill chunks each)
+    max_prefill_tokens_per_step: int = 0  # the largest prefill a step has run (bounded by prefill_chunk)
+    extra: dict[str, Any] = field(default_factory=dict)   # engine-specific figures
+
+    @property
+    def slots_free(self) -> int:
+        return self.slots_total - self.slots_used
+
+
+# --- the interface --------------------------------------------------------------------
+
+class Engine(abc.ABC):
+    """What every engine offers. See the module docstring for the contract."""
+
+    @property
+    @abc.abstractmethod
+    def model_name(self) -> str:
+        """The served name (what /v1/models lists and requests must name)."""
+
+    @property
+    def served_model_names(self) -> list[str]:
+        """Every name requests may use; the first is ``model_name``."""
+        return [self.model_name]
+
+    @property
+    @abc.abstractmethod
+    def model_path(self) -> str:
+        """Where the checkpoint was loaded from (the tokenizer lives there too)."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Prompt plus generated tokens allowed per sequence."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):
+        """The Hugging Face tokenizer (``PreTrainedTokenizerBase``) of the model."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Valid token ids are ``range(vocab_size)`` (the model's embedding rows)."""
+
+    @property
+    def max_n(self) -> int:
+        """The largest n one request may ask for."""
+        return MAX_N
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Check and queue ``request`` now; iterate the result for its outputs."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its resources (thread-safe; unknown ids are ignored).
+        A still-open stream ends with a ``finish_reason="abort"`` output."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        ...
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine can serve nothing more (/health answers 503)."""
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for startup logs and /v1/models (backend, device, dtype, state sizes)."""
+        return {}
