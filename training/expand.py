@@ -1,0 +1,320 @@
+"""StateX: expand the recurrent state of chosen layers of a pre-trained model.
+
+GLA: merge the H heads of a layer into H' heads (``expand_gla_heads``); every
+projection keeps its shape, only the output-norm weight grows, and the layer's
+state grows by H/H'. Mamba2: grow d_state N -> N' (``expand_mamba2_state``);
+only the B/C rows of in_proj and the B/C conv channels grow.
+
+Initialisation follows the StateX reference code (thunlp/StateX) as described
+in statex-method.md:
+
+GLA   reinit   fresh mixer: Xavier-uniform (gain 2^-2.5) Linear weights, zero
+               biases, output norm 1; the block's pre-mixer norm reset to 1
+      inherit  keep the projections, tile the output-norm weight H/H' times;
+               the pre-mixer norm is reset to 1 as well (the reference code
+               replaces ``attn_norm`` for every mode)
+Mamba2 reinit  keep z/x/dt rows of in_proj and the x conv channels; fresh B/C
+               rows and conv channels (PyTorch default Linear / Conv1d init)
+      merge_copy  old B/C rows and conv channels tiled N'/N times
+      merge_zero  old B/C rows and conv channels, then zeros
+      every mode resets dt_bias to 1, A_log to log(1..H), the gated norm to 1,
+      and keeps D, out_proj and the block norm.
+
+Everything outside the expanded layers' mixers (and their pre-mixer norm, for
+GLA) is copied bit for bit. Expansion builds a new state dict and loads it
+strictly into a model built from the new config, so shapes are checked once.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from model_registry.checkpoint import check_and_load
+from training.errors import UsageError
+
+GLA_INITS = ("reinit", "inherit")
+MAMBA2_INITS = ("reinit", "merge_copy", "merge_zero")
+GLA_XAVIER_GAIN = 2 ** -2.5          # fla GatedLinearAttention._initialize_weights
+
+
+@dataclass
+class Expansion:
+    """What one call to ``expand_*`` did: the new model and its bookkeeping."""
+
+    model: torch.nn.Module
+    family: str
+    layers: list[int]
+    init: str
+    seed: int
+    per_layer: dict[int, dict] = field(default_factory=dict)   # layer -> {"before": .., "after": ..}
+
+    def record(self, base_model: torch.nn.Module) -> dict:
+        """statex.json's ``expansion`` entry: what, how, parameters and state before/after."""
+        p0, p1 = count_parameters(base_model), count_parameters(self.model)
+        s0, s1 = base_model.state_spec(), self.model.state_spec()
+        what = "num_heads" if self.family == "gla" else "state_size"
+        return {
+            "family": self.family,
+            "method": "merge heads" if self.family == "gla" else "grow d_state",
+            "layers": self.layers,
+            "init": self.init,
+            "seed": self.seed,
+            what: {str(layer): v for layer, v in self.per_layer.items()},
+            "parameters": {"before": p0, "after": p1, "added": p1 - p0},
+            "state": {
+                "bytes_per_sequence_before": s0.bytes_per_sequence,
+                "bytes_per_sequence_after": s1.bytes_per_sequence,
+                "elements_per_sequence_before": s0.elements_per_sequence,
+                "elements_per_sequence_after": s1.elements_per_sequence,
+                "ratio": s1.bytes_per_sequence / s0.bytes_per_sequence,
+                "per_layer_bytes_before": [layer.nbytes for layer in s0.layers],
+                "per_layer_bytes_after": [layer.nbytes for layer in s1.layers],
+            },
+        }
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    # model.parameters() visits a tied embedding once
+    return sum(p.numel() for p in model.parameters())
+
+
+def choose_layers(num_layers: int, every: int | None = None, layers: list[int] | str | None = None) -> list[int]:
+    """Layers 0, P, 2P, ... (``every``) or an explicit list; exactly one of the two."""
+    if (every is None) == (layers is None):
+        raise UsageError("choose the layers with exactly one of --every P or --layers I,J,...")
+    if every is not None:
+        if every < 1:
+            raise UsageError(f"--every must be at least 1, got {every}")
+        return list(range(0, num_layers, every))
+    if isinstance(layers, str):
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    if not layers:
+        raise UsageError("--layers is empty")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise UsageError(f"layer index {bad[0]} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise UsageError(f"--layers repeats a layer: {layers}")
+    return sorted(layers)
+
+
+# --- initialisers (explicit generator so an expansion is reproducible from its seed) ---
+
+def _xavier_uniform(shape, gain: float, gen: torch.Generator) -> torch.Tensor:
+    fan_out, fan_in = shape
+    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+def _torch_default_uniform(shape, fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    """What nn.Linear / nn.Conv1d's reset_parameters draw: kaiming_uniform(a=sqrt(5))
+    for weights and U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for biases are the same bound."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+def _like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return new.to(dtype=old.dtype)
+
+
+def _build(model, new_config, sd: dict[str, torch.Tensor]):
+    """A model of ``type(model)`` for ``new_config`` holding exactly ``sd``."""
+    with torch.device("meta"):
+        new = type(model)(new_config)
+    new = new.to_empty(device="cpu")
+    tied = getattr(new_config, "tie_word_embeddings", False)
+    if tied:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    check_and_load(new, sd, "expanded model", allow_missing=("lm_head.weight",) if tied else ())
+    return new.to(dtype=next(model.parameters()).dtype).eval()
+
+
+def _cpu_state_dict(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# --- GLA ------------------------------------------------------------------------------
+
+def expand_gla_heads(model, layers: list[int], num_heads: int = 1, init: str = "reinit", seed: int = 0
+                     ) -> Expansion:
+    """Merge the heads of ``layers`` into ``num_heads`` heads (StateX for GLA)."""
+    cfg = model.config
+    if init not in GLA_INITS:
+        raise UsageError(f"unknown GLA init {init!r} (choose from {', '.join(GLA_INITS)})")
+    layers = choose_layers(cfg.num_hidden_layers, layers=list(layers))
+    for i in layers:
+        cur = cfg.layer_num_heads[i]
+        if num_heads < 1 or cur % num_heads or num_heads >= cur:
+            raise UsageError(f"layer {i}: --heads {num_heads} must be fewer than and divide its {cur} heads "
+                             f"(merging H heads into H' multiplies the state by H/H')")
+        if cfg.key_dim % num_heads or cfg.value_dim % num_heads:
+            raise UsageError(f"--heads {num_heads} does not divide key_dim {cfg.key_dim} / value_dim {cfg.value_dim}")
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = _cpu_state_dict(model)
+    per_layer = {}
+    for i in layers:
+        p = f"model.layers.{i}."
+        cur = cfg.layer_num_heads[i]
+        per_layer[i] = {"before": cur, "after": num_heads}
+        norm_key = p + "attn.g_norm_swish_gate.weight"
+        old_norm = sd[norm_key]
+        if init == "reinit":
+            for name in ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gk_proj.0", "gk_proj.1"):
+                w = sd[p + f"attn.{name}.weight"]
+                sd[p + f"attn.{name}.weight"] = _like(_xavier_uniform(tuple(w.shape), GLA_XAVIER_GAIN, gen), w)
+            sd[p + "attn.gk_proj.1.bias"] = torch.zeros_like(sd[p + "attn.gk_proj.1.bias"])
+            sd[norm_key] = torch.ones(cfg.value_dim // num_heads, dtype=old_norm.dtype)
+        else:  # inherit: same projections, the per-head norm weight tiled over the merged heads
+            sd[norm_key] = old_norm.repeat(cur // num_heads)
+        sd[p + "attn_norm.weight"] = torch.ones_like(sd[p + "attn_norm.weight"])
+
+    new_config = copy.deepcopy(cfg)
+    new_config.layer_num_heads = [num_heads if i in layers else h for i, h in enumerate(cfg.layer_num_heads)]
+    new_config.validate_statex()
+    return Expansion(_build(model, new_config, sd), "gla", layers, init, seed, per_layer)
+
+
+# --- Mamba2 ---------------------------------------------------------------------------
+
+def _grow_groups(old: torch.Tensor, groups: int, factor: int, mode: str) -> torch.Tensor:
+    """Rows [G*N, ...] -> [G*N*factor, ...], per group: tiled (merge_copy) or
+    followed by zeros (merge_zero). For one group this is exactly the reference
+    code's ``repeat`` / ``cat([old, zeros])``; with several groups each group
+    keeps its own rows (the reference code would interleave groups)."""
+    g = old.reshape(groups, -1, *old.shape[1:])
+    if mode == "merge_copy":
+        parts = [g] * factor
+    else:
+        parts = [g] + [torch.zeros_like(g)] * (factor - 1)
+    return torch.cat(parts, dim=1).reshape(-1, *old.shape[1:])
+
+
+def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "reinit", seed: int = 0
+                        ) -> Expansion:
+    """Grow d_state of ``layers`` to ``state_size`` (StateX for Mamba2)."""
+    cfg = model.config
+    if init not in MAMBA2_INITS:
+        raise UsageError(f"unknown Mamba2 init {init!r} (choose from {', '.join(MAMBA2_INITS)})")
+    layers = choose_layers(cfg.num_hidden_layers, layers=list(layers))
+    for i in layers:
+        n = cfg.layer_state_size[i]
+        if state_size <= n or state_size % n:
+            raise UsageError(f"layer {i}: --state-size {state_size} must be a larger multiple of its "
+                             f"d_state {n} (e.g. {4 * n})")
+
+    D, I, G, H, W = cfg.hidden_size, cfg.intermediate_size, cfg.n_groups, cfg.num_heads, cfg.conv_kernel
+    gen = torch.Generator().manual_seed(seed)
+    sd = _cpu_state_dict(model)
+    per_layer = {}
+    for i in layers:
+        p = f"backbone.layers.{i}.mixer."
+        N, N2 = cfg.layer_state_size[i], state_size
+        per_layer[i] = {"before": N, "after": N2}
+        factor = N2 // N
+
+        def grow(old: torch.Tensor, offset: int, fan_in: int) -> torch.Tensor:
+            """Replace the B and C blocks (each G*N rows starting at ``offset``) by G*N2 rows."""
+            head, B, C, tail = torch.split(old, [offset, G * N, G * N, old.shape[0] - offset - 2 * G * N])
+            if init == "reinit":
+                shape = (G * N2, *old.shape[1:])
+                B2 = _like(_torch_default_uniform(shape, fan_in, gen), old)
+                C2 = _like(_torch_default_uniform(shape, fan_in, gen), old)
+            else:
+                B2, C2 = _grow_groups(B, G, factor, init), _grow_groups(C, G, factor, init)
+            return torch.cat([head, B2, C2, tail]).contiguous()
+
+        # in_proj rows: z (I) | x (I) | B (G*N) | C (G*N) | dt (H); fan_in = d_model
+        sd[p + "in_proj.weight"] = grow(sd[p + "in_proj.weight"], 2 * I, D)
+        if p + "in_proj.bias" in sd:
+            sd[p + "in_proj.bias"] = grow(sd[p + "in_proj.bias"], 2 * I, D)
+        # conv channels: x (I) | B | C; depthwise, so fan_in = kernel width
+        sd[p + "conv1d.weight"] = grow(sd[p + "conv1d.weight"], I, W)
+        if p + "conv1d.bias" in sd:
+            sd[p + "conv1d.bias"] = grow(sd[p + "conv1d.bias"], I, W)
+        sd[p + "dt_bias"] = torch.ones_like(sd[p + "dt_bias"])
+        sd[p + "A_log"] = torch.log(torch.arange(1, H + 1, dtype=torch.float32)).to(sd[p + "A_log"].dtype)
+        sd[p + "norm.weight"] = torch.ones_like(sd[p + "norm.weight"])
+
+    new_config = copy.deepcopy(cfg)
+    new_config.layer_state_size = [state_size if i in layers else n for i, n in enumerate(cfg.layer_state_size)]
+    new_config.validate_statex()
+    return Expansion(_build(model, new_config, sd), "mamba2", layers, init, seed, per_layer)
+
+
+def mamba2_added_parameters(config, layer: int, new_state_size: int) -> int:
+    """statex-method.md's formula, 2*G*dN*(d_model + d_conv + 1), generalised to
+    the bias flags: in_proj rows (+bias), conv weight taps, conv bias."""
+    dN = new_state_size - config.layer_state_size[layer]
+    return 2 * config.n_groups * dN * (config.hidden_size + int(config.use_bias) + config.conv_kernel
+                                       + int(config.use_conv_bias))
+
+
+def gla_added_parameters(config, layer: int, new_num_heads: int) -> int:
+    """Only the output-norm weight grows: V/H' - V/H entries."""
+    return config.value_dim // new_num_heads - config.value_dim // config.layer_num_heads[layer]
+
+
+def summary_lines(record: dict) -> list[str]:
+    """The printed summary of an expansion record (what, how, parameters, state)."""
+    what = "num_heads" if record["family"] == "gla" else "state_size"
+    changes = ", ".join(f"layer {k}: {v['before']} -> {v['after']}" for k, v in record[what].items())
+    p, s = record["parameters"], record["state"]
+    return [
+        f"StateX ({record['method']}, init {record['init']}, seed {record['seed']}): {what} {changes}",
+        f"parameters: {p['before']:,} -> {p['after']:,} (+{p['added']:,}, "
+        f"{100 * p['added'] / p['before']:.3f}%)",
+        f"state per sequence: {s['elements_per_sequence_before']:,} -> {s['elements_per_sequence_after']:,} "
+        f"elements, {s['bytes_per_sequence_before'] / 2**20:.3f} -> {s['bytes_per_sequence_after'] / 2**20:.3f} MiB "
+        f"(x{s['ratio']:.3f})",
+    ]
+
+
+def read_provenance(src) -> dict:
+    import json
+    from pathlib import Path
+
+    path = Path(src) / "statex.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {"unreadable_statex_json": str(path)}
+
+
+def expand_checkpoint(base: str, out: str, every: int | None = None, layers: str | list[int] | None = None,
+                      heads: int | None = None, state_size: int | None = None, init: str = "reinit",
+                      seed: int = 0, overwrite: bool = False) -> dict:
+    """Load ``base``, expand, write ``out`` (atomically) with statex.json; returns the record."""
+    from pathlib import Path
+
+    from model_registry.checkpoint import load_model, save_checkpoint
+
+    if Path(out).exists() and not overwrite:
+        raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
+    model = load_model(base)
+    family = "gla" if model.config.model_type == "statex_gla" else "mamba2"
+    chosen = choose_layers(model.config.num_hidden_layers, every=every, layers=layers)
+    if family == "gla":
+        if state_size is not None:
+            raise UsageError("--state-size is for Mamba2; a GLA layer grows its state by merging heads (--heads)")
+        exp = expand_gla_heads(model, chosen, 1 if heads is None else heads, init, seed)
+    else:
+        if heads is not None:
+            raise UsageError("--heads is for GLA; a Mamba2 layer grows its state with --state-size")
+        if state_size is None:  # the reference code's factor
+            state_size = 4 * model.config.layer_state_size[chosen[0]]
+        exp = expand_mamba2_state(model, chosen, state_size, init, seed)
+    record = exp.record(model)
+    record["base"] = str(Path(base).resolve())
+    provenance = {"kind": "statex expanded checkpoint", "expansion": record,
+                  "base_provenance": read_provenance(base)}
+    save_checkpoint(exp.model, out, tokenizer_src=base, provenance=provenance, overwrite=overwrite)
+    return record
