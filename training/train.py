@@ -1,0 +1,288 @@
+"""Long-context post-training (LPT), the same loop for a plain and an expanded
+checkpoint so the two are comparable. nanoGPT-style: the loop below is the
+whole algorithm; data, checkpoints and the schedule live in their own modules.
+
+AdamW (0.9, 0.95), weight decay only on >=2-D parameters, linear warm-up then
+cosine to a floor, gradient clipping, bf16 autocast on GPU (fp32 master
+weights), optional gradient checkpointing, gradient accumulation, DDP under
+torchrun, checkpoints every N steps with exact resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.checkpointing import latest_checkpoint, load_train_checkpoint, rng_state, save_train_checkpoint, set_rng_state
+from training.data import TextCodec, build_stream
+from training.errors import UsageError
+from training.expand import count_parameters, read_provenance
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    out: str
+    data: list[str] = field(default_factory=list)
+    seq_len: int = 2048
+    batch_size: int = 8                  # sequences per micro-batch per GPU
+    grad_accum: int = 1
+    max_steps: int = 1000                # optimizer steps
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1            # cosine floor, as a fraction of lr
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    grad_checkpointing: bool = False
+    precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    halt_after_step: int | None = None   # stop early without exporting (job time limits, tests)
+    time_budget_s: float | None = None   # shrink max_steps to fit (decided during warm-up)
+    progress: bool = True
+
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps`` updates, then cosine to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; never norms, biases or Mamba2's per-head vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A checkpoint dir, or a training run dir whose exported model is in ``model/``."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
+        return p / "model"
+    return p
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: str) -> _Dist:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist()
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    d = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def _device(cfg: TrainConfig, d: _Dist) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: no CUDA device here")
+    return torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{d.local_rank}")
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.warmup_steps < 0 or not 0 <= cfg.min_lr_ratio <= 1 or cfg.lr <= 0:
+        raise UsageError("need --lr > 0, --warmup-steps >= 0 and 0 <= --min-lr-ratio <= 1")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise UsageError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+
+
+def _gather(obj, d: _Dist) -> list:
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """After a resume, drop log lines the interrupted run wrote past the checkpoint."""
+    if not log_path.is_file():
+        return
+    keep = [line for line in log_path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    log_path.write_text("".join(line + "\n" for line in keep))
+
+
+def run(cfg: TrainConfig, on_step=None) -> dict:
+    """Train; returns a summary. ``on_step(step, record)`` is called after every
+    optimizer step (tests use it to interrupt a run like a kill would)."""
+    from model_registry.checkpoint import load_model, save_checkpoint
+
+    _check_config(cfg)
+    d = _init_distributed(cfg.device)
+    device = _device(cfg, d)
+    out = Path(cfg.out)
+    model_dir = resolve_model_dir(cfg.model)
+    # --- everything that can be wrong with the input is checked before `out` is touched
+    if out.exists() and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"{out} already exists (pass --resume to continue it or --overwrite to start over)")
+    codec = TextCodec.from_model_dir(model_dir)
+    stream = build_stream(cfg.data, codec, cfg.seq_len, cfg.seed, d.rank, d.world)
+    model = load_model(model_dir).to(device=device, dtype=torch.float32)
+    model.train()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    base_provenance = read_provenance(model_dir)
+
+    torch.manual_seed(cfg.seed + d.rank)
+    step, tokens, max_steps = 0, 0, cfg.max_steps
+    if cfg.overwrite and not cfg.resume and d.main and out.exists():
+        shutil.rmtree(out)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        st = load_train_checkpoint(ckpt, model, opt)
+        step, tokens, max_steps = st["step"], st["tokens"], st["max_steps"]
+        if st["world"] != d.world:
+            raise UsageError(f"{ckpt} was written by {st['world']} processes; resume with the same number")
+        stream.load_state_dict(st["data"][d.rank])
+        set_rng_state(st["rng"][d.rank])
+    log_path = out / "log.jsonl"
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(asdict(cfg), indent=2))
+        _truncate_log(log_path, step)
+    if d.world > 1:
+        dist.barrier()
+
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if d.world > 1 else model
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
+    provenance = {"kind": "statex post-trained checkpoint", "base": str(model_dir.resolve()),
+                  "base_provenance": base_provenance}
+
+    def checkpoint(at_step: int) -> None:
+        states = _gather({"data": stream.state_dict(), "rng": rng_state()}, d)
+        if d.main:
+            save_train_checkpoint(out, at_step, model, opt,
+                                  {"step": at_step, "tokens": tokens, "max_steps": max_steps, "world": d.world,
+                                   "data": [s["data"] for s in states], "rng": [s["rng"] for s in states],
+                                   "config": asdict(cfg)},
+                                  model_dir, provenance, cfg.keep_checkpoints)
+        if d.world > 1:
+            dist.barrier()
+
+    bar = None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    t_first = None
+    start_step = step
+    log_f = log_path.open("a") if d.main else None
+    try:
+        while step < max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, max_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = stream.next_batch(cfg.batch_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = micro == cfg.grad_accum - 1 or d.world == 1
+                with (nullcontext() if sync else net.no_sync()), autocast:
+                    loss = net(x, labels=y).loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            loss_t = torch.as_tensor(loss_sum, device=device, dtype=torch.float32)
+            if d.world > 1:
+                dist.all_reduce(loss_t, op=dist.ReduceOp.AVG)
+            loss_v = float(loss_t)               # also synchronises, so the timing below is honest
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now                    # the first step pays for compilation; time the rest
+            if cfg.time_budget_s is not None and step == start_step + 6:
+                max_steps = _fit_budget(cfg, step, max_steps, (now - t_first) / 5, now - t_start, d)
+                if bar is not None:
+                    bar.total = max_steps
+            rec = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+                   "tok_per_s": tokens_per_step / (now - t0), "elapsed_s": now - t_start}
+            if log_f is not None:
+                log_f.write(json.dumps(rec) + "\n")
+                log_f.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:,.0f}", refresh=False)
+                bar.update(1)
+            if step % cfg.save_every == 0 or step == max_steps:
+                checkpoint(step)
+            if on_step is not None:
+                on_step(step, rec)
+            if cfg.halt_after_step is not None and step >= cfg.halt_after_step:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_f is not None:
+            log_f.close()
+
+    finished = step >= max_steps
+    elapsed = time.perf_counter() - t_start
+    summary = {"steps": step, "max_steps": max_steps, "tokens": tokens, "finished": finished,
+               "seconds_this_run": elapsed, "out": str(out)}
+    if finished and d.main:
+        provenance["post_training"] = {
+            "steps": step, "tokens": tokens, "seq_len": cfg.seq_len,
+            "batch_tokens": tokens_per_step, "data": cfg.data, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+            "min_lr_ratio": cfg.min_lr_ratio, "weight_decay": cfg.weight_decay, "clip": cfg.clip,
+            "precision": "bf16" if bf16 else "fp32", "world_size": d.world, "seed": cfg.seed,
+            "parameters": count_parameters(model)}
+        save_checkpoint(model, out / "model", tokenizer_src=model_dir, provenance=provenance, overwrite=True)
+        summary["model"] = str(out / "model")
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _fit_budget(cfg: TrainConfig, step: int, max_steps: int, sec_per_step: float, used: float, d: _Dist) -> int:
+    """Steps that fit in what is left of the time budget (rank 0 decides for all).
+    Decided while still warming up when warmup_steps >= 6, so the cosine that
+    depends on max_steps has not started yet."""
+    fit = step + int(max(0.0, cfg.time_budget_s - used) / max(sec_per_step, 1e-9))
+    new = torch.tensor([max(step, min(max_steps, fit))], dtype=torch.long)
+    if d.world > 1:
+        new = new.to(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+        dist.broadcast(new, 0)
+    return int(new.item())
