@@ -9,11 +9,9 @@ import argparse
 import logging
 import sys
 
+from training.errors import UsageError  # re-exported: callers catch cli.UsageError
+
 log = logging.getLogger("statex.train")
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -27,6 +25,133 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"imported {args.src} -> {out}: {type(model).__name__}, {n / 1e6:.2f}M parameters, "
           f"state {spec.bytes_per_sequence / 2**20:.2f} MiB per sequence")
     return 0
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from training.expand import expand_checkpoint, summary_lines
+
+    record = expand_checkpoint(args.base, args.out, every=args.every, layers=args.layers, heads=args.heads,
+                               state_size=args.state_size, init=args.init, seed=args.seed,
+                               overwrite=args.overwrite)
+    for line in summary_lines(record):
+        print(line)
+    print(f"wrote {args.out} (statex.json records the expansion)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import TrainConfig, run
+
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    summary = run(cfg)
+    if summary.get("model"):
+        print(f"trained {summary['steps']} steps ({summary['tokens']:,} tokens) -> {summary['model']}")
+    else:
+        print(f"stopped at step {summary['steps']} of {summary['max_steps']}; continue with --resume")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.eval import EvalConfig, run
+
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
+    run(cfg)
+    print(f"wrote {args.out}/eval.json, eval.md, eval.png")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x.strip()]
+
+
+def add_expand(sub) -> None:
+    p = sub.add_parser("expand", help="StateX: expand the recurrent state of chosen layers",
+                       description="Merge GLA heads (--heads, default 1) or grow Mamba2 d_state (--state-size, "
+                                   "default 4x) in layers 0, P, 2P, ... (--every P) or --layers I,J,...; "
+                                   "writes an expanded checkpoint with statex.json.")
+    p.add_argument("--base", required=True, help="our checkpoint directory (see `statex-train import`)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--every", type=int, help="expand layers 0, P, 2P, ...")
+    which.add_argument("--layers", help="comma-separated layer indices, e.g. 0,6,12,18")
+    p.add_argument("--heads", type=int, help="GLA: merge each chosen layer's heads into this many (default 1)")
+    p.add_argument("--state-size", type=int, help="Mamba2: new d_state, a multiple of the old (default 4x)")
+    p.add_argument("--init", default="reinit",
+                   help="GLA: reinit | inherit; Mamba2: reinit | merge_copy | merge_zero (default reinit)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh weights (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_expand)
+
+
+def add_train(sub) -> None:
+    from training.train import TrainConfig
+
+    d = TrainConfig(model="", out="")
+    p = sub.add_parser("train", help="long-context post-training (the same loop for LPT and StateX)",
+                       description="Train a checkpoint on packed sequences; writes OUT/model (final checkpoint), "
+                                   "OUT/checkpoints/step_N (resumable), OUT/log.jsonl. Under torchrun it runs DDP.")
+    p.add_argument("--model", required=True, help="checkpoint directory to start from")
+    p.add_argument("--data", action="append", required=True, metavar="SPEC",
+                   help="KIND[:PATH][?k=v&...][@WEIGHT], repeatable: text:DIR, jsonl:FILE, hf:NAME, "
+                        "passkey, niah, mqar (see docs/training.md)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on >=2-D parameters only")
+    p.add_argument("--beta1", type=float, default=d.beta1)
+    p.add_argument("--beta2", type=float, default=d.beta2)
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--precision", default=d.precision, help="auto (bf16 autocast on GPU) | bf16 | fp32")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint (if any)")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT and start over")
+    p.add_argument("--halt-after-step", type=int, help="stop after this step without exporting")
+    p.add_argument("--time-budget-s", type=float, help="lower --max-steps to fit this many seconds")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def add_eval(sub) -> None:
+    from training.eval import EvalConfig
+
+    d = EvalConfig(model="", out="")
+    p = sub.add_parser("eval", help="recall accuracy vs context length, held-out perplexity",
+                       description="Passkey, multi-key NIAH and MQAR exact-match accuracy at each context "
+                                   "length, and perplexity on held-out text; writes OUT/eval.json, eval.md, eval.png.")
+    p.add_argument("--model", required=True, help="checkpoint directory (or a training run directory)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--tasks", type=_str_list, default=d.tasks, help="comma-separated: passkey,niah,mqar "
+                   "(options like niah?needles=8)")
+    p.add_argument("--lengths", type=_int_list, default=d.lengths, help="context lengths in tokens")
+    p.add_argument("--samples", type=int, default=d.samples, help="samples per task and length")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--heldout", help="text source for perplexity, e.g. text:DIR?split=heldout")
+    p.add_argument("--ppl-seq-len", type=int, default=d.ppl_seq_len)
+    p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens, help="at most this many held-out tokens")
+    p.add_argument("--check-generate", type=int, default=d.check_generate,
+                   help="samples per cell also generated through prefill/decode (0: none)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--precision", default=d.precision, help="auto (bf16 autocast on GPU) | bf16 | fp32")
+    p.add_argument("--label", help="name of the model in the table and plot")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="output directory (written atomically)")
     imp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     imp.set_defaults(func=cmd_import)
+    add_expand(sub)
+    add_train(sub)
+    add_eval(sub)
     return p
 
 
