@@ -234,7 +234,8 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
             if t_first is None:
                 t_first = now                    # the first step pays for compilation; time the rest
             if cfg.time_budget_s is not None and step == start_step + 6:
-                max_steps = _fit_budget(cfg, step, max_steps, (now - t_first) / 5, now - t_start, d)
+                # the budget starts after the first step: kernel compilation is not training time
+                max_steps = _fit_budget(cfg, step, max_steps, (now - t_first) / 5, now - t_first, d)
                 if bar is not None:
                     bar.total = max_steps
             rec = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,

@@ -1,0 +1,1 @@
+"""Experiments that exercise the whole StateX pipeline end to end."""
