@@ -382,11 +382,16 @@ def main(argv=None):
     batches = (1, 64) if args.quick else (1, 8, 64, 256)
     sdts = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
     rows = []
+    result = {"rows": rows, "copy_GBps": round(copy, 1),
+              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "device": device}
 
     def add(impl, kernel, shape, batch, sdt, us, nbytes, note=""):
         gbps = nbytes / (us * 1e-6) / 1e9
         rows.append({"impl": impl, "kernel": kernel, "shape": shape, "batch": batch, "state_dtype": sdt,
                      "us": round(us, 2), "GBps": round(gbps, 1), "fraction_of_copy_bw": round(gbps / copy, 3)})
+        if args.out:                       # after every row: a cut-short run keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
         print(f"{impl:9s} {kernel:14s} {shape:22s} B={batch:<4d} {sdt:5s} {us:10.1f} us {gbps:8.0f} GB/s "
               f"{gbps / copy:6.1%} {note}", flush=True)
 
@@ -443,11 +448,6 @@ def main(argv=None):
                 if r:
                     add("ours", "conv_prefill", f"{name},T={T}", 1, "bf16", r[0], r[1])
 
-    result = {"rows": rows, "copy_GBps": round(copy, 1),
-              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "device": device}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     print_table(result)
     if args.sweep:
         sweep_rows = []

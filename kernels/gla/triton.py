@@ -36,7 +36,9 @@ def _gla_decode_kernel(
     m_v = o_v < V
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.0).to(tl.float32)
     p_base = pool + slot * s_pn + i_h * s_ph
-    b_o = tl.zeros([BV], dtype=tl.float32)
+    # o = sum_k q_k S[k, :]: accumulate per row, reduce across rows (threads and
+    # warps) once after the loop rather than every step
+    b_acc = tl.zeros([BK, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -48,7 +50,8 @@ def _gla_decode_kernel(
         b_s = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
         b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
         tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_s)
-        b_o += tl.sum(b_s * b_q[:, None], axis=0)
+        b_acc += b_s * b_q[:, None]
+    b_o = tl.sum(b_acc, axis=0)
     tl.store(o + i_b * s_ob + i_h * s_oh + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
@@ -57,17 +60,15 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def decode_config(batch: int, H: int, K: int, V: int, state_bytes: int):
-    """(BK, BV, num_warps) for the decode kernel.
-
-    Aim for at least ~4 programs per SM (132 SMs on an H200) while keeping a
-    strip row at least 128 bytes wide; each loop step moves a BK x BV tile.
-    """
+    """(BK, BV, num_warps) for the decode kernel, from a sweep on an H200
+    (docs/perf.md): a 64 x 64 fp32 / 64 x 128 bf16 tile per loop step (256-byte
+    rows); narrower strips only when fewer than ~2 programs per SM would run."""
     bv = 128 if state_bytes == 2 else 64
-    while bv > 16 and batch * H * triton.cdiv(V, bv) < 1024:
+    while bv > 32 and batch * H * triton.cdiv(V, bv) < 264:
         bv //= 2
     bv = min(bv, triton.next_power_of_2(V))
-    bk = max(1, min(triton.next_power_of_2(K), 4096 // bv))
-    return bk, bv, 4
+    bk = min(64, triton.next_power_of_2(K))
+    return bk, bv, 8 if bk * bv >= 8192 else 4
 
 
 def gla_decode_launch(q, k, v, g, state_pool, slots, scale, BK, BV, num_warps):

@@ -59,7 +59,7 @@ def _ssd_decode_kernel(
     b_x = tl.load(x + i_b * s_xb + i_h * s_xh + o_p, mask=m_p, other=0.0).to(tl.float32)
     b_xdt = b_x * b_dt
     p_base = pool + slot * s_pn + i_h * s_ph
-    b_y = tl.zeros([BP], dtype=tl.float32)
+    b_acc = tl.zeros([BP, BN], dtype=tl.float32)   # reduced over N once, after the loop
     for i_n in range(0, tl.cdiv(N, BN)):
         o_n = i_n * BN + tl.arange(0, BN)
         m_n = o_n < N
@@ -70,7 +70,8 @@ def _ssd_decode_kernel(
         b_s = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
         b_s = b_s * dA + b_xdt[:, None] * b_B[None, :]
         tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_s)
-        b_y += tl.sum(b_s * b_C[None, :], axis=1)
+        b_acc += b_s * b_C[None, :]
+    b_y = tl.sum(b_acc, axis=1)
     if HAS_D:
         b_y += tl.load(D + i_h).to(tl.float32) * b_x
     tl.store(y + i_b * s_yb + i_h * s_yh + o_p, b_y.to(y.dtype.element_ty), mask=m_p)
@@ -87,13 +88,14 @@ def _clamp_args(dt_limit):
 
 
 def decode_config(batch: int, H: int, P: int, N: int, state_bytes: int):
-    """(BP, BN, num_warps): a BN-wide row is >= 256 bytes; shrink BP until
-    there are ~8 programs per SM."""
-    bn = min(triton.next_power_of_2(N), 128 if state_bytes == 4 else 256)
-    bp = min(triton.next_power_of_2(P), max(1, 4096 // bn))
-    while bp > 4 and batch * H * triton.cdiv(P, bp) < 1024:
+    """(BP, BN, num_warps), from a sweep on an H200 (docs/perf.md): 32 rows of
+    256 bytes per loop step; fewer rows only when fewer than ~2 programs per SM
+    would run."""
+    bn = min(triton.next_power_of_2(N), 64 if state_bytes == 4 else 128)
+    bp = min(triton.next_power_of_2(P), 32)
+    while bp > 4 and batch * H * triton.cdiv(P, bp) < 264:
         bp //= 2
-    return bp, bn, 4
+    return bp, bn, 8 if bp * bn >= 2048 else 4
 
 
 def ssd_decode_launch(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, BP, BN, num_warps):
