@@ -1,0 +1,156 @@
+"""Incremental detokenization and stop strings, one generated sequence at a time.
+
+Tokens can end in the middle of a UTF-8 character (a byte-level tokenizer emits
+single bytes), so text is released only when the decoded window does not end in
+U+FFFD; what is held back comes out with the next token or at the end. Stop
+strings are matched on the text, and a tail of text that could still grow into
+a stop string is held back from the stream until it either does (the sequence
+stops and that text is cut) or cannot any more.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+REPLACEMENT_CHAR = "\ufffd"
+# Prompt tokens decoded in front of the first generated token, so tokenizers
+# that render a token differently at the start of a text (SentencePiece's
+# leading space) render it as it reads in context.
+CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Text of ``token_ids`` (the generated ones), released in complete characters.
+
+    The released pieces concatenate to ``tokenizer.decode(token_ids)`` (with the
+    same ``skip_special_tokens``) for byte-level and SentencePiece tokenizers."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        context = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        if context and REPLACEMENT_CHAR in self._decode(context):
+            context = []          # the prompt ends mid-character: decoding after it would misalign
+        self.ids: list[int] = context
+        self.prefix_offset = 0               # start of the window that is re-decoded
+        self.read_offset = len(context)      # tokens before this are released
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Take one more token; return the text it completes (maybe empty)."""
+        self.ids.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character decodes as U+FFFD)."""
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or (new_text.endswith(REPLACEMENT_CHAR) and not final):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):]
+
+
+class StopStringMatcher:
+    """Accumulates a sequence's text, finds stop strings, and says how much of
+    the text is safe to stream."""
+
+    def __init__(self, stop: tuple[str, ...], include_stop_str_in_output: bool = False):
+        self.stop = tuple(stop)
+        self.include = include_stop_str_in_output
+        self.max_len = max((len(s) for s in self.stop), default=0)
+        self.text = ""
+        self.released = 0          # characters of text already streamed
+
+    def add(self, new_text: str, check: bool = True) -> str | None:
+        """Append text; return the stop string that now occurs, else None. On a
+        match, ``text`` is cut just before it (or just after it, with include).
+        ``check=False`` (before min_tokens) only appends."""
+        if not new_text:
+            return None
+        start = max(0, len(self.text) - self.max_len + 1)
+        self.text += new_text
+        if not self.stop or not check:
+            return None
+        best = None
+        for s in self.stop:       # the earliest match wins
+            i = self.text.find(s, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        i, s = best
+        self.text = self.text[: i + len(s) if self.include else i]
+        return s
+
+    def _holdback(self) -> int:
+        """Length of the longest tail of text that starts some stop string."""
+        for k in range(min(self.max_len - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
+
+    def release(self, final: bool) -> str:
+        """Text not yet streamed that can be streamed now (all of it when final)."""
+        end = len(self.text) if final else len(self.text) - self._holdback()
+        if end <= self.released:
+            return ""
+        out = self.text[self.released:end]
+        self.released = end
+        return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (byte-level BPE vocabularies)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and "ByteLevel" in repr(decoder)
+
+
+class TokenStrings:
+    """How the API shows single tokens: as text (``decode([id])``; a partial
+    UTF-8 character reads as U+FFFD) and as their exact bytes (chat logprobs)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.byte_level = _is_byte_level(tokenizer)
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.text = lru_cache(maxsize=1 << 16)(self._text)
+        self.bytes = lru_cache(maxsize=1 << 16)(self._bytes)
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _bytes(self, token_id: int) -> list[int]:
+        if token_id not in self.special_ids:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str):
+                if self.byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+                    return [_UNICODE_TO_BYTE[c] for c in piece]
+                if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):   # SentencePiece byte fallback
+                    return [int(piece[3:5], 16)]
+                if piece.startswith("\u2581"):          # SentencePiece word boundary
+                    return list(piece.replace("\u2581", " ").encode("utf-8"))
+        return list(self._text(token_id).encode("utf-8"))

@@ -1,0 +1,437 @@
+"""The built-in engine: one loop that owns the model and the state pool.
+
+Threads: the asyncio event loop (HTTP, streaming) never runs the model. A
+dedicated engine thread does: it takes new requests and aborts from an inbox,
+admits requests while state slots are free, and runs steps (see
+``scheduler.py``): one decode batch for every running sequence, then prompt
+segments of at most ``--prefill-chunk`` tokens. Decode results are handed to
+the event loop before the step's prefill runs, so a stream's next token never
+waits for someone else's prompt beyond one segment.
+
+State: a sequence's whole context is its slot in the pool (constant size), so
+admission is exact, nothing is ever preempted or swapped, and n > 1 costs one
+prefill plus n - 1 slot copies.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import torch
+
+from model_registry.checkpoint import load_model, read_config_dict
+from statex_serve.engine import sampler as sampling
+from statex_serve.engine.args import EngineArgs
+from statex_serve.engine.base import (
+    Engine, EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError,
+    RequestFailedError, RequestOutput,
+)
+from statex_serve.engine.loading import (
+    checkpoint_dtype, eos_token_ids, load_tokenizer, pool_slots, resolve_device, resolve_dtype,
+    resolve_state_dtype,
+)
+from statex_serve.engine.runner import ModelRunner
+from statex_serve.engine.scheduler import PrefillChunk, Scheduler
+from statex_serve.engine.sequence import RequestState, RequestStatus, SequenceState
+
+logger = logging.getLogger(__name__)
+
+
+class _OutputStream:
+    """The async iterator ``generate`` returns. Leaving it early (``aclose``, a
+    cancelled consumer, or dropping it) aborts the request."""
+
+    def __init__(self, engine: NativeEngine, request_id: str):
+        self._engine = engine
+        self._request_id = request_id
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:            # cancelled: whoever was listening is gone
+            self._close(abort=True)
+            raise
+        if isinstance(item, BaseException):
+            self._close(abort=False)
+            raise item
+        if item.finished:
+            self._close(abort=False)
+        return item
+
+    async def aclose(self) -> None:
+        self._close(abort=True)
+
+    def _close(self, abort: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._engine._streams.pop(self._request_id, None)
+        if abort:
+            self._engine.abort(self._request_id)
+
+    def __del__(self):
+        if not self._done:
+            self._engine.abort(self._request_id)
+
+
+class NativeEngine(Engine):
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        t0 = time.perf_counter()
+        config = read_config_dict(args.model)
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device, checkpoint_dtype(config))
+        self.state_dtype = resolve_state_dtype(args.state_dtype)
+        self.model = load_model(args.model, device=self.device, dtype=self.dtype)
+        self._tokenizer = load_tokenizer(args.model)
+        self.config = self.model.config
+        self.spec = self.model.state_spec(self.state_dtype)
+        self.num_slots = pool_slots(args, self.spec)
+        try:
+            self.runner = ModelRunner(self.model, self.num_slots, self.device, self.state_dtype)
+        except torch.OutOfMemoryError:
+            raise ValueError(f"a state pool of {self.num_slots} sequences x {self.spec.bytes_per_sequence} bytes "
+                             f"does not fit on {self.device}; lower --max-num-seqs or --state-memory") from None
+        self._max_model_len = args.max_model_len or int(getattr(self.config, "max_position_embeddings", 0) or 8192)
+        self._vocab_size = int(self.config.vocab_size)
+        self.eos_token_ids = eos_token_ids(self.config, self._tokenizer)
+        self.scheduler = Scheduler(self.num_slots, args.prefill_chunk)
+        self._log_startup(time.perf_counter() - t0)
+
+        # between the event loop and the engine thread
+        self._inbox: collections.deque = collections.deque()
+        self._wakeup = threading.Event()
+        self._lock = threading.Lock()          # guards the admission counters below
+        self._pending_requests = 0             # submitted, not yet holding slots
+        self._pending_slots = 0
+        self._used_slots = 0
+        self._streams: dict[str, _OutputStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: str | None = None
+        self._stats = EngineStats(slots_total=self.num_slots, state_bytes_per_sequence=self.spec.bytes_per_sequence,
+                                  state_pool_bytes=self.runner.pools.nbytes)
+
+    # --- the interface --------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.args.served_name
+
+    @property
+    def served_model_names(self) -> list[str]:
+        return list(self.args.served_model_names) or [self.args.model]
+
+    @property
+    def model_path(self) -> str:
+        return str(self.args.model)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def max_n(self) -> int:
+        return self.num_slots
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    def describe(self) -> dict:
+        return {
+            "backend": "native", "model_type": self.config.model_type, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "state_dtype": str(self.state_dtype or torch.float32).removeprefix("torch."),
+            "num_layers": self.config.num_hidden_layers,
+            "expanded_layers": list(getattr(self.config, "expanded_layers", [])),
+            "state_bytes_per_sequence": self.spec.bytes_per_sequence, "state_pool_slots": self.num_slots,
+            "state_pool_bytes": self.runner.pools.nbytes, "max_model_len": self.max_model_len,
+            "prefill_chunk": self.args.prefill_chunk, "cuda_graphs": self.runner.graphs is not None,
+        }
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._engine_thread, name="statex-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 60)
+        self._dead = self._dead or "the engine has shut down"
+        for stream in list(self._streams.values()):
+            stream._queue.put_nowait(EngineDeadError(self._dead))
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None or self._loop is None:
+            raise EngineDeadError(self._dead or "the engine has not been started")
+        self._check(request)
+        n = request.params.n
+        with self._lock:
+            must_wait = self._pending_slots + n > self.num_slots - self._used_slots
+            if must_wait and self._pending_requests >= self.args.max_queue:
+                raise EngineOverloadedError(
+                    f"the server is at capacity: {self.num_slots} sequences running and "
+                    f"{self._pending_requests} requests waiting (--max-queue {self.args.max_queue}); "
+                    "retry shortly", retry_after=1.0)
+            self._pending_requests += 1
+            self._pending_slots += n
+        stream = _OutputStream(self, request.request_id)
+        self._streams[request.request_id] = stream
+        self._inbox.append(("add", RequestState(request)))
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.append(("abort", request_id))
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        with self._lock:
+            waiting = self._pending_requests
+            used = self._used_slots
+        return EngineStats(
+            running_requests=self.scheduler.num_running, waiting_requests=waiting, slots_total=self.num_slots,
+            slots_used=used, state_bytes_per_sequence=s.state_bytes_per_sequence,
+            state_pool_bytes=s.state_pool_bytes, prompt_tokens_total=s.prompt_tokens_total,
+            generation_tokens_total=s.generation_tokens_total, requests_finished_total=s.requests_finished_total,
+            requests_aborted_total=s.requests_aborted_total, steps_total=s.steps_total,
+            max_prefill_tokens_per_step=s.max_prefill_tokens_per_step)
+
+    # --- checks made before a request is queued -------------------------------------
+    def _check(self, request: GenerationRequest) -> None:
+        if request.request_id in self._streams:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
+        prompt = request.prompt_token_ids
+        p = request.params
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self._vocab_size)), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
+                                      "prompt")
+        p.check(self._vocab_size, max_n=self.max_n)
+        if len(prompt) + p.max_tokens > self._max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
+                f"{len(prompt) + p.max_tokens} tokens ({len(prompt)} in the prompt, {p.max_tokens} in the "
+                "completion). Please reduce the length of the prompt or completion.",
+                "prompt", "context_length_exceeded")
+
+    # --- the engine thread ------------------------------------------------------------
+    def _engine_thread(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while not self._stopping:
+                self._wakeup.clear()
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wakeup.wait()
+                    continue
+                self._step()
+        except BaseException as e:       # a bug in the loop itself: fail loudly, not silently
+            logger.exception("the engine loop died")
+            self._dead = f"the engine loop died: {e!r}"
+            self._post([(rid, EngineDeadError(self._dead)) for rid in list(self._streams)])
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self.scheduler.add(item)
+            else:
+                self._abort_now(item)
+
+    def _abort_now(self, request_id: str) -> None:
+        req = self.scheduler.get(request_id)
+        if req is None:
+            return
+        was_waiting = req.status is RequestStatus.WAITING
+        for seq in req.sequences:
+            seq.finish("abort")
+        freed = len(req.slots) if not was_waiting else 0
+        self.scheduler.remove(req)
+        with self._lock:
+            if was_waiting:
+                self._pending_requests -= 1
+                self._pending_slots -= req.params.n
+            self._used_slots -= freed
+        self._stats.requests_aborted_total += 1
+        if request_id in self._streams:   # aborted through the API while someone still listens
+            self._post([(request_id, self._output(req, finished=True))])
+
+    def _step(self) -> None:
+        for req in self.scheduler.admit():
+            req.start(req.slots, self._tokenizer, self.eos_token_ids, self.device)
+            with self._lock:
+                self._pending_requests -= 1
+                self._pending_slots -= req.params.n
+                self._used_slots += req.params.n
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return
+        self._stats.steps_total += 1
+        self._stats.max_prefill_tokens_per_step = max(self._stats.max_prefill_tokens_per_step,
+                                                      plan.num_prefill_tokens)
+        if plan.decode:
+            self._guarded({r.request_id: r for r, _ in plan.decode}.values(), self._run_decode, plan.decode)
+        if plan.prefill:
+            self._guarded([c.request for c in plan.prefill], self._run_prefill, plan.prefill)
+
+    def _guarded(self, requests, fn, arg) -> None:
+        """Run one phase; if it raises, fail only the requests in it and go on."""
+        try:
+            fn(arg)
+        except Exception as e:
+            logger.exception("engine step failed; failing %d request(s)", len(list(requests)))
+            err = RequestFailedError(f"the engine failed while running this request: {e!r}")
+            posts = []
+            for req in requests:
+                if req.finished:
+                    continue
+                with self._lock:
+                    self._used_slots -= len(req.slots)
+                self.scheduler.remove(req)
+                posts.append((req.request_id, err))
+            self._post(posts)
+
+    def _max_new_tokens(self, req: RequestState) -> int:
+        return min(req.params.max_tokens, self._max_model_len - req.num_prompt_tokens)
+
+    def _run_decode(self, batch: list[tuple[RequestState, SequenceState]]) -> None:
+        logits = self.runner.decode([s.last_token for _, s in batch], [s.slot for _, s in batch])
+        sampled = sampling.sample(logits, [s.sampling_row() for _, s in batch])
+        touched: dict[str, RequestState] = {}
+        for (req, seq), tok, lp in zip(batch, sampled.token_ids, sampled.logprobs):
+            seq.append(tok, lp, self._max_new_tokens(req))
+            touched[req.request_id] = req
+        self._stats.generation_tokens_total += len(batch)
+        self._emit(touched.values())
+
+    def _run_prefill(self, chunks: list[PrefillChunk]) -> None:
+        all_logits = any(c.request.params.prompt_logprobs is not None for c in chunks)
+        ids: list[int] = []
+        for c in chunks:
+            ids.extend(c.request.prompt[c.start:c.end])
+        logits = self.runner.prefill(ids, [c.num_tokens for c in chunks], [c.request.slots[0] for c in chunks],
+                                     [c.has_initial_state for c in chunks], all_logits=all_logits)
+        done: list[tuple[RequestState, torch.Tensor]] = []
+        offset = 0
+        for i, c in enumerate(chunks):
+            req = c.request
+            rows = logits[offset:offset + c.num_tokens] if all_logits else logits[i:i + 1]
+            offset += c.num_tokens
+            k = req.params.prompt_logprobs
+            if k is not None:   # row j predicts prompt[start + j + 1]
+                targets = req.prompt[c.start + 1:min(c.end + 1, req.num_prompt_tokens)]
+                req.prompt_logprobs.extend(sampling.prompt_logprobs(rows, targets, k))
+            req.num_computed = c.end
+            self._stats.prompt_tokens_total += c.num_tokens
+            if c.completes_prompt:
+                done.append((req, rows[-1]))
+        if done:
+            self._start_decoding(done)
+
+    def _start_decoding(self, done: list[tuple[RequestState, torch.Tensor]]) -> None:
+        """Prompts complete: copy the state to the other n - 1 slots, sample every
+        sequence's first token from the prompt's last logits."""
+        rows, seqs = [], []
+        for req, last_logits in done:
+            req.status = RequestStatus.DECODE
+            first = req.sequences[0]
+            if self._max_new_tokens(req) <= 0:       # scoring only (echo with max_tokens=0)
+                for seq in req.sequences:
+                    seq.finish("length")
+                continue
+            for seq in req.sequences:
+                if seq is not first:
+                    self.runner.copy_state(first.slot, seq.slot)
+                rows.append(last_logits)
+                seqs.append((req, seq))
+        if seqs:
+            sampled = sampling.sample(torch.stack(rows), [s.sampling_row() for _, s in seqs])
+            for (req, seq), tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
+                seq.append(tok, lp, self._max_new_tokens(req))
+            self._stats.generation_tokens_total += len(seqs)
+        self._emit(req for req, _ in done)
+
+    # --- results to the event loop ------------------------------------------------------
+    def _output(self, req: RequestState, finished: bool) -> RequestOutput:
+        deltas = [d for d in (s.take_delta() for s in req.sequences) if d is not None]
+        out = RequestOutput(req.request_id, deltas, finished, req.num_prompt_tokens)
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            out.prompt_logprobs = req.prompt_logprobs
+            req.prompt_logprobs_sent = True
+        return out
+
+    def _emit(self, requests) -> None:
+        posts = []
+        for req in requests:
+            if req.finished:
+                continue
+            finished = all(s.finished for s in req.sequences)
+            if finished:
+                with self._lock:
+                    self._used_slots -= len(req.slots)
+                self.scheduler.remove(req)
+                self._stats.requests_finished_total += 1
+            else:
+                for seq in req.sequences:
+                    if seq.finished and seq.slot >= 0:
+                        self.scheduler.release_sequence(req, seq)
+                        with self._lock:
+                            self._used_slots -= 1
+            out = self._output(req, finished)
+            if out.outputs or finished:
+                posts.append((req.request_id, out))
+        self._post(posts)
+
+    def _post(self, items: list[tuple[str, object]]) -> None:
+        if not items or self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, items)
+        except RuntimeError:     # the event loop is closed: nobody is listening any more
+            pass
+
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream._queue.put_nowait(item)
+
+    def _log_startup(self, seconds: float) -> None:
+        cfg = self.config
+        expanded = list(getattr(cfg, "expanded_layers", []))
+        logger.info("model %s: %s, %d layers (expanded: %s), %s on %s, loaded in %.1fs", self.args.model,
+                    cfg.model_type, cfg.num_hidden_layers, expanded or "none", str(self.dtype).removeprefix("torch."),
+                    self.device, seconds)
+        logger.info("state: %d bytes per sequence (%s)", self.spec.bytes_per_sequence, self.spec.summary())
+        logger.info("state pool: %d sequences, %d bytes (%.1f MiB)%s; prefill chunk %d tokens; max model len %d",
+                    self.num_slots, self.runner.pools.nbytes, self.runner.pools.nbytes / 2**20,
+                    f" from --state-memory {self.args.state_memory} bytes" if self.args.state_memory else "",
+                    self.args.prefill_chunk, self._max_model_len)

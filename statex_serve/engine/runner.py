@@ -1,0 +1,105 @@
+"""Runs the model over the state pool: batched decode, variable-length prefill,
+state copies. Owns the device tensors; knows nothing about requests.
+
+On CUDA, decode is captured in CUDA graphs, one per batch-size bucket (1, 2, 4,
+8, then multiples of 8 up to the pool size): a decode step is then one graph
+launch instead of hundreds of small kernel launches, which is what bounds a
+small model's decode time. A batch is padded up to its bucket with slot -1 rows,
+which the kernels skip (they neither read nor write any state for them).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from model_registry.state import StatePools
+
+logger = logging.getLogger(__name__)
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8))
+    return sorted(set(sizes + [max_batch]))
+
+
+class _DecodeGraphs:
+    """Captured decode graphs over static input buffers (CUDA only)."""
+
+    @torch.inference_mode()
+    def __init__(self, model, pools: StatePools, max_batch: int, device: torch.device):
+        self.buckets = decode_buckets(max_batch)
+        self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.slots = torch.full((max_batch,), -1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        mempool = torch.cuda.graph_pool_handle()
+        # Warm up outside capture (Triton compiles, cuBLAS picks kernels); with
+        # every slot -1 no state is touched.
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for b in self.buckets:
+                model.decode(self.ids[:b], self.slots[:b], pools)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        for b in reversed(self.buckets):          # largest first: smaller graphs reuse its memory
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mempool):
+                out = model.decode(self.ids[:b], self.slots[:b], pools)
+            self.graphs[b] = (graph, out)
+        torch.cuda.synchronize(device)
+
+    def run(self, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        b = len(ids)
+        bucket = next(x for x in self.buckets if x >= b)
+        self.ids[:b].copy_(ids)
+        self.slots[:b].copy_(slots)
+        self.slots[b:bucket].fill_(-1)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:b]
+
+
+class ModelRunner:
+    def __init__(self, model, num_slots: int, device: torch.device, state_dtype: torch.dtype | None,
+                 cuda_graphs: bool = True):
+        self.model = model
+        self.device = device
+        self.pools: StatePools = model.allocate_state_pools(num_slots, device=device, state_dtype=state_dtype)
+        self.graphs: _DecodeGraphs | None = None
+        if device.type == "cuda" and cuda_graphs and os.environ.get("STATEX_CUDA_GRAPHS", "1") != "0":
+            try:
+                self.graphs = _DecodeGraphs(model, self.pools, num_slots, device)
+                logger.info("decode captured in CUDA graphs for batch sizes %s", self.graphs.buckets)
+            except Exception:   # a kernel that cannot be captured must not stop the server
+                logger.exception("CUDA graph capture failed; decoding eagerly")
+                self.graphs = None
+
+    def _ints(self, values: list[int], dtype=torch.int32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def decode(self, token_ids: list[int], slots: list[int]) -> torch.Tensor:
+        """One token per sequence -> logits [B, V] (fp32); states advance in place."""
+        ids = self._ints(token_ids, torch.long)
+        slot_t = self._ints(slots)
+        if self.graphs is not None:
+            return self.graphs.run(ids, slot_t)
+        return self.model.decode(ids, slot_t, self.pools)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], seq_lens: list[int], slots: list[int], has_initial_state: list[bool],
+                all_logits: bool = False) -> torch.Tensor:
+        """Prompt segments (flattened) -> logits of each segment's last token [B, V],
+        or of every token [N_tok, V] with ``all_logits``."""
+        cu = [0]
+        for n in seq_lens:
+            cu.append(cu[-1] + n)
+        return self.model.prefill(self._ints(token_ids, torch.long), self._ints(cu), self._ints(slots),
+                                  torch.tensor(has_initial_state, dtype=torch.bool).to(self.device),
+                                  self.pools, all_logits=all_logits)
+
+    @torch.inference_mode()
+    def copy_state(self, src: int, dst: int) -> None:
+        self.pools.copy_slot_(src, dst)

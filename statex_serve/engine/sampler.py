@@ -1,0 +1,135 @@
+"""Next-token sampling for a batch of sequences, each with its own parameters.
+
+Greedy rows take the argmax (the same rule as ``model.greedy_generate``, so
+greedy outputs can be compared with it token for token). Random rows sample
+from softmax(logits / temperature) restricted by top-k and top-p, with the
+exponential-race trick (argmax of p / q, q ~ Exp(1)) drawn from the row's own
+``torch.Generator``: a seeded request gets the same tokens whatever else is in
+the batch. Logprobs are the model's (log-softmax of the raw logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from statex_serve.engine.base import TokenLogprob
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence for one step."""
+
+    temperature: float = 0.0                 # < 1e-5: greedy
+    top_p: float = 1.0
+    top_k: int = 0                           # <= 0: off
+    generator: torch.Generator | None = None  # required for random rows
+    logprobs: int | None = None              # top-k alternatives to report (0: the chosen token only)
+    banned_token_ids: tuple[int, ...] = ()   # e.g. stop tokens before min_tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+    """A generator for one sequence: seeded when asked, else from fresh OS entropy."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed % (1 << 63))
+    return g
+
+
+def _adjust_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Bans and biases, applied to a copy only when some row has them."""
+    if not any(r.banned_token_ids or r.logit_bias for r in rows):
+        return logits
+    logits = logits.clone()
+    for i, r in enumerate(rows):
+        if r.logit_bias:
+            ids = torch.tensor([t for t, _ in r.logit_bias], device=logits.device)
+            logits[i, ids] += torch.tensor([b for _, b in r.logit_bias], device=logits.device, dtype=logits.dtype)
+        if r.banned_token_ids:
+            logits[i, list(r.banned_token_ids)] = float("-inf")
+    return logits
+
+
+def _top_k_top_p_mask_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf, in place, what top-k (k <= 0: off) and top-p (1: off) drop.
+    The most likely token always survives."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    V = logits.shape[-1]
+    rank = torch.arange(V, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, V)[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs           # mass of the strictly more likely tokens
+    drop |= mass_before >= top_p[:, None]
+    drop[:, 0] = False
+    logits.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    """logits [B, V] (fp32) -> one token per row, plus logprobs where asked."""
+    assert logits.shape[0] == len(rows), (logits.shape, len(rows))
+    adjusted = _adjust_logits(logits, rows)
+    tokens = adjusted.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows, device=logits.device)
+        sub = adjusted[idx] / torch.tensor([rows[i].temperature for i in random_rows],
+                                           device=logits.device, dtype=logits.dtype)[:, None]
+        top_k = torch.tensor([rows[i].top_k for i in random_rows], device=logits.device)
+        top_p = torch.tensor([rows[i].top_p for i in random_rows], device=logits.device, dtype=logits.dtype)
+        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+            sub = _top_k_top_p_mask_(sub, top_k, top_p)
+        probs = sub.softmax(dim=-1)
+        race = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            race[j].exponential_(generator=rows[i].generator)
+        tokens[idx] = (probs / race).argmax(dim=-1)
+    token_list = tokens.tolist()
+    return SamplerOutput(token_list, _chosen_logprobs(logits, token_list, rows))
+
+
+def _chosen_logprobs(logits: torch.Tensor, tokens: list[int], rows: list[SamplingRow]
+                     ) -> list[TokenLogprob | None]:
+    want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if not want:
+        return out
+    idx = torch.tensor(want, device=logits.device)
+    lp = logits[idx].log_softmax(dim=-1)
+    chosen = lp.gather(1, torch.tensor([tokens[i] for i in want], device=logits.device)[:, None])[:, 0]
+    k = max(rows[i].logprobs for i in want)
+    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+    chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
+    for j, i in enumerate(want):
+        kk = rows[i].logprobs
+        out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(top_i[j][:kk], top_v[j][:kk])))
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """logits [T, V] where row t predicts ``targets[t]`` -> one entry per target."""
+    if not targets:
+        return []
+    lp = logits[: len(targets)].log_softmax(dim=-1)
+    tgt = torch.tensor(targets, device=logits.device)
+    chosen = lp.gather(1, tgt[:, None])[:, 0].tolist()
+    if k > 0:
+        top_v, top_i = lp.topk(k, dim=-1)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+    else:
+        top_v = top_i = [[] for _ in targets]
+    return [TokenLogprob(t, c, list(zip(ti, tv))) for t, c, ti, tv in zip(targets, chosen, top_i, top_v)]

@@ -1,0 +1,147 @@
+"""Which sequences run in the next engine step.
+
+Admission is exact: a sequence's whole state is one pool slot of constant size,
+so a request needing n slots starts when n slots are free, and then it can run
+to its last token without ever being preempted. Requests start in arrival
+order (a large-n request at the head waits rather than being overtaken forever).
+
+Each step runs every decoding sequence once (one token each) plus prompt
+segments of at most ``prefill_chunk`` tokens in total, taken in arrival order:
+a long prompt is prefilled over several steps, its state carried in its slot
+between segments, so the other streams get a token every step whatever the
+prompt lengths.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from statex_serve.engine.sequence import RequestState, RequestStatus, SequenceState
+
+
+class SlotAllocator:
+    """Free list over ``range(num_slots)``; lowest slots first (predictable, and on
+    GPU it keeps the touched part of the pool small under light load)."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} slots, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, slot: int) -> None:
+        assert 0 <= slot < self.num_slots and slot not in self._free, slot
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+
+@dataclass
+class PrefillChunk:
+    request: RequestState
+    start: int                 # prompt positions [start, end) this step
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def has_initial_state(self) -> bool:
+        return self.start > 0
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.end == self.request.num_prompt_tokens
+
+
+@dataclass
+class StepPlan:
+    decode: list[tuple[RequestState, SequenceState]] = field(default_factory=list)
+    prefill: list[PrefillChunk] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.prefill)
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, prefill_chunk: int):
+        self.slots = SlotAllocator(num_slots)
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[RequestState] = deque()
+        self.running: dict[str, RequestState] = {}     # PREFILL or DECODE, in start order
+
+    # --- membership ----------------------------------------------------------------
+    def add(self, req: RequestState) -> None:
+        self.waiting.append(req)
+
+    def get(self, request_id: str) -> RequestState | None:
+        req = self.running.get(request_id)
+        if req is not None:
+            return req
+        return next((r for r in self.waiting if r.request_id == request_id), None)
+
+    def remove(self, req: RequestState) -> None:
+        """Take a request out (finished, aborted or failed) and free its slots now."""
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        elif self.running.pop(req.request_id, None) is not None:
+            for slot in req.slots:
+                self.slots.free(slot)
+        req.status = RequestStatus.FINISHED
+
+    def release_sequence(self, req: RequestState, seq: SequenceState) -> None:
+        """A sequence of a still-running request finished: its slot is free at once."""
+        if seq.slot >= 0:
+            self.slots.free(seq.slot)
+            req.slots.remove(seq.slot)
+            seq.slot = -1
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    # --- the step --------------------------------------------------------------------
+    def admit(self) -> list[RequestState]:
+        """Start waiting requests, in order, while their slots fit."""
+        started = []
+        while self.waiting and self.waiting[0].params.n <= self.slots.num_free:
+            req = self.waiting.popleft()
+            req.slots = self.slots.allocate(req.params.n)
+            self.running[req.request_id] = req
+            started.append(req)
+        return started
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.prefill_chunk
+        for req in self.running.values():
+            if req.status is RequestStatus.DECODE:
+                plan.decode.extend((req, s) for s in req.sequences if not s.finished)
+            elif req.status is RequestStatus.PREFILL and budget > 0:
+                take = min(req.prompt_remaining, budget)
+                plan.prefill.append(PrefillChunk(req, req.num_computed, req.num_computed + take))
+                budget -= take
+        return plan

@@ -1,0 +1,161 @@
+"""The native engine's bookkeeping for one request and its n sequences.
+
+A request is prefilled once (into the slot of sequence 0); when its prompt is
+done, the state is copied to the other n-1 slots (a constant-size copy,
+whatever the prompt length) and every sequence samples its own continuation.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from statex_serve.engine.base import GenerationRequest, SamplingParams, SequenceDelta, TokenLogprob
+from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from statex_serve.engine.sampler import SamplingRow, make_generator
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"        # queued for slots
+    PREFILL = "prefill"        # slots held, prompt being prefilled in segments
+    DECODE = "decode"          # every sequence generates one token per step
+    FINISHED = "finished"
+
+
+@dataclass
+class SequenceState:
+    """One of a request's n continuations, living in one state slot."""
+
+    index: int
+    slot: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+    stop_token_ids: frozenset[int]
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    # what the next output will carry
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    pending_text: str = ""
+    reported_finish: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    def sampling_row(self) -> SamplingRow:
+        p = self.params
+        banned = tuple(self.stop_token_ids) if len(self.output_ids) < p.min_tokens else ()
+        return SamplingRow(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, generator=self.generator,
+                           logprobs=p.logprobs, banned_token_ids=banned, logit_bias=p.logit_bias)
+
+    def append(self, token_id: int, logprob: TokenLogprob | None, max_new_tokens: int) -> None:
+        """Record a sampled token and decide whether the sequence ends here.
+
+        A stop token ends it without adding its text; a stop string ends it with
+        the text cut before the string; ``max_new_tokens`` ends it with "length"."""
+        self.output_ids.append(token_id)
+        self.pending_ids.append(token_id)
+        if logprob is not None:
+            self.pending_logprobs.append(logprob)
+        n = len(self.output_ids)
+        may_stop = n >= self.params.min_tokens
+        if may_stop and token_id in self.stop_token_ids:
+            matched = self.stops.add(self.detokenizer.flush(), check=True)
+            self.finish("stop", matched if matched is not None
+                        else (token_id if token_id in self.params.stop_token_ids else None))
+            return
+        new_text = self.detokenizer.add(token_id)
+        if n >= max_new_tokens:
+            new_text += self.detokenizer.flush()
+        matched = self.stops.add(new_text, check=may_stop)
+        if matched is not None:
+            self.finish("stop", matched)
+        elif n >= max_new_tokens:
+            self.finish("length")
+        else:
+            self.pending_text += self.stops.release(final=False)
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        if self.finished:
+            return
+        self.finish_reason, self.stop_reason = reason, stop_reason
+        if reason == "abort":
+            self.stops.add(self.detokenizer.flush(), check=False)
+        self.pending_text += self.stops.release(final=True)
+
+    def take_delta(self) -> SequenceDelta | None:
+        """The delta since the last call, or None when there is nothing to say."""
+        report_finish = self.finished and not self.reported_finish
+        if not (self.pending_ids or self.pending_text or report_finish):
+            return None
+        delta = SequenceDelta(
+            index=self.index, text=self.pending_text, token_ids=self.pending_ids,
+            logprobs=self.pending_logprobs if self.params.logprobs is not None else None,
+            finish_reason=self.finish_reason if report_finish else None,
+            stop_reason=self.stop_reason if report_finish else None)
+        self.pending_ids, self.pending_logprobs, self.pending_text = [], [], ""
+        self.reported_finish = self.reported_finish or report_finish
+        return delta
+
+
+@dataclass
+class RequestState:
+    request: GenerationRequest
+    status: RequestStatus = RequestStatus.WAITING
+    slots: list[int] = field(default_factory=list)
+    num_computed: int = 0                     # prompt tokens prefilled so far
+    sequences: list[SequenceState] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
+    first_output_sent: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def prompt_remaining(self) -> int:
+        return self.num_prompt_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def start(self, slots: list[int], tokenizer, eos_token_ids: frozenset[int], device) -> None:
+        """Slots granted: set up the n sequences (their slots are filled after prefill)."""
+        p = self.params
+        self.slots = slots
+        self.status = RequestStatus.PREFILL
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else eos_token_ids)
+        if p.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+        for i, slot in enumerate(slots):
+            gen = None if p.greedy else make_generator(None if p.seed is None else p.seed + i, device)
+            self.sequences.append(SequenceState(
+                index=i, slot=slot, params=p, generator=gen,
+                detokenizer=IncrementalDetokenizer(tokenizer, self.prompt, p.skip_special_tokens),
+                stops=StopStringMatcher(p.stop, p.include_stop_str_in_output), stop_token_ids=stop_ids))
+
+    def live_sequences(self) -> list[SequenceState]:
+        return [s for s in self.sequences if not s.finished]
