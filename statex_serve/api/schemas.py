@@ -1,0 +1,201 @@
+"""Request bodies of the OpenAI-compatible endpoints (pydantic). Responses are
+built as plain dicts in ``completions.py`` / ``chat.py`` (their shapes follow
+OpenAI's, field for field).
+
+Fields we accept beyond OpenAI's are vLLM's names for the same things (top_k,
+min_tokens, stop_token_ids, ignore_eos, skip_special_tokens,
+include_stop_str_in_output, add_special_tokens), so clients written for vLLM
+work unchanged. Unknown fields are ignored with a log line, as vLLM does;
+known fields we cannot honour (penalties, suffix, tools, ...) are refused with
+a 400 that says so, rather than silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from statex_serve.engine.base import MAX_LOGPROBS
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class _GenerationFields(BaseModel):
+    """What completions and chat share."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: StrictInt = Field(1, ge=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    user: StrictStr | None = None
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = Field(0, ge=0)
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v):
+        for key, bias in (v or {}).items():
+            try:
+                int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias}")
+        return v
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, why) for a field set to something this server cannot do."""
+        if self.presence_penalty:
+            return "presence_penalty", "presence_penalty is not supported by this server (use 0)"
+        if self.frequency_penalty:
+            return "frequency_penalty", "frequency_penalty is not supported by this server (use 0)"
+        if self.repetition_penalty not in (None, 1.0):
+            return "repetition_penalty", "repetition_penalty is not supported by this server (use 1)"
+        if self.min_p:
+            return "min_p", "min_p is not supported by this server (use 0)"
+        return None
+
+
+def _check_prompt(v: Any):
+    """str | list[str] | list[int] | list[list[int]], none of them empty."""
+    shape = ("prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids")
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, list) or not v:
+        raise ValueError(shape if not isinstance(v, list) else "prompt must not be an empty list")
+    if all(isinstance(x, str) for x in v):
+        return v
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return v
+    if all(isinstance(x, list) for x in v):
+        for x in v:
+            if not x:
+                raise ValueError("prompt must not contain an empty list of token ids")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+                raise ValueError(shape)
+        return v
+    raise ValueError(shape)
+
+
+class CompletionRequest(_GenerationFields):
+    prompt: Any
+    max_tokens: StrictInt | None = Field(16, ge=0)
+    echo: StrictBool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = Field(None, ge=1)
+    add_special_tokens: StrictBool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, v):
+        return _check_prompt(v)
+
+    def unsupported(self):
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported by this server"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of other than n is not supported by this server"
+        return super().unsupported()
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        """The message's text (a list of parts must be text parts)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content parts of type {part.type!r} are not supported (text only)")
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: StrictStr
+
+
+class ChatCompletionRequest(_GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def unsupported(self):
+        if self.tools or self.functions:
+            return "tools", "tool calling is not supported by this server"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", f"response_format {self.response_format.type!r} is not supported (only 'text')"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return super().unsupported()
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize (vLLM's benchmark client uses it to align prompts)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    tokens: list[StrictInt]

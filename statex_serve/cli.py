@@ -1,0 +1,120 @@
+"""``statex-serve``: serve a checkpoint over the OpenAI-compatible HTTP API.
+
+    statex-serve --model DIR [--backend native|vllm] [--port 8000] ...
+
+Without --model it serves the bundled model (``statex_serve.bundled``) when
+this build has one.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from statex_serve import __version__
+
+logger = logging.getLogger("statex_serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="statex-serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory, or the name of a bundled model (default: the bundled model)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use in the 'model' field (default: --model as given)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=("native", "vllm"), default="native",
+                   help="native: the built-in engine; vllm: vLLM's AsyncLLM with our model plugin")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto",
+                   help="weights and activations: auto (float32 on CPU; the checkpoint's half type or "
+                        "bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--state-dtype", default="auto", help="recurrent state: auto (float32), float32, bfloat16")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="state-pool size in sequences (default 64, or what --state-memory holds)")
+    p.add_argument("--state-memory", default=None,
+                   help="memory for the state pool, e.g. 2GiB or 512MiB: capacity = budget // bytes per "
+                        "sequence (with --max-num-seqs too, the smaller wins)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens per sequence (default: the checkpoint's "
+                        "max_position_embeddings)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per engine step at most; smaller keeps other streams "
+                        "smoother while a long prompt is read")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="requests allowed to wait for a state slot; beyond that the server answers 503")
+    p.add_argument("--api-key", default=os.environ.get("STATEX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STATEX_API_KEY; none)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
+    p.add_argument("--version", action="version", version=f"statex-serve {__version__}")
+    return p
+
+
+def resolve_model(arg: str | None) -> tuple[str, str]:
+    """(checkpoint directory, default served name). Raises SystemExit with a message."""
+    try:
+        from statex_serve import bundled
+    except ModuleNotFoundError as e:
+        if e.name != "statex_serve.bundled":
+            raise
+        bundled = None
+    if arg is None:
+        if bundled is None:
+            raise SystemExit("statex-serve: --model is required (this build has no bundled model): "
+                             "pass a checkpoint directory, e.g. --model ./my-checkpoint")
+        path = Path(bundled.default_model_path())
+        return str(path), path.name
+    if Path(arg).is_dir():
+        return arg, arg
+    if bundled is not None and hasattr(bundled, "model_path"):
+        try:
+            path = Path(bundled.model_path(arg))
+            return str(path), arg
+        except (KeyError, ValueError, FileNotFoundError):
+            pass
+    raise SystemExit(f"statex-serve: --model {arg}: no such checkpoint directory"
+                     + (" or bundled model" if bundled is not None else ""))
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    model_dir, default_name = resolve_model(args.model)
+
+    # heavy imports after argument parsing, so --help is instant
+    import uvicorn
+
+    from model_registry.checkpoint import CheckpointError
+    from model_registry.configs import ConfigError
+    from statex_serve.api import create_app
+    from statex_serve.engine import EngineArgs, create_engine, parse_memory_size
+
+    try:
+        engine_args = EngineArgs(
+            model=model_dir, served_model_names=args.served_model_name or [default_name], device=args.device,
+            dtype=args.dtype, state_dtype=args.state_dtype, max_num_seqs=args.max_num_seqs,
+            state_memory=parse_memory_size(args.state_memory) if args.state_memory is not None else None,
+            max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
+        engine = create_engine(engine_args, args.backend)
+    except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:
+        logger.error("cannot start: %s", e)
+        return 2
+    logger.info("serving %s as %s (backend %s) on http://%s:%d%s", model_dir, engine.model_name, args.backend,
+                args.host, args.port, " with API key auth" if args.api_key else "")
+    app = create_app(engine, api_key=args.api_key or None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
