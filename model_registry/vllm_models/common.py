@@ -1,0 +1,318 @@
+"""What the vLLM classes of both families share.
+
+The state page (why there is no padding)
+----------------------------------------
+vLLM gives every state-holding layer (``MambaBase``) a page per sequence and
+pads all pages to the largest one, so a model whose expanded layers hold 4x
+the state is charged the expanded size for every layer. We present vLLM with
+ONE state layer per pipeline stage, ``StateXStatePage``, whose page is a flat
+byte buffer holding every layer's state tensors of one sequence back to back
+(widest dtype first, so every tensor is aligned). vLLM then allocates exactly
+``sum over layers`` bytes per sequence, one block per sequence, and one block
+id (the slot) addresses the sequence in every layer, as in the native engine.
+Each mixer reads its own typed, slot-indexed view of the page
+(``[num_blocks, *shape]``, block stride = page size) and hands it to our
+kernels (``kernels.gla`` / ``kernels.conv`` / ``kernels.mamba2``: the torch
+reference on CPU, Triton on CUDA), which update it in place.
+
+``STATEX_VLLM_STATE_LAYOUT=per_layer`` instead gives every layer its own state
+layer (vLLM's usual scheme, padded); it exists to measure the difference.
+
+Tensor parallelism
+------------------
+Heads are split across ranks. A layer with fewer heads than ranks (a merged
+StateX GLA head) is split along V inside the head; the per-head output RMSNorm
+then needs the sum of squares over the whole head, which ``reduce_norm_sq``
+all-reduces across the ranks sharing the head. Mamba2's gated norm is reduced
+the same way when its norm group spans ranks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vllm.compilation.breakable_cudagraph import eager_break_during_capture
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
+from vllm.utils.torch_utils import direct_register_custom_op
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+STATE_LAYOUT_ENV = "STATEX_VLLM_STATE_LAYOUT"
+STATE_LAYOUTS = ("packed", "per_layer")
+
+_STR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "half": torch.float16, "float": torch.float32}
+
+
+def state_layout() -> str:
+    layout = os.environ.get(STATE_LAYOUT_ENV, "packed")
+    if layout not in STATE_LAYOUTS:
+        raise ValueError(f"{STATE_LAYOUT_ENV}={layout!r}: expected one of {STATE_LAYOUTS}")
+    return layout
+
+
+def state_dtypes(vllm_config: VllmConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(recurrent/ssm state dtype, conv state dtype). Recurrent state is fp32
+    unless ``--mamba-ssm-cache-dtype`` says otherwise; the conv window is in the
+    model dtype unless ``--mamba-cache-dtype`` says otherwise (as in our native engine)."""
+    cache = vllm_config.cache_config
+    model_dtype = vllm_config.model_config.dtype
+    ssm = _STR_DTYPES.get(str(getattr(cache, "mamba_ssm_cache_dtype", "auto")), torch.float32)
+    conv = _STR_DTYPES.get(str(getattr(cache, "mamba_cache_dtype", "auto")), model_dtype)
+    return ssm, conv
+
+
+# --- the state page ----------------------------------------------------------------------
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One state tensor of one layer (per sequence, this rank) inside the page."""
+
+    layer: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int = 0            # bytes from the start of the page
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class StatePage:
+    entries: tuple[StateEntry, ...]
+    nbytes: int
+
+    @classmethod
+    def pack(cls, tensors: list[tuple[int, str, tuple[int, ...], torch.dtype]]) -> "StatePage":
+        """Widest dtype first: every entry then starts at a multiple of its element
+        size; the page is rounded up to the widest element (at most 7 bytes)."""
+        order = sorted(tensors, key=lambda t: -_itemsize(t[3]))   # stable: layer order kept
+        entries, off = [], 0
+        for layer, name, shape, dtype in order:
+            e = StateEntry(layer, name, tuple(int(s) for s in shape), dtype, off)
+            entries.append(e)
+            off += e.nbytes
+        align = max((_itemsize(t[3]) for t in tensors), default=1)
+        return cls(tuple(entries), -(-off // align) * align)
+
+
+class StateXStatePage(nn.Module, MambaBase):
+    """The one state layer vLLM sees (per pipeline stage, or per layer with
+    ``per_layer``): a byte page per sequence that holds the states of ``page.entries``."""
+
+    def __init__(self, page: StatePage, prefix: str):
+        super().__init__()
+        self.page = page
+        self.prefix = prefix
+        self.kv_cache = (torch.tensor([]),)
+        self._views: dict[tuple[int, str], torch.Tensor] = {}
+        ctx = get_current_vllm_config().compilation_config.static_forward_context
+        if prefix in ctx:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        ctx[prefix] = self
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        # LINEAR metadata (state indices, query_start_loc, seq_lens, decode/prefill
+        # split) is all our kernels need, for both families.
+        return MambaAttentionBackendEnum.LINEAR
+
+    def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.page.nbytes,),)
+
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return (torch.uint8,)
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        super().bind_kv_cache(kv_cache)            # self.kv_cache = ([num_blocks, page] uint8,)
+        pages = self.kv_cache[0]
+        self._views = {(e.layer, e.name): pages[:, e.offset:e.offset + e.nbytes].view(e.dtype).view(-1, *e.shape)
+                       for e in self.page.entries}
+
+    def pool(self, layer: int, name: str) -> torch.Tensor:
+        """``[num_blocks, *shape]`` view of one layer's state (block stride = page size)."""
+        return self._views[(layer, name)]
+
+    def zero_fresh_decodes(self, split: "StepSplit") -> None:
+        """A one-token prompt is scheduled as a decode, and decode kernels read the
+        state: give such sequences a zero state (prefills with no context don't read it)."""
+        if split.fresh_decode_slots is not None and split.fresh_decode_slots.numel():
+            self.kv_cache[0][split.fresh_decode_slots.long()] = 0
+
+
+def mamba_state_copy_funcs():
+    """Prefix caching ('align' mode) copies whole pages between blocks."""
+    return (get_temporal_copy_spec,)
+
+
+# --- one step's batch, as our kernels want it ----------------------------------------------
+
+@dataclass
+class StepSplit:
+    num_actual_tokens: int
+    num_decodes: int
+    num_prefills: int
+    slots_d: torch.Tensor            # [nd] int32
+    slots_p: torch.Tensor            # [np]
+    cu_seqlens_p: torch.Tensor       # [np+1] int32, from 0
+    has_initial_state_p: torch.Tensor  # [np] bool
+    fresh_decode_slots: torch.Tensor | None
+
+
+def step_split(md) -> StepSplit:
+    """From vLLM's LinearAttentionMetadata (decodes first, one token each)."""
+    nd, npf = md.num_decodes, md.num_prefills
+    if md.num_decode_tokens != nd:
+        raise NotImplementedError("speculative decoding is not supported by the StateX vLLM models")
+    slots = md.state_indices_tensor
+    qsl = md.query_start_loc
+    cu = (qsl[nd:nd + npf + 1] - qsl[nd]).to(torch.int32)
+    qlen = cu[1:] - cu[:-1]
+    has_init = (md.seq_lens[nd:nd + npf] - qlen) > 0
+    fresh = None
+    if nd:
+        sd = slots[:nd]
+        fresh = sd[(md.seq_lens[:nd] == 1) & (sd >= 0)]
+    return StepSplit(md.num_decode_tokens + md.num_prefill_tokens, nd, npf, slots[:nd], slots[nd:nd + npf],
+                     cu, has_init, fresh)
+
+
+# --- the custom op around each mixer ------------------------------------------------------
+
+class StateMixer(nn.Module):
+    """Base of our token mixers: ``forward`` runs ``forward_impl`` through one
+    custom op (opaque to torch.compile, an eager break in CUDA-graph capture),
+    which reads this step's metadata and updates the state page in place."""
+
+    def __init__(self, layer_idx: int, prefix: str):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.prefix = prefix
+        self.first_in_page = False
+        ctx = get_current_vllm_config().compilation_config.static_forward_context
+        if prefix in ctx:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        ctx[prefix] = self
+
+    def attach(self, page: StateXStatePage, first_in_page: bool) -> None:
+        self.__dict__["state_page"] = page          # not a submodule: the model owns it
+        self.first_in_page = first_in_page
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = torch.empty_like(hidden_states)
+        torch.ops.vllm.statex_mixer(hidden_states, output, self.prefix)
+        return output
+
+    def step(self) -> StepSplit | None:
+        """This step's split, or None in profiling / dummy runs (no state touched)."""
+        md = get_forward_context().attn_metadata
+        if md is None:
+            return None
+        md = md.get(self.state_page.prefix) if isinstance(md, dict) else None
+        if md is None:
+            return None
+        split = step_split(md)
+        if self.first_in_page:
+            self.state_page.zero_fresh_decodes(split)
+        return split
+
+    def forward_impl(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+@eager_break_during_capture
+def statex_mixer(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    layer = get_forward_context().no_compile_layers[layer_name]
+    layer.forward_impl(hidden_states, output)
+
+
+def _statex_mixer_fake(hidden_states: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
+direct_register_custom_op(op_name="statex_mixer", op_func=statex_mixer, mutates_args=["output"],
+                          fake_impl=_statex_mixer_fake)
+
+
+# --- the model-level pieces ----------------------------------------------------------------
+
+def build_state_pages(model: nn.Module, mixers: dict[int, StateMixer],
+                      tensors: dict[int, list[tuple[str, tuple[int, ...], torch.dtype]]],
+                      prefix: str) -> nn.ModuleList:
+    """Create the state layer(s) for this stage's layers and attach the mixers."""
+    layers = sorted(mixers)
+    if not layers:
+        return nn.ModuleList()
+    if state_layout() == "packed":
+        groups = [layers]
+    else:
+        groups = [[i] for i in layers]
+    pages = nn.ModuleList()
+    for group in groups:
+        page = StatePage.pack([(i, name, shape, dt) for i in group for name, shape, dt in tensors[i]])
+        holder = StateXStatePage(page, f"{prefix}.{group[0]}.statex_state")
+        for j, i in enumerate(group):
+            mixers[i].attach(holder, first_in_page=(j == 0))
+        pages.append(holder)
+    return pages
+
+
+def config_state_shapes(tensors: dict[int, list[tuple[str, tuple[int, ...], torch.dtype]]]
+                        ) -> tuple[tuple[tuple[int, ...], ...], tuple[torch.dtype, ...]]:
+    """What ``get_mamba_state_shape/dtype_from_config`` report: the page of the
+    whole model (packed), or the largest layer's page (per_layer)."""
+    if state_layout() == "packed":
+        page = StatePage.pack([(i, n, s, d) for i, ts in tensors.items() for n, s, d in ts])
+    else:
+        page = max((StatePage.pack([(i, n, s, d) for n, s, d in ts]) for i, ts in tensors.items()),
+                   key=lambda p: p.nbytes)
+    return ((page.nbytes,),), (torch.uint8,)
+
+
+def reduce_norm_sq(sq: torch.Tensor, group: int, num_groups: int) -> torch.Tensor:
+    """Sum ``sq`` (partial sums of squares of one norm group) over the TP ranks that
+    hold a part of the same group. Ranks of other groups add zeros in other columns,
+    so one all-reduce of a ``[..., num_groups]`` tensor serves every sub-group."""
+    if num_groups == 1:
+        return tensor_model_parallel_all_reduce(sq)
+    buf = sq.new_zeros(*sq.shape, num_groups)
+    buf[..., group] = sq
+    return tensor_model_parallel_all_reduce(buf)[..., group]
+
+
+def set_loader(param: torch.Tensor, loader) -> None:
+    param.weight_loader = loader
+
+
+def rows_loader(slices: list[tuple[int, int]], dim: int = 0, transform=None):
+    """Weight loader taking rows ``[start, start+len)`` of each slice of the full
+    checkpoint tensor (along ``dim``) and concatenating them."""
+
+    def load(param: torch.Tensor, loaded: torch.Tensor) -> None:
+        w = torch.cat([loaded.narrow(dim, s, n) for s, n in slices], dim=dim)
+        if transform is not None:
+            w = transform(w)
+        if tuple(w.shape) != tuple(param.data.shape):
+            raise ValueError(f"weight shape {tuple(w.shape)} does not fit parameter {tuple(param.data.shape)}")
+        param.data.copy_(w)
+
+    return load
+
+
+def default_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if tuple(loaded.shape) != tuple(param.data.shape):
+        raise ValueError(f"weight shape {tuple(loaded.shape)} does not fit parameter {tuple(param.data.shape)}")
+    param.data.copy_(loaded)
