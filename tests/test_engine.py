@@ -1,0 +1,281 @@
+"""The native engine in-process (no HTTP): the state pool's exact size,
+batching invariance against ``model.greedy_generate``, chunked prefill that
+never stalls decoding, n > 1 from one prefill, aborts, the bounded queue, and
+failures that stay with the requests they hit."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from model_registry.testing import make_tiny_checkpoint
+from statex_serve.engine import (
+    EngineArgs, EngineOverloadedError, GenerationRequest, InvalidRequestError, RequestFailedError, SamplingParams,
+)
+from statex_serve.engine.native import NativeEngine
+
+FAMILIES = ["gla", "mamba2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models are latency-bound: one intra-op thread is many times faster
+    than two on a 2-core machine that is busy with anything else."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {f: str(make_tiny_checkpoint(root / f, family=f, seed=1)) for f in FAMILIES}
+
+
+def run_engine(model_dir: str, test, **kw):
+    """Build an engine, start it in a fresh event loop, run ``await test(engine)``."""
+    async def main():
+        engine = NativeEngine(EngineArgs(model=model_dir, **kw))
+        await engine.start()
+        try:
+            return await test(engine)
+        finally:
+            await engine.shutdown()
+    return asyncio.run(main())
+
+
+async def collect(engine, rid, prompt, **params):
+    """(token ids per sequence, text per sequence, outputs) of one request."""
+    n = params.get("n", 1)
+    ids, texts, outs = [[] for _ in range(n)], ["" for _ in range(n)], []
+    async for out in engine.generate(GenerationRequest(rid, prompt, SamplingParams(**params))):
+        outs.append(out)
+        for d in out.outputs:
+            ids[d.index] += d.token_ids
+            texts[d.index] += d.text
+    return ids, texts, outs
+
+
+async def wait_until(cond, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def first_divergence_gap(model, prompt, got, want) -> str:
+    """On a mismatch, how close the oracle's top two logits were where the
+    outputs part (a numerical near-tie is the only excusable cause)."""
+    j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + want[:j]])).logits[0, -1]
+    top = logits.topk(2).values
+    return f"first difference at token {j}; oracle top-2 logit gap there {float(top[0] - top[1]):.2e}"
+
+
+# --- memory ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pool_bytes_per_sequence_are_exact(checkpoints, family):
+    engine = NativeEngine(EngineArgs(model=checkpoints[family], max_num_seqs=5))
+    spec = engine.model.state_spec()
+    bps = spec.bytes_per_sequence
+    assert engine.spec.bytes_per_sequence == bps
+    assert engine.runner.pools.nbytes == 5 * bps
+    for layer_spec, layer_pool in zip(spec.layers, engine.runner.pools.pools):   # no padding anywhere
+        for t in layer_spec.tensors:
+            assert tuple(layer_pool[t.name].shape) == (5, *t.shape) and layer_pool[t.name].dtype == t.dtype
+    budget = 7 * bps + bps // 2
+    engine = NativeEngine(EngineArgs(model=checkpoints[family], state_memory=budget))
+    assert engine.num_slots == budget // bps == spec.capacity(budget) == 7
+    assert engine.runner.pools.nbytes == 7 * bps
+    assert engine.stats().slots_total == 7 and engine.stats().state_pool_bytes == 7 * bps
+    capped = NativeEngine(EngineArgs(model=checkpoints[family], state_memory=budget, max_num_seqs=3))
+    assert capped.num_slots == 3
+    half = NativeEngine(EngineArgs(model=checkpoints[family], state_memory=budget, state_dtype="bfloat16"))
+    assert half.spec.bytes_per_sequence < bps and half.num_slots == budget // half.spec.bytes_per_sequence
+    with pytest.raises(ValueError, match="holds no sequence"):
+        NativeEngine(EngineArgs(model=checkpoints[family], state_memory=bps - 1))
+
+
+# --- batching invariance ----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_concurrent_greedy_requests_match_the_oracle(checkpoints, family):
+    """32 requests of different lengths (some prefilled in several segments),
+    arriving in two waves so sequences join and leave running batches."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(1, 140))] for _ in range(32)]
+    lengths = [rng.randrange(4, 24) for _ in range(32)]
+
+    async def test(engine):
+        async def one(i):
+            if i >= 16:
+                await asyncio.sleep(0.05 * (i - 15))
+            ids, _, _ = await collect(engine, f"r{i}", prompts[i], max_tokens=lengths[i], temperature=0.0,
+                                      ignore_eos=True)
+            return ids[0]
+        got = await asyncio.gather(*(one(i) for i in range(32)))
+        return got, engine.stats()
+
+    got, stats = run_engine(checkpoints[family], test, max_num_seqs=20, prefill_chunk=48)
+    assert stats.max_prefill_tokens_per_step <= 48 and stats.slots_used == 0
+    model = NativeEngine(EngineArgs(model=checkpoints[family], max_num_seqs=1)).model
+    for p, n, g in zip(prompts, lengths, got):
+        want = model.greedy_generate(p, n)
+        assert g == want, first_divergence_gap(model, p, g, want)
+
+
+# --- chunked prefill --------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_long_prefill_does_not_stall_decoding(checkpoints, family):
+    """While a prompt of 12 segments is prefilled, a running stream gets a token
+    in every one of those steps; the long prompt's output is still exact."""
+    chunk, segments = 32, 12
+    long_prompt = [random.Random(1).randrange(256) for _ in range(chunk * segments)]
+
+    async def test(engine):
+        a_tokens = []
+        a_started = asyncio.Event()
+
+        async def stream_a():
+            req = GenerationRequest("a", [1, 2, 3], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+            async for out in engine.generate(req):
+                a_tokens.extend(out.outputs[0].token_ids if out.outputs else [])
+                a_started.set()
+                if len(a_tokens) > 300:
+                    break
+        task = asyncio.create_task(stream_a())
+        await a_started.wait()
+        before_tokens, before_steps = len(a_tokens), engine.stats().steps_total
+        b = engine.generate(GenerationRequest("b", long_prompt, SamplingParams(max_tokens=5, temperature=0,
+                                                                               ignore_eos=True)))
+        first = await b.__anext__()
+        during_tokens, during_steps = len(a_tokens) - before_tokens, engine.stats().steps_total - before_steps
+        rest = [d for out in [o async for o in b] for d in out.outputs]
+        task.cancel()
+        b_ids = first.outputs[0].token_ids + [t for d in rest for t in d.token_ids]
+        return during_tokens, during_steps, b_ids, engine.stats()
+
+    during_tokens, during_steps, b_ids, stats = run_engine(checkpoints[family], test, max_num_seqs=4,
+                                                            prefill_chunk=chunk)
+    assert during_steps >= segments
+    assert during_tokens >= segments - 1, (during_tokens, during_steps)
+    assert stats.max_prefill_tokens_per_step <= chunk
+    model = NativeEngine(EngineArgs(model=checkpoints[family], max_num_seqs=1)).model
+    assert b_ids == model.greedy_generate(long_prompt, 5)
+
+
+def test_prompt_logprobs_across_segments(checkpoints):
+    prompt = [random.Random(2).randrange(256) for _ in range(50)]
+
+    async def test(engine):
+        _, _, outs = await collect(engine, "s", prompt, max_tokens=0, prompt_logprobs=3)
+        return outs
+
+    outs = run_engine(checkpoints["gla"], test, max_num_seqs=2, prefill_chunk=16)
+    assert outs[-1].finished and outs[0].prompt_logprobs is not None
+    lps = outs[0].prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None
+    model = NativeEngine(EngineArgs(model=checkpoints["gla"], max_num_seqs=1)).model
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    for t in range(1, len(prompt)):
+        assert lps[t].token_id == prompt[t]
+        assert abs(lps[t].logprob - float(ref[t - 1, prompt[t]])) < 1e-4
+        assert [i for i, _ in lps[t].top] == ref[t - 1].topk(3).indices.tolist()
+
+
+# --- n > 1 ------------------------------------------------------------------------------
+
+def test_n_sequences_share_one_prefill(checkpoints):
+    prompt = list(range(40, 90))
+
+    async def test(engine):
+        before = engine.stats().prompt_tokens_total
+        greedy, _, _ = await collect(engine, "g", prompt, n=4, max_tokens=12, temperature=0, ignore_eos=True)
+        prefilled = engine.stats().prompt_tokens_total - before
+        s1, t1, _ = await collect(engine, "s1", prompt, n=3, max_tokens=12, temperature=1.0, seed=5)
+        s2, t2, _ = await collect(engine, "s2", prompt, n=3, max_tokens=12, temperature=1.0, seed=5)
+        return greedy, prefilled, (s1, t1), (s2, t2), engine.stats()
+
+    greedy, prefilled, first, second, stats = run_engine(checkpoints["gla"], test, max_num_seqs=4)
+    assert prefilled == len(prompt)                       # once, not n times
+    model = NativeEngine(EngineArgs(model=checkpoints["gla"], max_num_seqs=1)).model
+    assert greedy == [model.greedy_generate(prompt, 12)] * 4
+    assert first == second                                # seeds reproduce, text included
+    assert len({tuple(s) for s in first[0]}) > 1          # sequence i samples with seed + i
+    assert stats.slots_used == 0
+
+
+# --- aborts, the queue, failures ----------------------------------------------------------
+
+def test_abort_frees_slots_at_once_and_the_queue_is_bounded(checkpoints):
+    async def test(engine):
+        long = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+        a = engine.generate(GenerationRequest("a", [5, 6], long))
+        await a.__anext__()
+        b = engine.generate(GenerationRequest("b", [7], long))         # waits: the pool has one slot
+        with pytest.raises(EngineOverloadedError) as exc:
+            engine.generate(GenerationRequest("c", [8], long))          # --max-queue 1
+        assert exc.value.retry_after > 0
+        s = engine.stats()
+        assert (s.slots_used, s.running_requests, s.waiting_requests) == (1, 1, 1)
+        await b.aclose()                                                # a waiting request leaves
+        await wait_until(lambda: engine.stats().waiting_requests == 0)
+        c = engine.generate(GenerationRequest("c", [8], long))
+        await a.aclose()                                                # the running one leaves: c starts
+        out = await c.__anext__()
+        assert out.outputs and out.outputs[0].token_ids
+        await c.aclose()
+        await wait_until(lambda: engine.stats().slots_used == 0)
+        return engine.stats()
+
+    stats = run_engine(checkpoints["gla"], test, max_num_seqs=1, max_queue=1)
+    assert stats.requests_aborted_total == 3
+
+
+def test_a_failing_step_fails_only_its_requests(checkpoints):
+    async def test(engine):
+        real = engine.runner.decode
+        calls = {"n": 0}
+
+        def flaky(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected decode failure")
+            return real(*args, **kw)
+        engine.runner.decode = flaky
+        with pytest.raises(RequestFailedError, match="injected"):
+            await collect(engine, "x", [1, 2, 3], max_tokens=10, temperature=0, ignore_eos=True)
+        assert engine.stats().slots_used == 0
+        ids, _, _ = await collect(engine, "y", [1, 2, 3], max_tokens=10, temperature=0, ignore_eos=True)
+        return ids[0]
+
+    ids = run_engine(checkpoints["gla"], test, max_num_seqs=2)
+    assert len(ids) == 10
+
+
+def test_requests_the_engine_refuses(checkpoints):
+    async def test(engine):
+        cases = [
+            ([], SamplingParams(), "empty"),
+            ([1, 9999], SamplingParams(), "outside the vocabulary"),
+            ([1] * 60, SamplingParams(max_tokens=10), "maximum context length"),
+            ([1], SamplingParams(n=3), "n must be between 1 and 2"),
+            ([1], SamplingParams(max_tokens=0), "max_tokens must be at least 1"),
+            ([1], SamplingParams(top_p=0.0), "top_p"),
+            ([1], SamplingParams(logprobs=21), "logprobs"),
+            ([1], SamplingParams(stop=("",)), "stop strings"),
+        ]
+        for prompt, params, message in cases:
+            with pytest.raises(InvalidRequestError, match=message):
+                engine.generate(GenerationRequest("r", prompt, params))
+        ids, _, _ = await collect(engine, "ok", [1, 2], max_tokens=3, temperature=0, ignore_eos=True)
+        return ids[0]
+
+    assert len(run_engine(checkpoints["gla"], test, max_num_seqs=2, max_model_len=64)) == 3
