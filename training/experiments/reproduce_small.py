@@ -193,7 +193,14 @@ def train(model: Path, out: Path, corpus: Path, p: Preset, seq: int, batch: int,
                       max_steps=steps, lr=lr, warmup_steps=warmup, min_lr_ratio=0.1, save_every=10**9,
                       keep_checkpoints=1, seed=0, time_budget_s=budget, overwrite=True, progress=False)
     t0 = time.perf_counter()
-    summary = train_run(cfg)
+    last = [t0]
+
+    def progress(step: int, rec: dict) -> None:   # a line every ~20 s, so a log shows where time goes
+        if time.perf_counter() - last[0] > 20:
+            last[0] = time.perf_counter()
+            log(f"  {out.name} step {step}: loss {rec['loss']:.4f}, {rec['tok_per_s']:,.0f} tok/s")
+
+    summary = train_run(cfg, on_step=progress)
     summary["wall_s"] = time.perf_counter() - t0
     losses = read_losses(out)
     summary["loss_first"], summary["loss_last10"] = losses[0], sum(losses[-10:]) / len(losses[-10:])
@@ -204,7 +211,7 @@ def train(model: Path, out: Path, corpus: Path, p: Preset, seq: int, batch: int,
 
 def evaluate(model_dir: Path, label: str, corpus: Path, p: Preset) -> dict:
     # evaluate through the torch reference: the oracle, and independent of the
-    # serving kernels' state of development; training used the fast kernels
+    # serving kernels' state of development (training used --kernels)
     prev = os.environ.get("STATEX_KERNELS", "auto")
     os.environ["STATEX_KERNELS"] = "reference"
     try:
@@ -221,20 +228,30 @@ def evaluate(model_dir: Path, label: str, corpus: Path, p: Preset) -> dict:
         os.environ["STATEX_KERNELS"] = prev
 
 
-def run_family(family: str, p: Preset, corpus: Path, work: Path, budget_scale: float) -> dict:
+def run_family(family: str, p: Preset, corpus: Path, work: Path, budget_scale: float, kernels: str,
+               result: dict, save) -> dict:
+    """Fills ``result`` phase by phase and calls ``save()`` after each, so an
+    interrupted run still returns what finished."""
     fw = work / family
     scaled = (lambda b: None if b is None else b * budget_scale)
-    result: dict = {"family": family}
+    result["family"] = family
     init = init_checkpoint(family, p, fw / "init")
-    result["kernel_check"] = kernel_check(init, corpus, p)
-    log(f"{family} kernel check: {json.dumps(result['kernel_check'])}")
-    os.environ["STATEX_KERNELS"] = "auto" if result["kernel_check"].get("train_kernels", "fast") == "fast" \
-        else "reference"
+    if kernels == "auto":
+        # the first call compiles and autotunes the Triton kernels: minutes on a fresh machine
+        result["kernel_check"] = kernel_check(init, corpus, p)
+        log(f"{family} kernel check: {json.dumps(result['kernel_check'])}")
+        kernels = "auto" if result["kernel_check"].get("train_kernels", "fast") == "fast" else "reference"
+    else:
+        result["kernel_check"] = {"skipped": "--kernels reference", "train_kernels": "reference"}
+    os.environ["STATEX_KERNELS"] = kernels
+    save()
     result["pretrain"] = train(init, fw / "pretrain", corpus, p, p.pre_seq, p.pre_batch, p.pre_steps,
                                scaled(p.pre_budget_s), p.pre_lr, warmup=50 if p.pre_budget_s else 4)
+    save()
     base = fw / "pretrain" / "model"
     result["lpt"] = train(base, fw / "lpt", corpus, p, p.post_seq, p.post_batch, p.post_steps,
                           scaled(p.post_budget_s), p.post_lr, warmup=20 if p.post_budget_s else 2)
+    save()
     n = result["lpt"]["steps"]
     kw = {"heads": 1} if family == "gla" else {"state_size": 4 * p.mamba2_state}
     result["expansion"] = expand_checkpoint(str(base), str(fw / "statex_init"), every=p.expand_every,
@@ -242,8 +259,13 @@ def run_family(family: str, p: Preset, corpus: Path, work: Path, budget_scale: f
     result["statex"] = train(fw / "statex_init", fw / "statex", corpus, p, p.post_seq, p.post_batch, n, None,
                              p.post_lr, warmup=20 if p.post_budget_s else 2)
     result["loss_curves"] = {k: read_losses(fw / k) for k in ("pretrain", "lpt", "statex")}
-    result["eval"] = {label: evaluate(d, label, corpus, p) for label, d in
-                      (("base", base), ("LPT", fw / "lpt" / "model"), ("StateX", fw / "statex" / "model"))}
+    save()
+    evals: dict = {}
+    for label, d in (("base", base), ("LPT", fw / "lpt" / "model"), ("StateX", fw / "statex" / "model")):
+        evals[label] = evaluate(d, label, corpus, p)
+        result["eval_partial"] = evals
+        save()
+    result["eval"] = result.pop("eval_partial")
     return result
 
 
@@ -326,15 +348,20 @@ def run(args) -> dict:
             results["families"][fam] = {"skipped": f"deadline ({used:.0f}s used of {args.deadline_s}s)"}
             continue
         log(f"=== {fam} ===")
+        entry = results["families"][fam] = {}
+
+        def save() -> None:
+            results["elapsed_s"] = time.perf_counter() - t_start
+            write_outputs(results, out)
+
         try:
-            results["families"][fam] = run_family(fam, p, corpus, work, FAMILY_BUDGET_SCALE[fam])
+            run_family(fam, p, corpus, work, FAMILY_BUDGET_SCALE[fam], args.kernels, entry, save)
         except Exception as e:  # noqa: BLE001 - keep the other family's results
             import traceback
 
             traceback.print_exc()
-            results["families"][fam] = {"error": f"{type(e).__name__}: {e}"}
-        results["elapsed_s"] = time.perf_counter() - t_start
-        write_outputs(results, out)      # after each family, so a timeout keeps what finished
+            entry["error"] = f"{type(e).__name__}: {e}"
+        save()
     log(f"done in {time.perf_counter() - t_start:.0f}s -> {out}")
     return results
 
@@ -353,6 +380,9 @@ def main(argv=None) -> int:
     pr.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
     pr.add_argument("--families", default="gla,mamba2")
     pr.add_argument("--deadline-s", type=float, help="skip a family that would not finish before this")
+    pr.add_argument("--kernels", default="reference", choices=("reference", "auto"),
+                    help="train through the torch reference (predictable; no Triton compilation) or the "
+                         "CUDA kernels (fla chunk_gla, mamba-ssm), checked against the reference first")
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         prepare_corpus(Path(args.out), Path(args.src) if args.src else None, int(args.max_mb * 2**20))
