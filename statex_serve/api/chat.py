@@ -105,13 +105,18 @@ class _Context:
         return {"prompt_tokens": self.num_prompt, "completion_tokens": completion,
                 "total_tokens": self.num_prompt + completion}
 
+    def _token(self, token_id: int) -> str:
+        if self.body.return_tokens_as_token_ids:
+            return f"token_id:{token_id}"
+        return self.ep.token_strings.text(token_id)
+
     def _logprobs(self, entries: list[tuple[int, TokenLogprob]]) -> dict:
         ts = self.ep.token_strings
         content = []
         for token_id, lp in entries:
             content.append({
-                "token": ts.text(token_id), "logprob": logprob_value(lp.logprob), "bytes": ts.bytes(token_id),
-                "top_logprobs": [{"token": ts.text(t), "logprob": logprob_value(v), "bytes": ts.bytes(t)}
+                "token": self._token(token_id), "logprob": logprob_value(lp.logprob), "bytes": ts.bytes(token_id),
+                "top_logprobs": [{"token": self._token(t), "logprob": logprob_value(v), "bytes": ts.bytes(t)}
                                  for t, v in lp.top]})
         return {"content": content, "refusal": None}
 

@@ -110,11 +110,15 @@ class _Context:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
+    def _token(self, token_id: int) -> str:
+        if self.body.return_tokens_as_token_ids:
+            return f"token_id:{token_id}"
+        return self.ep.token_strings.text(token_id)
+
     def _logprobs(self, entries: list[tuple[int, TokenLogprob | None]], text_offset: int) -> dict:
-        ts = self.ep.token_strings
         tokens, token_lps, tops, offsets = [], [], [], []
         for token_id, lp in entries:
-            s = ts.text(token_id)
+            s = self._token(token_id)
             tokens.append(s)
             offsets.append(text_offset)
             text_offset += len(s)
@@ -123,7 +127,7 @@ class _Context:
                 tops.append(None)
                 continue
             token_lps.append(logprob_value(lp.logprob))
-            top = {ts.text(t): logprob_value(v) for t, v in lp.top}
+            top = {self._token(t): logprob_value(v) for t, v in lp.top}
             top.setdefault(s, logprob_value(lp.logprob))
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -4,7 +4,7 @@ OpenAI's, field for field).
 
 Fields we accept beyond OpenAI's are vLLM's names for the same things (top_k,
 min_tokens, stop_token_ids, ignore_eos, skip_special_tokens,
-include_stop_str_in_output, add_special_tokens), so clients written for vLLM
+include_stop_str_in_output, add_special_tokens, return_tokens_as_token_ids), so clients written for vLLM
 work unchanged. Unknown fields are ignored with a log line, as vLLM does;
 known fields we cannot honour (penalties, suffix, tools, ...) are refused with
 a 400 that says so, rather than silently ignored.
@@ -49,6 +49,7 @@ class _GenerationFields(BaseModel):
     min_tokens: StrictInt = Field(0, ge=0)
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    return_tokens_as_token_ids: StrictBool = False   # logprobs name tokens "token_id:N" (vLLM's option)
 
     @field_validator("stop")
     @classmethod

@@ -112,9 +112,9 @@ class NativeEngine(Engine):
         # between the event loop and the engine thread
         self._inbox: collections.deque = collections.deque()
         self._wakeup = threading.Event()
-        self._lock = threading.Lock()          # guards the admission counters below
-        self._pending_requests = 0             # submitted, not yet holding slots
-        self._pending_slots = 0
+        self._lock = threading.Lock()          # guards the admission bookkeeping below
+        # submitted and not yet holding slots, in arrival order: request id -> slots it needs
+        self._pending: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._used_slots = 0
         self._streams: dict[str, _OutputStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -191,14 +191,14 @@ class NativeEngine(Engine):
         self._check(request)
         n = request.params.n
         with self._lock:
-            must_wait = self._pending_slots + n > self.num_slots - self._used_slots
-            if must_wait and self._pending_requests >= self.args.max_queue:
+            starting, waiting, demand = self._pending_split_locked()
+            must_wait = waiting > 0 or demand + n > self.num_slots - self._used_slots
+            if must_wait and waiting >= self.args.max_queue:
                 raise EngineOverloadedError(
-                    f"the server is at capacity: {self.num_slots} sequences running and "
-                    f"{self._pending_requests} requests waiting (--max-queue {self.args.max_queue}); "
-                    "retry shortly", retry_after=1.0)
-            self._pending_requests += 1
-            self._pending_slots += n
+                    f"the server is at capacity: all {self.num_slots} state slots are in use and "
+                    f"{waiting} requests are waiting (--max-queue {self.args.max_queue}); retry shortly",
+                    retry_after=1.0)
+            self._pending[request.request_id] = n
         stream = _OutputStream(self, request.request_id)
         self._streams[request.request_id] = stream
         self._inbox.append(("add", RequestState(request)))
@@ -212,7 +212,7 @@ class NativeEngine(Engine):
     def stats(self) -> EngineStats:
         s = self._stats
         with self._lock:
-            waiting = self._pending_requests
+            _, waiting, _ = self._pending_split_locked()
             used = self._used_slots
         return EngineStats(
             running_requests=self.scheduler.num_running, waiting_requests=waiting, slots_total=self.num_slots,
@@ -221,6 +221,19 @@ class NativeEngine(Engine):
             generation_tokens_total=s.generation_tokens_total, requests_finished_total=s.requests_finished_total,
             requests_aborted_total=s.requests_aborted_total, steps_total=s.steps_total,
             max_prefill_tokens_per_step=s.max_prefill_tokens_per_step)
+
+    def _pending_split_locked(self) -> tuple[int, int, int]:
+        """Of the pending requests: how many start as soon as the engine looks
+        (in arrival order, while free slots last), how many must wait, and the
+        slots the starting ones take."""
+        free = self.num_slots - self._used_slots
+        starting = demand = 0
+        for n in self._pending.values():
+            if demand + n > free:
+                break
+            starting += 1
+            demand += n
+        return starting, len(self._pending) - starting, demand
 
     # --- checks made before a request is queued -------------------------------------
     def _check(self, request: GenerationRequest) -> None:
@@ -276,9 +289,7 @@ class NativeEngine(Engine):
         freed = len(req.slots) if not was_waiting else 0
         self.scheduler.remove(req)
         with self._lock:
-            if was_waiting:
-                self._pending_requests -= 1
-                self._pending_slots -= req.params.n
+            self._pending.pop(request_id, None)
             self._used_slots -= freed
         self._stats.requests_aborted_total += 1
         if request_id in self._streams:   # aborted through the API while someone still listens
@@ -288,8 +299,7 @@ class NativeEngine(Engine):
         for req in self.scheduler.admit():
             req.start(req.slots, self._tokenizer, self.eos_token_ids, self.device)
             with self._lock:
-                self._pending_requests -= 1
-                self._pending_slots -= req.params.n
+                self._pending.pop(req.request_id, None)
                 self._used_slots += req.params.n
         plan = self.scheduler.schedule()
         if plan.empty:
