@@ -363,7 +363,8 @@ class PackedStream:
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss], "buf_ids": self.buf_ids, "buf_labels": self.buf_labels,
+        return {"rng": [version, list(internal), gauss], "buf_ids": list(self.buf_ids),
+                "buf_labels": list(self.buf_labels),
                 "sources": [s.state_dict() for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:

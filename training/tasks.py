@@ -164,7 +164,7 @@ def mqar(rng: random.Random, codec: Codec, length: int, pairs: int | None = None
     unit = _n_tokens(codec, "abc:123 ")      # every pair has this shape
     if pairs is None:
         pairs = max(1, int((length - 2) / (unit * (1 + query_frac))))
-    n_queries = max(1, round(pairs * query_frac))
+    n_queries = max(1, int(pairs * query_frac))
     codes = rng.sample(range(26 ** 3), pairs)
     keys = ["".join(string.ascii_lowercase[(c // 26 ** i) % 26] for i in range(3)) for c in codes]
     values = [f"{rng.randint(0, 999):03d}" for _ in keys]
