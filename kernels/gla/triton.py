@@ -100,22 +100,18 @@ def gla_decode(q, k, v, g, state_pool, slots, scale):
 
 def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale):
     """Variable-length prompts through fla ``chunk_gla``; states gathered from and
-    scattered back to the pool (one read and one write of B states per call)."""
+    scattered back to the pool (one read and one write of B states per call),
+    with no host sync of ours. A single sequence takes fla's dense path."""
     from fla.ops.gla import chunk_gla
 
+    from kernels._slot_copy import gather_states, scatter_states
+
     N = cu_seqlens.numel() - 1
-    slots = slots.to(torch.long)
-    valid = slots >= 0
-    use_init = valid & has_initial_state.to(torch.bool)
-    # Initial states in fp32 (chunk_gla's state dtype). Rows that start fresh or
-    # are padding get zeros: gather with clamped slots, then select (not multiply:
-    # an unused pool row may hold anything, NaN included).
-    h0 = state_pool.index_select(0, slots.clamp_min(0)).to(torch.float32)
-    h0 = torch.where(use_init.view(N, 1, 1, 1), h0, torch.zeros((), dtype=h0.dtype, device=h0.device))
+    # fp32 initial states (chunk_gla's state dtype); fresh and padded rows get zeros
+    h0 = gather_states(state_pool, slots, has_initial_state)
     o, ht = chunk_gla(
         q[None], k[None], v[None], g[None], scale=scale, initial_state=h0,
-        output_final_state=True, cu_seqlens=cu_seqlens.to(torch.long),
+        output_final_state=True, cu_seqlens=cu_seqlens.to(torch.long) if N > 1 else None,
     )
-    idx = valid.nonzero().squeeze(1)
-    state_pool.index_copy_(0, slots.index_select(0, idx), ht.index_select(0, idx).to(state_pool.dtype))
+    scatter_states(ht, slots, state_pool)
     return o[0]

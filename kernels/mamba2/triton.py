@@ -89,13 +89,18 @@ def _clamp_args(dt_limit):
 
 def decode_config(batch: int, H: int, P: int, N: int, state_bytes: int):
     """(BP, BN, num_warps), from a sweep on an H200 (docs/perf.md): 32 rows of
-    256 bytes per loop step; fewer rows only when fewer than ~2 programs per SM
-    would run."""
+    256 bytes per loop step. With few sequences (fewer than ~2 programs per SM
+    at that tile), one full-N step per program on narrow row strips instead, so
+    no program walks a dependent chain of loop steps."""
     bn = min(triton.next_power_of_2(N), 64 if state_bytes == 4 else 128)
     bp = min(triton.next_power_of_2(P), 32)
-    while bp > 4 and batch * H * triton.cdiv(P, bp) < 264:
+    if batch * H * triton.cdiv(P, bp) >= 264:
+        return bp, bn, 8 if bp * bn >= 2048 else 4
+    bn = min(triton.next_power_of_2(N), 512)
+    bp = max(1, min(bp, 2048 // bn))
+    while bp > 4 and batch * H * triton.cdiv(P, bp) < 1024:
         bp //= 2
-    return bp, bn, 8 if bp * bn >= 2048 else 4
+    return bp, bn, 4
 
 
 def ssd_decode_launch(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, BP, BN, num_warps):
@@ -208,15 +213,13 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, cu_seqlen
     with torch.no_grad():
         if nseq == 1:
             # one sequence: mamba-ssm takes its initial state directly
-            slot = slots_l[:1]
-            h0 = ssm_pool.index_select(0, slot.clamp_min(0)).to(torch.float32)
-            h0 = torch.where(has_initial_state.to(torch.bool).view(1, 1, 1, 1), h0,
-                             torch.zeros((), dtype=h0.dtype, device=h0.device))
+            from kernels._slot_copy import gather_states, scatter_states
+
+            h0 = gather_states(ssm_pool, slots, has_initial_state)
             y, fin = mamba_chunk_scan_combined(
                 x[None], dt[None], A, B[None], C[None], CHUNK, D=D, dt_bias=dt_bias,
                 initial_states=h0, dt_softplus=True, dt_limit=limit, return_final_states=True)
-            keep = slot >= 0
-            ssm_pool.index_copy_(0, slot[keep], fin[keep].to(ssm_pool.dtype))
+            scatter_states(fin, slots, ssm_pool)
             return y[0]
         cu = cu_seqlens.to(torch.int32)
         seq_idx = torch.searchsorted(
