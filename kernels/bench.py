@@ -14,6 +14,10 @@ device-to-device copy bandwidth measured at the start of the same run.
 Prefill: one sequence of T tokens continuing from a slot's state (the
 segment case), median of ``triton.testing.do_bench``; also 8 sequences of
 T/8 tokens, mixed fresh / continuing, to show the varlen path.
+
+On a fresh machine the whole run takes longer than 10 minutes, mostly fla's
+autotuning of ``chunk_gla`` (point TRITON_CACHE_DIR at a kept directory, or run
+``--no-prefill`` and ``--no-decode`` as two commands).
 """
 from __future__ import annotations
 
@@ -368,7 +372,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the JSON rows here")
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations of our decode kernels")
     ap.add_argument("--sweep-out", default=None, help="JSON for the sweep results")
-    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--no-prefill", action="store_true", help="decode only")
+    ap.add_argument("--no-decode", action="store_true", help="prefill only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
@@ -403,7 +408,7 @@ def main(argv=None):
             torch.cuda.synchronize()
             return None
 
-    for name, (H, K, V) in GLA_SHAPES.items():
+    for name, (H, K, V) in ({} if args.no_decode else GLA_SHAPES).items():
         for sdt in sdts:
             for B in batches:
                 for impl in ("ours", "fla"):
@@ -411,7 +416,7 @@ def main(argv=None):
                     if r:
                         add(impl, "gla_decode", name, B, DT_NAME[sdt], r[0], r[1], r[2])
                 torch.cuda.empty_cache()
-    for name, (H, P, N) in SSD_SHAPES.items():
+    for name, (H, P, N) in ({} if args.no_decode else SSD_SHAPES).items():
         for sdt in sdts:
             for B in batches:
                 for impl in ("ours", "mamba_ssm"):
@@ -419,7 +424,7 @@ def main(argv=None):
                     if r:
                         add(impl, "ssd_decode", name, B, DT_NAME[sdt], r[0], r[1], r[2])
                 torch.cuda.empty_cache()
-    for name, C in CONV_DIMS.items():
+    for name, C in ({} if args.no_decode else CONV_DIMS).items():
         for B in batches:
             r = guarded(bench_conv_decode, C, B, torch.bfloat16, reps)
             if r:
