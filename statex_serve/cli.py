@@ -66,7 +66,11 @@ def resolve_model(arg: str | None) -> tuple[str, str]:
         if bundled is None:
             raise SystemExit("statex-serve: --model is required (this build has no bundled model): "
                              "pass a checkpoint directory, e.g. --model ./my-checkpoint")
-        path = Path(bundled.default_model_path())
+        try:
+            path = Path(bundled.default_model_path())
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise SystemExit(f"statex-serve: no --model given and the bundled default is missing ({e}); "
+                             "pass a checkpoint directory, e.g. --model ./my-checkpoint") from None
         return str(path), path.name
     if Path(arg).is_dir():
         return arg, arg
@@ -89,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     model_dir, default_name = resolve_model(args.model)
+    from statex_serve.engine.args import parse_memory_size   # light: fail fast on a bad size
+
+    try:
+        state_memory = parse_memory_size(args.state_memory) if args.state_memory is not None else None
+    except ValueError as e:
+        raise SystemExit(f"statex-serve: --state-memory: {e}") from None
 
     # heavy imports after argument parsing, so --help is instant
     import uvicorn
@@ -96,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     from model_registry.checkpoint import CheckpointError
     from model_registry.configs import ConfigError
     from statex_serve.api import create_app
-    from statex_serve.engine import EngineArgs, create_engine, parse_memory_size
+    from statex_serve.engine import EngineArgs, create_engine
 
     try:
         engine_args = EngineArgs(
             model=model_dir, served_model_names=args.served_model_name or [default_name], device=args.device,
             dtype=args.dtype, state_dtype=args.state_dtype, max_num_seqs=args.max_num_seqs,
-            state_memory=parse_memory_size(args.state_memory) if args.state_memory is not None else None,
+            state_memory=state_memory,
             max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
         engine = create_engine(engine_args, args.backend)
     except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:

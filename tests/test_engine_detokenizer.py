@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from model_registry.tokenizer import EOS_ID, save_byte_tokenizer
-from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenStrings
 from statex_serve.engine.base import GenerationRequest, SamplingParams
+from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenStrings
 from statex_serve.engine.sequence import RequestState
 
 

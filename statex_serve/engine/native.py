@@ -191,7 +191,7 @@ class NativeEngine(Engine):
         self._check(request)
         n = request.params.n
         with self._lock:
-            starting, waiting, demand = self._pending_split_locked()
+            _, waiting, demand = self._pending_split_locked()
             must_wait = waiting > 0 or demand + n > self.num_slots - self._used_slots
             if must_wait and waiting >= self.args.max_queue:
                 raise EngineOverloadedError(
@@ -296,11 +296,13 @@ class NativeEngine(Engine):
             self._post([(request_id, self._output(req, finished=True))])
 
     def _step(self) -> None:
-        for req in self.scheduler.admit():
-            req.start(req.slots, self._tokenizer, self.eos_token_ids, self.device)
+        started = self.scheduler.admit()
+        for req in started:
             with self._lock:
                 self._pending.pop(req.request_id, None)
                 self._used_slots += req.params.n
+        if started:
+            self._guarded(started, self._start_requests, started)
         plan = self.scheduler.schedule()
         if plan.empty:
             return
@@ -311,6 +313,10 @@ class NativeEngine(Engine):
             self._guarded({r.request_id: r for r, _ in plan.decode}.values(), self._run_decode, plan.decode)
         if plan.prefill:
             self._guarded([c.request for c in plan.prefill], self._run_prefill, plan.prefill)
+
+    def _start_requests(self, started: list[RequestState]) -> None:
+        for req in started:
+            req.start(req.slots, self._tokenizer, self.eos_token_ids, self.device)
 
     def _guarded(self, requests, fn, arg) -> None:
         """Run one phase; if it raises, fail only the requests in it and go on."""
@@ -440,6 +446,9 @@ class NativeEngine(Engine):
         logger.info("model %s: %s, %d layers (expanded: %s), %s on %s, loaded in %.1fs", self.args.model,
                     cfg.model_type, cfg.num_hidden_layers, expanded or "none", str(self.dtype).removeprefix("torch."),
                     self.device, seconds)
+        if self.device.type == "cpu":
+            # tiny models are latency-bound: OMP_NUM_THREADS=1 is often faster on a busy machine
+            logger.info("torch intra-op threads: %d (set OMP_NUM_THREADS to change)", torch.get_num_threads())
         logger.info("state: %d bytes per sequence (%s)", self.spec.bytes_per_sequence, self.spec.summary())
         logger.info("state pool: %d sequences, %d bytes (%.1f MiB)%s; prefill chunk %d tokens; max model len %d",
                     self.num_slots, self.runner.pools.nbytes, self.runner.pools.nbytes / 2**20,
