@@ -41,31 +41,39 @@ def dtype_bytes(name: str) -> int:
         raise ValueError(f"unknown dtype {name!r} (float32, bfloat16, float16)") from None
 
 
-def preset_config(name: str):
+def preset_config(name: str, **overrides):
+    """The preset's config; ``overrides`` (e.g. vocab_size, token ids) pass through."""
     import model_registry
 
     family, layers = PRESETS[name]
     if family == "gla":
         base = model_registry.StateXGLAConfig()
         heads = [1 if i in layers else base.num_heads for i in range(base.num_hidden_layers)]
-        return model_registry.StateXGLAConfig(layer_num_heads=heads)
+        return model_registry.StateXGLAConfig(layer_num_heads=heads, **overrides)
     base = model_registry.StateXMamba2Config()
     sizes = [4 * base.state_size if i in layers else base.state_size for i in range(base.num_hidden_layers)]
-    return model_registry.StateXMamba2Config(layer_state_size=sizes)
+    return model_registry.StateXMamba2Config(layer_state_size=sizes, **overrides)
 
 
-def _safetensors_numel(model_dir: Path) -> int | None:
-    """Parameter count from the safetensors headers (no tensor is read)."""
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _safetensors_params(model_dir: Path) -> tuple[int | None, str | None]:
+    """Parameter count and the dtype most of them are stored in, from the
+    safetensors headers (no tensor is read)."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        return None
-    total = 0
+        return None, None
+    by_dtype: dict[str, int] = {}
     for f in files:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
+        for k, v in header.items():
+            if k != "__metadata__":
+                by_dtype[v["dtype"]] = by_dtype.get(v["dtype"], 0) + math.prod(v["shape"])
+    main = max(by_dtype, key=by_dtype.get)
+    return sum(by_dtype.values()), _ST_DTYPES.get(main)
 
 
 def _meta_numel(config) -> int:
@@ -163,8 +171,8 @@ def load_facts(source: str, weights_dtype: str | None = None, state_dtype: str =
     import model_registry  # noqa: F401
 
     config = AutoConfig.from_pretrained(str(path))
-    params = _safetensors_numel(path)
-    wdt = weights_dtype or str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    params, stored = _safetensors_params(path)
+    wdt = weights_dtype or stored or str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     if config.model_type.startswith("statex_"):
         return statex_facts(config, path.name, str(path), params, wdt, state_dtype)
     if hasattr(config, "num_attention_heads"):
