@@ -23,6 +23,11 @@ class FlaGLAConfig(StateXGLAConfig):
 
     model_type = "gla"
 
+    def __init__(self, **kwargs):
+        # transformers 5 makes every config subclass a dataclass and, unless the
+        # subclass defines __init__, replaces the inherited one with a generated one
+        super().__init__(**kwargs)
+
 
 # vLLM architecture name -> lazy class path
 ARCHITECTURES = {
