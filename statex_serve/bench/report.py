@@ -91,7 +91,7 @@ def _b(n: float | None) -> str:
 def _ms(x: float | None) -> str:
     if x is None:
         return "-"
-    return f"{x:.3f}" if x < 1 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+    return f"{x:.3g}" if x < 1 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
 def _n(x: float | None, digits: int = 0) -> str:

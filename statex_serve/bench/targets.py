@@ -11,7 +11,8 @@ each token arrived. Three kinds, one interface:
 A spec takes options after ``?``, ``&``-separated: ``label=NAME`` (what tables
 and plots call it), ``model=NAME`` (the served name, url), ``tokenizer=DIR`` and
 ``dir=DIR`` (where the tokenizer / checkpoint lives, for a url whose
-``/v1/models`` root is not a local directory), ``api_key=KEY`` (url),
+``/v1/models`` root is not a local directory), ``api_key=KEY`` and
+``device=cpu|cuda`` (url: where the server runs, when it does not say),
 ``backend=native|vllm`` (spawn, engine); every other option of a spawn target
 becomes a ``statex-serve`` flag (``max_num_seqs=8`` -> ``--max-num-seqs 8``),
 of an engine target an ``EngineArgs`` field.
@@ -232,7 +233,9 @@ class OpenAITarget(Target):
         self.info = {"base_url": self.base_url, "model": self.model_name,
                      "model_dir": root if root and (Path(root) / "config.json").is_file() else None,
                      "max_model_len": card.get("max_model_len"), "server": card.get("owned_by"),
-                     "engine": card.get("statex") or {}}
+                     "engine": dict(card.get("statex") or {})}
+        if "device" in self.spec.options:   # a server that does not say (vLLM's): where it runs, if told
+            self.info["engine"].setdefault("device", self.spec.options["device"])
 
     async def stop(self) -> None:
         if self.client is not None:
