@@ -131,6 +131,9 @@ def resolve(args: argparse.Namespace) -> dict:
     for key in d:
         if getattr(args, key, None) is not None:
             d[key] = getattr(args, key)
+    for key in ("contexts", "concurrency", "recall_contexts"):
+        d[key] = sorted(set(d[key]))
+    d["memory_contexts"] = sorted(set(args.memory_contexts))
     if d["warmup"] < 0:
         raise BenchError("--warmup must be at least 0")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -223,12 +226,13 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
             for t in targets:
                 t1 = time.perf_counter()
                 codec = recall_mod.make_codec(t)
-                total = recall_mod.planned_requests(codec, rc, t.max_model_len)
+                cells = await asyncio.to_thread(recall_mod.plan, codec, rc, t.max_model_len)
+                total = sum(len(c.get("queries", ())) for c in cells)
                 with _progress(total, f"recall {t.label}", show) as bar:
-                    out[t.label] = await recall_mod.run_recall(t, rc, bar, codec)
+                    out[t.label] = await recall_mod.run_recall(t, rc, cells, codec, bar)
                 timings[f"recall {t.label}"] = time.perf_counter() - t1
         if "memory" in suites:
-            mc = memory_mod.MemoryConfig(args.memory_contexts, cfg["budget"], cfg["memory_models"], args.kv_heads,
+            mc = memory_mod.MemoryConfig(cfg["memory_contexts"], cfg["budget"], cfg["memory_models"], args.kv_heads,
                                          args.kv_dtype)
             served = [(t.label, t.model_dir, t.info.get("engine") or {}) for t in targets if t.model_dir]
             t1 = time.perf_counter()

@@ -92,14 +92,21 @@ def build_queries(task: str, codec, ctx: int, cfg: RecallConfig) -> tuple[list[d
     return queries, samples
 
 
-def planned_requests(codec, cfg: RecallConfig, max_len: int | None) -> int:
-    return sum(len(build_queries(t, codec, ctx, cfg)[0]) for t in cfg.tasks for ctx in cfg.contexts
-               if not (max_len and ctx > max_len))
+def plan(codec, cfg: RecallConfig, max_len: int | None) -> list[dict]:
+    """Every (task, context) cell with its queries, or the reason it is skipped."""
+    cells = []
+    for task in cfg.tasks:
+        for ctx in cfg.contexts:
+            if max_len and ctx > max_len:
+                cells.append({"task": task, "context": ctx, "skip": f"context > max_model_len {max_len}"})
+            else:
+                queries, samples = build_queries(task, codec, ctx, cfg)
+                cells.append({"task": task, "context": ctx, "queries": queries, "samples": samples})
+    return cells
 
 
-async def run_recall(target: Target, cfg: RecallConfig, progress=None, codec=None) -> dict:
-    codec = codec or make_codec(target)
-    max_len = target.max_model_len
+async def run_recall(target: Target, cfg: RecallConfig, cells: list[dict], codec, progress=None) -> dict:
+    """Ask every query of ``cells`` (from ``plan``) and score the answers."""
     sem = asyncio.Semaphore(cfg.concurrency)
     rows, skipped = [], []
 
@@ -116,27 +123,27 @@ async def run_recall(target: Target, cfg: RecallConfig, progress=None, codec=Non
                 "expected": codec.decode(q["expected"]), "got": r.text, "correct": bool(correct),
                 "latency_s": r.e2e, "error": r.error}
 
-    for task in cfg.tasks:
-        for ctx in cfg.contexts:
-            if max_len and ctx > max_len:
-                skipped.append({"task": task, "context": ctx, "reason": f"context > max_model_len {max_len}"})
-                continue
-            queries, samples = build_queries(task, codec, ctx, cfg)
-            answers = list(await asyncio.gather(*(ask(q) for q in queries)))
-            per_sample: dict[int, list[bool]] = {}
-            for a in answers:
-                per_sample.setdefault(a["sample"], []).append(a["correct"])
-            row = {"task": task, "context": ctx, "tokens_mean": sum(len(s.ids) for s in samples) / len(samples),
-                   "accuracy": sum(a["correct"] for a in answers) / len(answers), "n_samples": len(samples),
-                   "n_answers": len(answers),
-                   "sample_accuracy": sum(all(v) for v in per_sample.values()) / len(per_sample),
-                   "errors": sum(a["error"] is not None for a in answers)}
-            depths = {}
-            for a in answers:
-                if a["depth"] is not None:
-                    depths.setdefault(f"{a['depth']:.2f}", []).append(a["correct"])
-            if depths:
-                row["by_depth"] = {k: sum(v) / len(v) for k, v in sorted(depths.items())}
-            row["answers"] = answers
-            rows.append(row)
+    for cell in cells:
+        task, ctx = cell["task"], cell["context"]
+        if "skip" in cell:
+            skipped.append({"task": task, "context": ctx, "reason": cell["skip"]})
+            continue
+        samples = cell["samples"]
+        answers = list(await asyncio.gather(*(ask(q) for q in cell["queries"])))
+        per_sample: dict[int, list[bool]] = {}
+        for a in answers:
+            per_sample.setdefault(a["sample"], []).append(a["correct"])
+        row = {"task": task, "context": ctx, "tokens_mean": sum(len(s.ids) for s in samples) / len(samples),
+               "accuracy": sum(a["correct"] for a in answers) / len(answers), "n_samples": len(samples),
+               "n_answers": len(answers),
+               "sample_accuracy": sum(all(v) for v in per_sample.values()) / len(per_sample),
+               "errors": sum(a["error"] is not None for a in answers)}
+        depths = {}
+        for a in answers:
+            if a["depth"] is not None:
+                depths.setdefault(f"{a['depth']:.2f}", []).append(a["correct"])
+        if depths:
+            row["by_depth"] = {k: sum(v) / len(v) for k, v in sorted(depths.items())}
+        row["answers"] = answers
+        rows.append(row)
     return {"config": cfg.__dict__, "rows": rows, "skipped": skipped}

@@ -287,6 +287,8 @@ class OpenAITarget(Target):
         res.e2e = time.perf_counter() - t0
         res.completion_tokens = max(res.completion_tokens, len(res.token_times))
         res.text = "".join(parts)
+        if res.error is None and res.ttft is None:
+            res.error = "the stream ended without a token"
         return res
 
 
@@ -392,4 +394,6 @@ class EngineTarget(Target):
         res.e2e = time.perf_counter() - t0
         res.completion_tokens = len(res.token_ids)
         res.text = "".join(parts)
+        if res.error is None and res.ttft is None:
+            res.error = "the engine finished without a token"
         return res
