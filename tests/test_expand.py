@@ -262,8 +262,9 @@ def test_cli_expand_writes_checkpoint_and_provenance(checkpoints, tmp_path, caps
     ("missing base", ["--layers", "1"]),
 ])
 def test_cli_expand_bad_input_is_one_line_exit_2_no_output(case, args, checkpoints, tmp_path, capsys):
-    base = {"unknown arch": tmp_path / "llama", "non-multiple state size": checkpoints["mamba2"],
-            "heads on mamba2": checkpoints["mamba2"], "missing base": tmp_path / "nowhere"}.get(case, checkpoints["gla"])
+    special = {"unknown arch": tmp_path / "llama", "non-multiple state size": checkpoints["mamba2"],
+               "heads on mamba2": checkpoints["mamba2"], "missing base": tmp_path / "nowhere"}
+    base = special.get(case, checkpoints["gla"])
     if case == "unknown arch":
         base.mkdir()
         (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))

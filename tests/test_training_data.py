@@ -67,9 +67,9 @@ def test_packing_joins_documents_with_eos_and_masks_prompts(codec, corpus):
     flat_ids, flat_labels = ids.flatten().tolist(), labels.flatten().tolist()
     assert EOS_ID in flat_ids
     # text tokens (and EOS after text) are targets; passkey prompts are not, its answers are
-    supervised = [i == l for i, l in zip(flat_ids, flat_labels)]
+    supervised = [t == y for t, y in zip(flat_ids, flat_labels)]
     assert 0.2 < sum(supervised) / len(supervised) < 1.0
-    assert all(l == IGNORE or l == i for i, l in zip(flat_ids, flat_labels))
+    assert all(y == IGNORE or y == t for t, y in zip(flat_ids, flat_labels))
     assert "lorem ipsum" in codec.decode(flat_ids)
 
 

@@ -65,11 +65,12 @@ def make_samples(task_spec: str, codec: TextCodec, length: int, n: int, seed: in
 
 
 @torch.no_grad()
-def score_samples(model, samples: list[Sample], batch_size: int, pad_id: int, autocast=nullcontext()
+def score_samples(model, samples: list[Sample], batch_size: int, pad_id: int, autocast=None
                   ) -> list[list[bool]]:
     """Per sample, per answer span: is every answer token the argmax? Right padding
     is safe: a causal model's logits at a position never see later tokens."""
     device = next(model.parameters()).device
+    autocast = autocast or nullcontext()
     verdicts: list[list[bool]] = []
     for b in range(0, len(samples), batch_size):
         chunk = samples[b:b + batch_size]
@@ -92,7 +93,7 @@ def generation_agrees(model, sample: Sample, verdict: bool) -> bool:
     return (generated == sample.ids[a:e]) == verdict
 
 
-def recall_table(model, codec: TextCodec, cfg: EvalConfig, autocast=nullcontext(), log=print) -> list[dict]:
+def recall_table(model, codec: TextCodec, cfg: EvalConfig, autocast=None, log=print) -> list[dict]:
     rows = []
     for task_spec in cfg.tasks:
         for length in cfg.lengths:
@@ -121,8 +122,9 @@ def recall_table(model, codec: TextCodec, cfg: EvalConfig, autocast=nullcontext(
 
 @torch.no_grad()
 def heldout_perplexity(model, codec: TextCodec, spec: str, seq_len: int, max_tokens: int, batch_size: int,
-                       autocast=nullcontext()) -> dict:
+                       autocast=None) -> dict:
     device = next(model.parameters()).device
+    autocast = autocast or nullcontext()
     nll, count, windows = 0.0, 0, list(heldout_windows(spec, codec, seq_len, max_tokens))
     if not windows:
         raise UsageError(f"--heldout {spec}: fewer than {seq_len} tokens of text")

@@ -196,6 +196,19 @@ def _grow_groups(old: torch.Tensor, groups: int, factor: int, mode: str) -> torc
     return torch.cat(parts, dim=1).reshape(-1, *old.shape[1:])
 
 
+def _grow_bc(old: torch.Tensor, offset: int, G: int, N: int, N2: int, fan_in: int, init: str,
+             gen: torch.Generator) -> torch.Tensor:
+    """Replace the B and C blocks (G*N rows each, starting at ``offset``) by G*N2 rows each."""
+    head, B, C, tail = torch.split(old, [offset, G * N, G * N, old.shape[0] - offset - 2 * G * N])
+    if init == "reinit":
+        shape = (G * N2, *old.shape[1:])
+        B2 = _like(_torch_default_uniform(shape, fan_in, gen), old)
+        C2 = _like(_torch_default_uniform(shape, fan_in, gen), old)
+    else:
+        B2, C2 = _grow_groups(B, G, N2 // N, init), _grow_groups(C, G, N2 // N, init)
+    return torch.cat([head, B2, C2, tail]).contiguous()
+
+
 def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "reinit", seed: int = 0
                         ) -> Expansion:
     """Grow d_state of ``layers`` to ``state_size`` (StateX for Mamba2)."""
@@ -217,27 +230,13 @@ def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "
         p = f"backbone.layers.{i}.mixer."
         N, N2 = cfg.layer_state_size[i], state_size
         per_layer[i] = {"before": N, "after": N2}
-        factor = N2 // N
-
-        def grow(old: torch.Tensor, offset: int, fan_in: int) -> torch.Tensor:
-            """Replace the B and C blocks (each G*N rows starting at ``offset``) by G*N2 rows."""
-            head, B, C, tail = torch.split(old, [offset, G * N, G * N, old.shape[0] - offset - 2 * G * N])
-            if init == "reinit":
-                shape = (G * N2, *old.shape[1:])
-                B2 = _like(_torch_default_uniform(shape, fan_in, gen), old)
-                C2 = _like(_torch_default_uniform(shape, fan_in, gen), old)
-            else:
-                B2, C2 = _grow_groups(B, G, factor, init), _grow_groups(C, G, factor, init)
-            return torch.cat([head, B2, C2, tail]).contiguous()
 
         # in_proj rows: z (I) | x (I) | B (G*N) | C (G*N) | dt (H); fan_in = d_model
-        sd[p + "in_proj.weight"] = grow(sd[p + "in_proj.weight"], 2 * I, D)
-        if p + "in_proj.bias" in sd:
-            sd[p + "in_proj.bias"] = grow(sd[p + "in_proj.bias"], 2 * I, D)
-        # conv channels: x (I) | B | C; depthwise, so fan_in = kernel width
-        sd[p + "conv1d.weight"] = grow(sd[p + "conv1d.weight"], I, W)
-        if p + "conv1d.bias" in sd:
-            sd[p + "conv1d.bias"] = grow(sd[p + "conv1d.bias"], I, W)
+        for name, offset, fan_in in (("in_proj.weight", 2 * I, D), ("in_proj.bias", 2 * I, D),
+                                     # conv channels: x (I) | B | C; depthwise, so fan_in = kernel width
+                                     ("conv1d.weight", I, W), ("conv1d.bias", I, W)):
+            if p + name in sd:
+                sd[p + name] = _grow_bc(sd[p + name], offset, G, N, N2, fan_in, init, gen)
         sd[p + "dt_bias"] = torch.ones_like(sd[p + "dt_bias"])
         sd[p + "A_log"] = torch.log(torch.arange(1, H + 1, dtype=torch.float32)).to(sd[p + "A_log"].dtype)
         sd[p + "norm.weight"] = torch.ones_like(sd[p + "norm.weight"])

@@ -33,7 +33,8 @@ def markdown(results: dict[str, dict], title: str | None = None) -> str:
         h = r.get("heldout")
         ppl = f"{h['perplexity']:.4f}" if h else "-"
         bpt = f"{h['bits_per_token']:.4f}" if h else "-"
-        lines.append(f"| {lab} | {r['parameters']:,} | {r['state_bytes_per_sequence'] / 1024:.1f} KiB | {ppl} | {bpt} |")
+        state_kib = r["state_bytes_per_sequence"] / 1024
+        lines.append(f"| {lab} | {r['parameters']:,} | {state_kib:.1f} KiB | {ppl} | {bpt} |")
     agree = [row.get("generate_agreement") for r in results.values() for row in r["recall"]
              if row.get("generate_agreement") is not None]
     if agree:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpointing import latest_checkpoint, load_train_checkpoint, rng_state, save_train_checkpoint, set_rng_state
+from training.checkpointing import (latest_checkpoint, load_train_checkpoint, rng_state, save_train_checkpoint,
+                                    set_rng_state)
 from training.data import TextCodec, build_stream
 from training.errors import UsageError
 from training.expand import count_parameters, read_provenance
@@ -180,8 +181,10 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
     if d.world > 1:
         dist.barrier()
 
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if d.world > 1 else model
+    net = model
+    if d.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
     provenance = {"kind": "statex post-trained checkpoint", "base": str(model_dir.resolve()),
                   "base_provenance": base_provenance}

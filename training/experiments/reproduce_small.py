@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -233,7 +232,10 @@ def run_family(family: str, p: Preset, corpus: Path, work: Path, budget_scale: f
     """Fills ``result`` phase by phase and calls ``save()`` after each, so an
     interrupted run still returns what finished."""
     fw = work / family
-    scaled = (lambda b: None if b is None else b * budget_scale)
+
+    def scaled(budget: float | None) -> float | None:
+        return None if budget is None else budget * budget_scale
+
     result["family"] = family
     init = init_checkpoint(family, p, fw / "init")
     if kernels == "auto":
