@@ -155,3 +155,24 @@ def test_hf_without_datasets_is_a_usage_error(codec, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(UsageError, match="needs the `datasets` package"):
         build_stream(["hf:x/y"], codec, 64)
+
+
+def test_recall_tasks_never_straddle_a_window(tmp_path):
+    """A task cut by a window boundary is unanswerable (no state crosses windows):
+    every passkey document lies inside one window, whatever the mixture."""
+    from model_registry.tokenizer import save_byte_tokenizer
+    from training.data import TextCodec, build_stream
+
+    save_byte_tokenizer(tmp_path)
+    (tmp_path / "t.txt").write_text("plain text for the mixture. " * 200)
+    codec = TextCodec(tmp_path / "tokenizer.json", eos_id=256)
+    T = 512
+    stream = build_stream([f"text:{tmp_path / 't.txt'}", "passkey?min_len=100&max_len=400&loss=all"], codec, T)
+    question = list(b"What is the pass key?")
+    intro = list(b"There is an important info")
+    for _ in range(40):
+        ids, _ = stream.next_sequence()
+        starts = [i for i in range(len(ids) - len(intro)) if ids[i:i + len(intro)] == intro]
+        ends = [i for i in range(len(ids) - len(question)) if ids[i:i + len(question)] == question]
+        # every passkey that starts in this window also asks its question in it
+        assert len(starts) == len(ends)

@@ -129,6 +129,7 @@ def parse_source_spec(text: str) -> SourceSpec:
 class Document:
     ids: list[int]
     supervised: list[bool] | None = None     # None: every token is a training target
+    whole: bool = False                      # keep in one window (a recall task: no state crosses windows)
 
 
 class Source:
@@ -167,11 +168,11 @@ class SyntheticSource(Source):
         s = self.sample(self.index)
         self.index += 1
         if self.loss == "all":
-            return Document(s.ids)
+            return Document(s.ids, whole=True)
         mask = [False] * len(s.ids)
         for a, b in s.spans:
             mask[a:b] = [True] * (b - a)
-        return Document(s.ids, mask)
+        return Document(s.ids, mask, whole=True)
 
     def state_dict(self) -> dict:
         return {"index": self.index}
@@ -342,11 +343,24 @@ class PackedStream:
     def _add_document(self) -> None:
         src = self.rng.choices(self.sources, self.weights)[0] if len(self.sources) > 1 else self.sources[0]
         doc = src.next_document()
+        self._keep_task_in_one_window(doc)
         self.buf_ids += doc.ids + [self.eos_id]
         if doc.supervised is None:
             self.buf_labels += doc.ids + [self.eos_id]
         else:
             self.buf_labels += [t if m else IGNORE for t, m in zip(doc.ids, doc.supervised)] + [IGNORE]
+
+    def _keep_task_in_one_window(self, doc: Document) -> None:
+        """A recall task cut by a window boundary cannot be answered (no state is
+        carried between windows), so a task document that would straddle one
+        starts at the next window instead; the gap is EOS padding with no loss."""
+        if not doc.whole or len(doc.ids) + 1 > self.seq_len:
+            return
+        used = len(self.buf_ids) % self.seq_len      # the buffer's front is window-aligned
+        if used and used + len(doc.ids) + 1 > self.seq_len:
+            gap = self.seq_len - used
+            self.buf_ids += [self.eos_id] * gap
+            self.buf_labels += [IGNORE] * gap
 
     def next_sequence(self) -> tuple[list[int], list[int]]:
         while len(self.buf_ids) < self.seq_len:
