@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from model_registry.testing import make_tiny_checkpoint
@@ -39,13 +40,19 @@ def quick_run(ckpts, tmp_path_factory):
            "--contexts", ",".join(map(str, CONTEXTS)), "--concurrency", "1,2", "--requests", str(REQUESTS),
            "--output-len", str(OUTPUT_LEN), "--recall-contexts", "256,512", "--samples", "5", "--mqar-queries", "2",
            "--memory-models", "gla-1.3b", "--out", str(out)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, json.loads((out / "results.json").read_text()), proc
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.terminate()                  # SIGTERM: the bench stops the server it spawned
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"the quick run did not finish in 600 s: {stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), stdout
 
 
 def test_quick_run_writes_json_markdown_and_plots(quick_run):
-    out, res, proc = quick_run
+    out, res, stdout = quick_run
     assert res["command"].startswith("python -m statex_serve.bench all --quick")
     env = res["environment"]
     assert env["versions"]["torch"] and env["versions"]["transformers"] and env["hardware"]["cpu_count"] >= 1
@@ -55,7 +62,7 @@ def test_quick_run_writes_json_markdown_and_plots(quick_run):
     md = (out / "results.md").read_text()
     for heading in ("## Latency vs context", "## Recall vs context", "## Memory vs context", "## Compare"):
         assert heading in md
-    assert md in proc.stdout
+    assert md in stdout
     assert sorted(res["plots"]) == ["latency.png", "memory.png", "recall.png"]
     for name in res["plots"]:
         data = (out / name).read_bytes()
@@ -83,16 +90,19 @@ def test_latency_cells_are_sane(quick_run):
 
 
 def test_tpot_roughly_flat_in_context(quick_run):
-    """A recurrent model reads a constant-size state per token: TPOT at 1K
-    context is about what it is at 64. Compared on the best of each cell's
-    requests at concurrency 1 (other work on a shared 2-core box only ever
-    adds time), with a generous bound."""
+    """A recurrent model reads a constant-size state per token: a decode step
+    at 1K context costs about what it costs at 64. Judged at concurrency 1 on
+    the lower quartile of each cell's inter-token gaps (other work on a shared
+    2-core box only ever adds time; a quartile of ~30 gaps shrugs off bursts),
+    with a generous bound; the report's TPOT p50 flatness is printed beside."""
     _, res, _ = quick_run
     for label in ("statex", "base"):
         lat = res["suites"]["latency"][label]
-        assert lat["tpot_flatness"]["1"]["contexts"] == CONTEXTS
-        best = [min(r["tpot_s"] for r in c["requests"]) for c in lat["cells"] if c["concurrency"] == 1]
-        assert max(best) / min(best) < 3.0, (label, best)
+        flat = lat["tpot_flatness"]["1"]
+        assert flat["contexts"] == CONTEXTS
+        q1 = [float(np.percentile([g for r in c["requests"] for g in r["itl_s"] if g > 0], 25))
+              for c in lat["cells"] if c["concurrency"] == 1]
+        assert max(q1) / min(q1) < 3.0, (label, q1, flat["tpot_p50_ms"])
 
 
 def test_recall_rows_are_sane(quick_run):

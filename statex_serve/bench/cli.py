@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as _dt
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -188,6 +190,8 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
     from statex_serve.bench.targets import make_target
 
     suites, show = cfg["suites"], not args.no_progress
+    with contextlib.suppress(NotImplementedError, RuntimeError):   # SIGTERM: stop the spawned servers too
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     t0 = time.perf_counter()
     results = {"command": shlex.join([*PROG.split(), *argv]), "started": started.isoformat(),
@@ -266,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except asyncio.CancelledError:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 143
     from statex_serve.bench.plots import write_plots
     from statex_serve.bench.report import markdown, write_json
 
