@@ -2,10 +2,11 @@
 the vLLM adapter. ``create_engine`` picks one by name."""
 from __future__ import annotations
 
-from statex_serve.engine.args import EngineArgs, parse_memory_size
+from statex_serve.engine.args import EngineArgs, parse_budget, parse_memory_size
 from statex_serve.engine.base import (
     Engine, EngineDeadError, EngineError, EngineOverloadedError, EngineStats, GenerationRequest,
-    InvalidRequestError, RequestFailedError, RequestOutput, SamplingParams, SequenceDelta, TokenLogprob,
+    InvalidRequestError, PrefixInfo, PrefixNotFoundError, RequestFailedError, RequestOutput, SamplingParams,
+    SequenceDelta, TokenLogprob,
 )
 
 BACKENDS = ("native", "vllm")
@@ -33,6 +34,7 @@ def create_engine(args: EngineArgs, backend: str = "native") -> Engine:
 
 __all__ = [
     "BACKENDS", "Engine", "EngineArgs", "EngineDeadError", "EngineError", "EngineOverloadedError", "EngineStats",
-    "GenerationRequest", "InvalidRequestError", "RequestFailedError", "RequestOutput", "SamplingParams",
-    "SequenceDelta", "TokenLogprob", "create_engine", "parse_memory_size",
+    "GenerationRequest", "InvalidRequestError", "PrefixInfo", "PrefixNotFoundError", "RequestFailedError",
+    "RequestOutput", "SamplingParams", "SequenceDelta", "TokenLogprob", "create_engine", "parse_budget",
+    "parse_memory_size",
 ]

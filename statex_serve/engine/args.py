@@ -29,6 +29,15 @@ def parse_memory_size(text: str | int) -> int:
     return value
 
 
+def parse_budget(text: str | int) -> int:
+    """A memory size that may be 0 (a cache tier turned off)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"a memory budget must be at least 0, got {text}")
+        return text
+    return 0 if text.strip() in ("0", "0B", "0b") else parse_memory_size(text)
+
+
 @dataclass
 class EngineArgs:
     model: str                                   # checkpoint directory
@@ -41,8 +50,14 @@ class EngineArgs:
     max_model_len: int | None = None             # None: the checkpoint's max_position_embeddings
     prefill_chunk: int = 512                     # prompt tokens prefilled per engine step, at most
     max_queue: int = 1024                        # requests allowed to wait for a slot; more -> 503
+    # prefix cache (native engine): snapshots of the state after token prefixes
+    prefix_cache: bool = True
+    prefix_cache_memory: int | str | None = None      # bytes on the device (None: 1 GiB)
+    prefix_cache_host_memory: int | str | None = None  # bytes of host memory for spills (None: 4 GiB on CUDA, 0 on CPU)
 
     DEFAULT_MAX_NUM_SEQS = 64
+    DEFAULT_PREFIX_CACHE_MEMORY = 1 << 30
+    DEFAULT_PREFIX_CACHE_HOST_MEMORY = 4 << 30
 
     def __post_init__(self):
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
@@ -55,6 +70,22 @@ class EngineArgs:
             raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
         if self.state_memory is not None and self.state_memory <= 0:
             raise ValueError(f"--state-memory must be positive, got {self.state_memory}")
+        for name in ("prefix_cache_memory", "prefix_cache_host_memory"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    setattr(self, name, parse_budget(value))
+                except ValueError as e:
+                    raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+
+    def prefix_cache_budgets(self, device_type: str) -> tuple[int, int]:
+        """(device bytes, host bytes) of the prefix cache. On CPU the device is
+        host memory, so the host tier defaults to 0 there."""
+        device = self.DEFAULT_PREFIX_CACHE_MEMORY if self.prefix_cache_memory is None else self.prefix_cache_memory
+        host = self.prefix_cache_host_memory
+        if host is None:
+            host = self.DEFAULT_PREFIX_CACHE_HOST_MEMORY if device_type == "cuda" else 0
+        return device, host
 
     @property
     def served_name(self) -> str:

@@ -72,6 +72,10 @@ class RequestFailedError(EngineError):
     """The engine failed while running this request (HTTP 500); other requests go on."""
 
 
+class PrefixNotFoundError(EngineError):
+    """No pinned prefix has this id (HTTP 404)."""
+
+
 # --- requests -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -134,12 +138,19 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """One prompt, already tokenized. ``request_id`` must be unique among live requests."""
+    """One prompt, already tokenized. ``request_id`` must be unique among live requests.
+
+    Prefix cache (engines with ``supports_prefix_cache``): ``prefix_id`` starts
+    from a pinned prefix, the prompt being what follows it; ``pin_prefix=k``
+    pins the state after the first k prompt tokens (after the pinned prefix, if
+    any) and reports its id in ``RequestOutput.prefix_id``."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
+    prefix_id: str | None = None
+    pin_prefix: int | None = None
 
 
 # --- outputs --------------------------------------------------------------------------
@@ -173,10 +184,26 @@ class RequestOutput:
     request_id: str
     outputs: list[SequenceDelta]
     finished: bool                               # every sequence has finished; nothing follows
-    num_prompt_tokens: int
+    num_prompt_tokens: int                       # a pinned prefix's tokens included
     # position 0 is None (nothing predicts the first token); sent once, on the
     # first output, when the request asked for prompt_logprobs
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0                   # prompt tokens restored from the prefix cache, not prefilled
+    prefix_id: str | None = None                 # the prefix pinned for this request (pin_prefix)
+
+
+@dataclass
+class PrefixInfo:
+    """A pinned prefix, as ``GET /v1/prefixes`` lists it."""
+
+    id: str
+    num_tokens: int
+    bytes: int                                   # its state snapshot
+    location: str                                # "device" or "host" (spilled)
+    pinned: bool
+    created: float                               # unix time
+    last_used: float
+    hits: int                                    # requests that started from it
 
 
 # --- stats ----------------------------------------------------------------------------
@@ -273,3 +300,20 @@ class Engine(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for startup logs and /v1/models (backend, device, dtype, state sizes)."""
         return {}
+
+    # --- pinned prefixes (engines with a prefix cache) ------------------------------------
+    @property
+    def supports_prefix_cache(self) -> bool:
+        """Whether requests may use ``prefix_id`` / ``pin_prefix`` and the methods below work."""
+        return False
+
+    def prefix_info(self, prefix_id: str) -> PrefixInfo:
+        """A pinned prefix; raises ``PrefixNotFoundError``."""
+        raise PrefixNotFoundError(f"this engine keeps no prefixes (no prefix {prefix_id!r})")
+
+    def list_prefixes(self) -> list[PrefixInfo]:
+        return []
+
+    def delete_prefix(self, prefix_id: str) -> PrefixInfo:
+        """Unpin and drop a prefix; raises ``PrefixNotFoundError``."""
+        raise PrefixNotFoundError(f"this engine keeps no prefixes (no prefix {prefix_id!r})")

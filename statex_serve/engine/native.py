@@ -11,6 +11,12 @@ waits for someone else's prompt beyond one segment.
 State: a sequence's whole context is its slot in the pool (constant size), so
 admission is exact, nothing is ever preempted or swapped, and n > 1 costs one
 prefill plus n - 1 slot copies.
+
+Prefix cache (``prefix_cache.py``): where a prefill segment ends, the slot's
+state is stored under the token prefix it stands for; a new request restores
+the longest stored prefix of its prompt into its slot at admission and
+prefills only the rest. Pinned prefixes (``pin_prefix`` / ``prefix_id``) are
+the same snapshots, kept until deleted.
 """
 from __future__ import annotations
 
@@ -28,12 +34,13 @@ from statex_serve.engine import sampler as sampling
 from statex_serve.engine.args import EngineArgs
 from statex_serve.engine.base import (
     Engine, EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError,
-    RequestFailedError, RequestOutput,
+    PrefixInfo, RequestFailedError, RequestOutput,
 )
 from statex_serve.engine.loading import (
     checkpoint_dtype, eos_token_ids, load_tokenizer, pool_slots, resolve_device, resolve_dtype,
     resolve_state_dtype,
 )
+from statex_serve.engine.prefix_cache import PrefixCache, PrefixHasher
 from statex_serve.engine.runner import ModelRunner
 from statex_serve.engine.scheduler import PrefillChunk, Scheduler
 from statex_serve.engine.sequence import RequestState, RequestStatus, SequenceState
@@ -106,7 +113,11 @@ class NativeEngine(Engine):
         self._max_model_len = args.max_model_len or int(getattr(self.config, "max_position_embeddings", 0) or 8192)
         self._vocab_size = int(self.config.vocab_size)
         self.eos_token_ids = eos_token_ids(self.config, self._tokenizer)
-        self.scheduler = Scheduler(self.num_slots, args.prefill_chunk)
+        self.prefix_cache: PrefixCache | None = None
+        if args.prefix_cache:
+            device_budget, host_budget = args.prefix_cache_budgets(self.device.type)
+            self.prefix_cache = PrefixCache(self.runner.pools, self.device, device_budget, host_budget)
+        self.scheduler = Scheduler(self.num_slots, args.prefill_chunk, self.prefix_cache)
         self._log_startup(time.perf_counter() - t0)
 
         # between the event loop and the engine thread
@@ -167,7 +178,31 @@ class NativeEngine(Engine):
             "state_bytes_per_sequence": self.spec.bytes_per_sequence, "state_pool_slots": self.num_slots,
             "state_pool_bytes": self.runner.pools.nbytes, "max_model_len": self.max_model_len,
             "prefill_chunk": self.args.prefill_chunk, "cuda_graphs": self.runner.graphs is not None,
+            "prefix_cache": None if self.prefix_cache is None else {
+                "device_budget_bytes": self.prefix_cache.budget["device"],
+                "host_budget_bytes": self.prefix_cache.budget["host"],
+                "snapshot_bytes": self.prefix_cache.entry_bytes, "capacity": self.prefix_cache.capacity},
         }
+
+    # --- pinned prefixes ---------------------------------------------------------------
+    @property
+    def supports_prefix_cache(self) -> bool:
+        return True
+
+    def _cache(self, param: str) -> PrefixCache:
+        if self.prefix_cache is None:
+            raise InvalidRequestError("the prefix cache is off on this server (started with --no-prefix-cache)",
+                                      param, "prefix_cache_disabled")
+        return self.prefix_cache
+
+    def prefix_info(self, prefix_id: str) -> PrefixInfo:
+        return self._cache("prefix_id").info(prefix_id)
+
+    def list_prefixes(self) -> list[PrefixInfo]:
+        return [] if self.prefix_cache is None else self.prefix_cache.list_pinned()
+
+    def delete_prefix(self, prefix_id: str) -> PrefixInfo:
+        return self._cache("prefix_id").delete(prefix_id)
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -188,20 +223,36 @@ class NativeEngine(Engine):
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if self._dead is not None or self._loop is None:
             raise EngineDeadError(self._dead or "the engine has not been started")
-        self._check(request)
-        n = request.params.n
-        with self._lock:
-            _, waiting, demand = self._pending_split_locked()
-            must_wait = waiting > 0 or demand + n > self.num_slots - self._used_slots
-            if must_wait and waiting >= self.args.max_queue:
-                raise EngineOverloadedError(
-                    f"the server is at capacity: all {self.num_slots} state slots are in use and "
-                    f"{waiting} requests are waiting (--max-queue {self.args.max_queue}); retry shortly",
-                    retry_after=1.0)
-            self._pending[request.request_id] = n
+        prefix, pin_reserved = None, False
+        if request.prefix_id is not None:
+            prefix = self._cache("prefix_id").acquire_pinned(request.prefix_id)   # held until restored
+        try:
+            num_prefix = prefix.num_tokens if prefix is not None else 0
+            self._check(request, num_prefix)
+            if request.pin_prefix is not None:
+                self._cache("pin_prefix").reserve_pin()
+                pin_reserved = True
+            req = RequestState(request, prefix=prefix, pin_reserved=pin_reserved,
+                               pin_at=None if request.pin_prefix is None else num_prefix + request.pin_prefix)
+            n = request.params.n
+            with self._lock:
+                _, waiting, demand = self._pending_split_locked()
+                must_wait = waiting > 0 or demand + n > self.num_slots - self._used_slots
+                if must_wait and waiting >= self.args.max_queue:
+                    raise EngineOverloadedError(
+                        f"the server is at capacity: all {self.num_slots} state slots are in use and "
+                        f"{waiting} requests are waiting (--max-queue {self.args.max_queue}); retry shortly",
+                        retry_after=1.0)
+                self._pending[request.request_id] = n
+        except BaseException:
+            if prefix is not None:
+                self.prefix_cache.release(prefix)
+            if pin_reserved:
+                self.prefix_cache.unreserve_pin()
+            raise
         stream = _OutputStream(self, request.request_id)
         self._streams[request.request_id] = stream
-        self._inbox.append(("add", RequestState(request)))
+        self._inbox.append(("add", req))
         self._wakeup.set()
         return stream
 
@@ -220,7 +271,8 @@ class NativeEngine(Engine):
             state_pool_bytes=s.state_pool_bytes, prompt_tokens_total=s.prompt_tokens_total,
             generation_tokens_total=s.generation_tokens_total, requests_finished_total=s.requests_finished_total,
             requests_aborted_total=s.requests_aborted_total, steps_total=s.steps_total,
-            max_prefill_tokens_per_step=s.max_prefill_tokens_per_step)
+            max_prefill_tokens_per_step=s.max_prefill_tokens_per_step,
+            extra={} if self.prefix_cache is None else {"prefix_cache": self.prefix_cache.stats()})
 
     def _pending_split_locked(self) -> tuple[int, int, int]:
         """Of the pending requests: how many start as soon as the engine looks
@@ -236,7 +288,7 @@ class NativeEngine(Engine):
         return starting, len(self._pending) - starting, demand
 
     # --- checks made before a request is queued -------------------------------------
-    def _check(self, request: GenerationRequest) -> None:
+    def _check(self, request: GenerationRequest, num_prefix: int = 0) -> None:
         if request.request_id in self._streams:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
         prompt = request.prompt_token_ids
@@ -248,10 +300,15 @@ class NativeEngine(Engine):
             raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
                                       "prompt")
         p.check(self._vocab_size, max_n=self.max_n)
-        if len(prompt) + p.max_tokens > self._max_model_len:
+        if request.pin_prefix is not None and not 1 <= request.pin_prefix <= len(prompt):
+            raise InvalidRequestError(f"pin_prefix must be between 1 and the prompt's {len(prompt)} tokens, "
+                                      f"got {request.pin_prefix}", "pin_prefix")
+        total = num_prefix + len(prompt)
+        if total + p.max_tokens > self._max_model_len:
+            in_prompt = f"{total} in the prompt" + (f" ({num_prefix} of them the pinned prefix)" if num_prefix else "")
             raise InvalidRequestError(
                 f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
-                f"{len(prompt) + p.max_tokens} tokens ({len(prompt)} in the prompt, {p.max_tokens} in the "
+                f"{total + p.max_tokens} tokens ({in_prompt}, {p.max_tokens} in the "
                 "completion). Please reduce the length of the prompt or completion.",
                 "prompt", "context_length_exceeded")
 
@@ -317,23 +374,32 @@ class NativeEngine(Engine):
     def _start_requests(self, started: list[RequestState]) -> None:
         for req in started:
             req.start(req.slots, self._tokenizer, self.eos_token_ids, self.device)
+            if req.hit is not None:       # the longest stored prefix (planned at admission)
+                self.prefix_cache.restore(req.hit, req.slots[0])
+                if req.pin_at == req.num_computed:     # the prefix to pin is the one just restored
+                    self.prefix_cache.pin(req.hit)
+                    req.prefix_id, req.pin_reserved = req.hit.id, False
+            self.scheduler.release_prefixes(req, keep_pin=True)
 
     def _guarded(self, requests, fn, arg) -> None:
         """Run one phase; if it raises, fail only the requests in it and go on."""
         try:
             fn(arg)
         except Exception as e:
-            logger.exception("engine step failed; failing %d request(s)", len(list(requests)))
-            err = RequestFailedError(f"the engine failed while running this request: {e!r}")
-            posts = []
-            for req in requests:
-                if req.finished:
-                    continue
-                with self._lock:
-                    self._used_slots -= len(req.slots)
-                self.scheduler.remove(req)
-                posts.append((req.request_id, err))
-            self._post(posts)
+            requests = list(requests)
+            logger.exception("engine step failed; failing %d request(s)", len(requests))
+            self._fail(requests, RequestFailedError(f"the engine failed while running this request: {e!r}"))
+
+    def _fail(self, requests, err: Exception) -> None:
+        posts = []
+        for req in requests:
+            if req.finished:
+                continue
+            with self._lock:
+                self._used_slots -= len(req.slots)
+            self.scheduler.remove(req)
+            posts.append((req.request_id, err))
+        self._post(posts)
 
     def _max_new_tokens(self, req: RequestState) -> int:
         return min(req.params.max_tokens, self._max_model_len - req.num_prompt_tokens)
@@ -355,12 +421,20 @@ class NativeEngine(Engine):
             ids.extend(c.request.prompt[c.start:c.end])
         logits = self.runner.prefill(ids, [c.num_tokens for c in chunks], [c.request.slots[0] for c in chunks],
                                      [c.has_initial_state for c in chunks], all_logits=all_logits)
+        if self.prefix_cache is not None:    # before sampling: a request that ends now frees its slot
+            failed = [c.request for c in chunks if not self._store_prefix(c)]
+            if failed:
+                self._fail(failed, InvalidRequestError(
+                    "the prefix could not be pinned: the prefix cache is full of pinned prefixes and prefixes "
+                    "in use; delete some with DELETE /v1/prefixes/{id}", "pin_prefix", "prefix_store_full"))
         done: list[tuple[RequestState, torch.Tensor]] = []
         offset = 0
         for i, c in enumerate(chunks):
             req = c.request
             rows = logits[offset:offset + c.num_tokens] if all_logits else logits[i:i + 1]
             offset += c.num_tokens
+            if req.finished:         # failed above (a pin that could not be kept)
+                continue
             k = req.params.prompt_logprobs
             if k is not None:   # row j predicts prompt[start + j + 1]
                 targets = req.prompt[c.start + 1:min(c.end + 1, req.num_prompt_tokens)]
@@ -395,12 +469,30 @@ class NativeEngine(Engine):
             self._stats.generation_tokens_total += len(seqs)
         self._emit(req for req, _ in done)
 
+    def _store_prefix(self, c: PrefillChunk) -> bool:
+        """Store the state after the segment; pin it when it ends the prefix to
+        pin. False only when a pin could not be kept."""
+        req = c.request
+        if req.hasher is None:
+            req.hasher = PrefixHasher(req.token_array)
+        pin = req.pin_at == c.end
+        entry = self.prefix_cache.store(req.hasher.key(c.end), c.end, req.token_array, req.slots[0], pin=pin)
+        if pin:
+            req.pin_reserved = False
+            if entry is None:
+                return False
+            req.prefix_id = entry.id
+        return True
+
     # --- results to the event loop ------------------------------------------------------
     def _output(self, req: RequestState, finished: bool) -> RequestOutput:
         deltas = [d for d in (s.take_delta() for s in req.sequences) if d is not None]
-        out = RequestOutput(req.request_id, deltas, finished, req.num_prompt_tokens)
+        out = RequestOutput(req.request_id, deltas, finished, req.num_prompt_tokens,
+                            num_cached_tokens=req.num_cached, prefix_id=req.prefix_id)
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
-            out.prompt_logprobs = req.prompt_logprobs
+            out.prompt_logprobs = req.prompt_logprobs[req.num_prefix:]   # the request's own prompt
+            if req.num_prefix:
+                out.prompt_logprobs[0] = None
             req.prompt_logprobs_sent = True
         return out
 
@@ -454,3 +546,12 @@ class NativeEngine(Engine):
                     self.num_slots, self.runner.pools.nbytes, self.runner.pools.nbytes / 2**20,
                     f" from --state-memory {self.args.state_memory} bytes" if self.args.state_memory else "",
                     self.args.prefill_chunk, self._max_model_len)
+        cache = self.prefix_cache
+        if cache is None:
+            logger.info("prefix cache: off")
+        else:
+            logger.info("prefix cache: %.1f MiB on %s + %.1f MiB host = %d snapshots of %d bytes",
+                        cache.budget["device"] / 2**20, self.device, cache.budget["host"] / 2**20, cache.capacity,
+                        cache.entry_bytes)
+            if cache.capacity == 0:
+                logger.warning("prefix cache: the budgets hold no snapshot; nothing will be cached")

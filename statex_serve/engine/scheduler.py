@@ -10,12 +10,18 @@ segments of at most ``prefill_chunk`` tokens in total, taken in arrival order:
 a long prompt is prefilled over several steps, its state carried in its slot
 between segments, so the other streams get a token every step whatever the
 prompt lengths.
+
+With a prefix cache, admission also decides where each prompt's prefill
+starts (after the longest stored prefix, which the engine then restores into
+the slot) and where a segment must end so the state there can be stored (a
+branch point shared with a recent prompt, a prefix to pin): see ``prefix_cache.py``.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from statex_serve.engine.prefix_cache import PrefixCache
 from statex_serve.engine.sequence import RequestState, RequestStatus, SequenceState
 
 
@@ -80,9 +86,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, prefill_chunk: int):
+    def __init__(self, num_slots: int, prefill_chunk: int, prefix_cache: PrefixCache | None = None):
         self.slots = SlotAllocator(num_slots)
         self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
         self.waiting: deque[RequestState] = deque()
         self.running: dict[str, RequestState] = {}     # PREFILL or DECODE, in start order
 
@@ -104,6 +111,22 @@ class Scheduler:
             for slot in req.slots:
                 self.slots.free(slot)
         req.status = RequestStatus.FINISHED
+        self.release_prefixes(req)
+
+    def release_prefixes(self, req: RequestState, keep_pin: bool = False) -> None:
+        """Drop the request's hold on cache entries (once restored, or when it
+        leaves) and, unless ``keep_pin``, on a pin reservation (idempotent)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        for name in ("hit", "prefix"):
+            entry = getattr(req, name)
+            if entry is not None:
+                setattr(req, name, None)
+                cache.release(entry)
+        if req.pin_reserved and not keep_pin:
+            req.pin_reserved = False
+            cache.unreserve_pin()
 
     def release_sequence(self, req: RequestState, seq: SequenceState) -> None:
         """A sequence of a still-running request finished: its slot is free at once."""
@@ -131,8 +154,25 @@ class Scheduler:
             req = self.waiting.popleft()
             req.slots = self.slots.allocate(req.params.n)
             self.running[req.request_id] = req
+            if self.prefix_cache is not None:
+                self._plan_prefix(req)
             started.append(req)
         return started
+
+    def _plan_prefix(self, req: RequestState) -> None:
+        """Start after the longest stored prefix (at least one token is left to
+        prefill: its logits give the first sample); end segments at a branch
+        point and at a prefix to pin, so their states get stored."""
+        cache, last = self.prefix_cache, req.num_prompt_tokens - 1
+        limit = last
+        if req.params.prompt_logprobs is not None:
+            limit = req.num_prefix              # every other position's logits are needed
+        if req.pin_at is not None:
+            limit = min(limit, req.pin_at)
+        req.hit = cache.lookup(req.token_array, limit, floor=req.prefix)
+        req.num_computed = req.num_cached = req.hit.num_tokens if req.hit is not None else 0
+        cuts = {req.pin_at, cache.branch_point(req.token_array, req.num_computed, last)}
+        req.cuts = sorted(c for c in cuts if c is not None and c > req.num_computed)
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -142,6 +182,9 @@ class Scheduler:
                 plan.decode.extend((req, s) for s in req.sequences if not s.finished)
             elif req.status is RequestStatus.PREFILL and budget > 0:
                 take = min(req.prompt_remaining, budget)
+                cut = req.next_cut()
+                if cut is not None:
+                    take = min(take, cut - req.num_computed)
                 plan.prefill.append(PrefillChunk(req, req.num_computed, req.num_computed + take))
                 budget -= take
         return plan

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from statex_serve.engine.base import GenerationRequest, SamplingParams, SequenceDelta, TokenLogprob
 from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from statex_serve.engine.sampler import SamplingRow, make_generator
+
+if TYPE_CHECKING:
+    from statex_serve.engine.prefix_cache import CacheEntry, PrefixHasher
 
 
 class RequestStatus(enum.Enum):
@@ -109,14 +114,33 @@ class SequenceState:
 
 @dataclass
 class RequestState:
+    """A request in the engine. Its prompt, as the engine sees it, is a pinned
+    prefix's tokens (``prefix_id``) followed by the request's own prompt;
+    positions (``num_computed``, cut points) count from the start of that."""
+
     request: GenerationRequest
     status: RequestStatus = RequestStatus.WAITING
     slots: list[int] = field(default_factory=list)
-    num_computed: int = 0                     # prompt tokens prefilled so far
+    num_computed: int = 0                     # prompt tokens prefilled (or restored) so far
     sequences: list[SequenceState] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     first_output_sent: bool = False
+    # prefix cache
+    prefix: CacheEntry | None = None          # the pinned prefix it starts from (a reference, held until restored)
+    hit: CacheEntry | None = None             # the stored prefix it restores (a reference, held until restored)
+    pin_at: int | None = None                 # pin the state after this many tokens
+    pin_reserved: bool = False                # holds a pin reservation in the cache
+    prefix_id: str | None = None              # the id of the prefix pinned for it
+    num_cached: int = 0                       # prompt tokens restored, not prefilled
+    cuts: list[int] = field(default_factory=list)   # positions where a prefill segment must end (and snapshot)
+    hasher: PrefixHasher | None = None
+
+    def __post_init__(self):
+        own = list(self.request.prompt_token_ids)
+        self.num_prefix = self.prefix.num_tokens if self.prefix is not None else 0
+        self._prompt = self.prefix.prefix_tokens() + own if self.prefix is not None else own
+        self._tokens: np.ndarray | None = None
 
     @property
     def request_id(self) -> str:
@@ -128,15 +152,25 @@ class RequestState:
 
     @property
     def prompt(self) -> list[int]:
-        return self.request.prompt_token_ids
+        return self._prompt
+
+    @property
+    def token_array(self) -> np.ndarray:
+        """The prompt as int32 (what prefix keys hash)."""
+        if self._tokens is None:
+            self._tokens = np.asarray(self._prompt, dtype=np.int32)
+        return self._tokens
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.request.prompt_token_ids)
+        return len(self._prompt)
 
     @property
     def prompt_remaining(self) -> int:
         return self.num_prompt_tokens - self.num_computed
+
+    def next_cut(self) -> int | None:
+        return next((c for c in self.cuts if c > self.num_computed), None)
 
     @property
     def finished(self) -> bool:
@@ -148,8 +182,8 @@ class RequestState:
         self.slots = slots
         self.status = RequestStatus.PREFILL
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else eos_token_ids)
-        if p.prompt_logprobs is not None:
-            self.prompt_logprobs = [None]
+        if p.prompt_logprobs is not None:     # positions restored from the prefix cache have none
+            self.prompt_logprobs = [None] * (self.num_computed + 1)
         for i, slot in enumerate(slots):
             gen = None if p.greedy else make_generator(None if p.seed is None else p.seed + i, device)
             self.sequences.append(SequenceState(

@@ -1,0 +1,408 @@
+"""The recurrent-state prefix cache: the state after a token prefix, kept so a
+later request that starts with the same tokens prefills only the rest.
+
+A recurrent model's whole context is its state, a constant-size object (one
+pool slot), so a snapshot of all layers' state *is* the prefix: no per-token
+KV blocks, no alignment to block boundaries. The engine stores a snapshot
+wherever a prefill segment ends (the end of every prompt, every
+``--prefill-chunk`` boundary, and the cut points below), keyed by a hash of the
+token prefix; a new request restores the longest stored prefix of its prompt
+into its slot and prefills from there.
+
+Cut points. Two prompts about one document (``doc + q1``, ``doc + q2``) share
+``doc``, whose end is usually not a segment boundary. When a new prompt shares
+more tokens with a recently cached one than its best hit covers, the engine
+ends a prefill segment exactly where the two part (the *branch point*) and
+snapshots there; every later question about ``doc`` then restores the state at
+the end of ``doc`` and prefills only itself. A pinned prefix is cut the same way.
+
+Store. Snapshots live on the engine's device up to ``device_budget`` bytes;
+the least recently used ones spill to host memory (``host_budget``), and the
+least recently used host ones are dropped. Pinned snapshots (the API's
+``pin_prefix``) are never dropped, only spilled, until deleted. Byte counts are
+exact (``StateSpec.bytes_per_sequence`` per snapshot) and the budgets are never
+exceeded: a snapshot that cannot be placed is not stored.
+
+Readiness. A snapshot is published only when its copy is complete: on CUDA each
+copy records an event and lookups skip an entry until its event has fired (a
+spill to host makes the entry unready again until the copy lands), so nothing
+ever restores from a half-written snapshot; on CPU copies are synchronous.
+
+Threads. The engine thread stores, looks up and restores; the API's threads
+resolve pinned ids, list and delete. One lock guards the index and the byte
+counts; a reference count keeps an entry that a queued request will restore
+from alive through a delete.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model_registry.state import StatePools
+from statex_serve.engine.base import InvalidRequestError, PrefixInfo, PrefixNotFoundError
+
+DEVICE, HOST = "device", "host"
+ID_PREFIX = "pfx-"
+# A branch point is cut only when it saves at least this many tokens over the
+# best stored prefix (shorter shared runs are common by chance and not worth a
+# segment of their own).
+MIN_BRANCH_TOKENS = 16
+# How many recently stored prompts a new prompt is compared with for a branch point.
+RECENT_SOURCES = 16
+
+
+def as_token_array(tokens) -> np.ndarray:
+    return np.ascontiguousarray(tokens, dtype=np.int32)
+
+
+class PrefixHasher:
+    """Keys of one token sequence's prefixes, left to right: ``key(n)`` is the
+    BLAKE2b digest of the first ``n`` tokens (as int32), and asking for many
+    increasing ``n`` costs one pass over the tokens."""
+
+    def __init__(self, tokens: np.ndarray):
+        self._bytes = memoryview(tokens).cast("B")
+        self._h = hashlib.blake2b(digest_size=16)
+        self._pos = 0
+
+    def key(self, n: int) -> bytes:
+        if n < self._pos:
+            raise ValueError(f"prefix keys go left to right: asked for {n} after {self._pos}")
+        self._h.update(self._bytes[4 * self._pos:4 * n])
+        self._pos = n
+        return self._h.digest()
+
+
+def prefix_key(tokens) -> bytes:
+    arr = as_token_array(tokens)
+    return PrefixHasher(arr).key(len(arr))
+
+
+def prefix_id(key: bytes) -> str:
+    return ID_PREFIX + key.hex()
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    key: bytes
+    num_tokens: int
+    tokens: np.ndarray                 # the sequence it was cut from; [:num_tokens] is this prefix
+    state: list[dict[str, torch.Tensor]]
+    tier: str                          # DEVICE or HOST
+    ready: torch.cuda.Event | None = None   # None: the copy is complete
+    pinned: bool = False
+    refs: int = 0                      # requests that will restore from it
+    indexed: bool = True               # False once dropped or deleted (freed when refs reach 0)
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    hits: int = 0
+
+    @property
+    def id(self) -> str:
+        return prefix_id(self.key)
+
+    def is_ready(self) -> bool:
+        return self.ready is None or self.ready.query()
+
+    def prefix_tokens(self) -> list[int]:
+        return self.tokens[:self.num_tokens].tolist()
+
+    def info(self, nbytes: int) -> PrefixInfo:
+        return PrefixInfo(id=self.id, num_tokens=self.num_tokens, bytes=nbytes, location=self.tier,
+                          pinned=self.pinned, created=self.created, last_used=self.last_used, hits=self.hits)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0                  # lookups that restored a stored prefix
+    misses: int = 0                # lookups that found none
+    tokens_saved: int = 0          # prompt tokens not prefilled thanks to hits
+    stores: int = 0                # snapshots written
+    store_skipped: int = 0         # snapshots not stored: no room (budgets full of pinned or in-use entries)
+    evictions: int = 0             # snapshots dropped to make room
+    spills: int = 0                # snapshots moved from the device to host memory
+
+
+class PrefixCache:
+    """Snapshots of ``pools`` slots keyed by token prefix. See the module docstring."""
+
+    def __init__(self, pools: StatePools, device: torch.device, device_budget: int, host_budget: int):
+        if device_budget < 0 or host_budget < 0:
+            raise ValueError("prefix-cache budgets must be at least 0")
+        self.pools = pools
+        self.device = torch.device(device)
+        self.entry_bytes = pools.spec.bytes_per_sequence
+        self.budget = {DEVICE: int(device_budget), HOST: int(host_budget)}
+        self.used = {DEVICE: 0, HOST: 0}
+        self.counts = CacheStats()
+        self._entries: collections.OrderedDict[bytes, CacheEntry] = collections.OrderedDict()  # LRU first
+        self._lengths: collections.Counter[int] = collections.Counter()     # num_tokens of indexed entries
+        self._pinned: dict[str, CacheEntry] = {}
+        self._pins_reserved = 0
+        self._zombies: set[CacheEntry] = set()       # dropped while a request still needs them
+        self._recent: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.RLock()
+
+    # --- capacity ----------------------------------------------------------------------
+    def _slots(self, tier: str) -> int:
+        return self.budget[tier] // self.entry_bytes
+
+    @property
+    def capacity(self) -> int:
+        """Snapshots the two tiers hold together."""
+        return self._slots(DEVICE) + self._slots(HOST)
+
+    def reserve_pin(self) -> None:
+        """Hold room for one more pinned snapshot (at request arrival, so a pin
+        that cannot be kept is refused before anything runs). Raises ``InvalidRequestError``."""
+        with self._lock:
+            if len(self._pinned) + self._pins_reserved + 1 > self.capacity:
+                raise InvalidRequestError(
+                    f"cannot pin another prefix: {len(self._pinned)} pinned prefixes (and {self._pins_reserved} "
+                    f"being pinned) fill the prefix cache, which holds {self.capacity} snapshots of "
+                    f"{self.entry_bytes} bytes (--prefix-cache-memory {self.budget[DEVICE]} + "
+                    f"--prefix-cache-host-memory {self.budget[HOST]} bytes); delete some with "
+                    "DELETE /v1/prefixes/{id}", "pin_prefix", "prefix_store_full")
+            self._pins_reserved += 1
+
+    def unreserve_pin(self) -> None:
+        with self._lock:
+            self._pins_reserved = max(0, self._pins_reserved - 1)
+
+    # --- placing and dropping (lock held) ---------------------------------------------------
+    def _drop(self, e: CacheEntry) -> None:
+        """Out of the index; its bytes are freed now, or when the last reference goes."""
+        if e.indexed:
+            e.indexed = False
+            del self._entries[e.key]
+            self._lengths[e.num_tokens] -= 1
+            if not self._lengths[e.num_tokens]:
+                del self._lengths[e.num_tokens]
+        if e.refs > 0:
+            self._zombies.add(e)
+        elif e.state is not None:
+            self._zombies.discard(e)
+            self.used[e.tier] -= self.entry_bytes
+            e.state = None
+
+    def _make_room(self, tier: str) -> bool:
+        """Free ``entry_bytes`` in ``tier``: device entries spill to host (or are
+        dropped), host entries are dropped, least recently used first; pinned
+        and referenced entries are never dropped."""
+        if self.budget[tier] < self.entry_bytes:
+            return False
+        while self.used[tier] + self.entry_bytes > self.budget[tier]:
+            in_tier = [e for e in self._entries.values() if e.tier == tier]      # least recently used first
+            if tier == DEVICE and in_tier and self._make_room(HOST):
+                self._spill(in_tier[0])
+                continue
+            victim = next((e for e in in_tier if not e.pinned and e.refs == 0), None)
+            if victim is None:
+                return False
+            self._drop(victim)
+            self.counts.evictions += 1
+        return True
+
+    def _spill(self, e: CacheEntry) -> None:
+        if self.device.type != "cpu":      # on CPU the device is host memory: a relabel, no copy
+            e.state = [{k: _to_host(t) for k, t in layer.items()} for layer in e.state]
+            e.ready = _copy_done(self.device)
+        self.used[DEVICE] -= self.entry_bytes
+        self.used[HOST] += self.entry_bytes
+        e.tier = HOST
+        self.counts.spills += 1
+
+    def _place(self) -> str | None:
+        for tier in (DEVICE, HOST):
+            if self._make_room(tier):
+                return tier
+        return None
+
+    # --- the engine thread ------------------------------------------------------------------
+    def store(self, key: bytes, num_tokens: int, tokens: np.ndarray, slot: int, pin: bool = False
+              ) -> CacheEntry | None:
+        """Snapshot ``slot`` (the state after ``tokens[:num_tokens]``) unless that
+        prefix is stored already; ``pin`` pins it and uses up one reservation.
+        Returns the entry, or None when there is no room."""
+        with self._lock:
+            if pin:
+                self._pins_reserved = max(0, self._pins_reserved - 1)
+            e = self._entries.get(key)
+            if e is not None:
+                self._touch(e)
+                if pin:
+                    self._pin(e)
+                return e
+            tier = self._place()
+            if tier is None:
+                self.counts.store_skipped += 1
+                return None
+            if tier == DEVICE:
+                state = self.pools.snapshot(slot)
+            else:
+                state = [{k: _to_host(t[slot]) for k, t in layer.items()} for layer in self.pools.pools]
+            e = CacheEntry(key, num_tokens, tokens, state, tier, ready=_copy_done(self.device))
+            self.used[tier] += self.entry_bytes
+            self._entries[key] = e
+            self._lengths[num_tokens] += 1
+            self.counts.stores += 1
+            self._recent[id(tokens)] = tokens
+            self._recent.move_to_end(id(tokens))
+            while len(self._recent) > RECENT_SOURCES:
+                self._recent.popitem(last=False)
+            if pin:
+                self._pin(e)
+            return e
+
+    def _touch(self, e: CacheEntry) -> None:
+        e.last_used = time.time()
+        if e.indexed:
+            self._entries.move_to_end(e.key)
+
+    def _pin(self, e: CacheEntry) -> None:
+        e.pinned = True
+        self._pinned[e.id] = e
+
+    def pin(self, e: CacheEntry) -> None:
+        """Pin an entry the engine already holds (a request whose pinned prefix
+        was stored already); uses up one reservation."""
+        with self._lock:
+            self._pins_reserved = max(0, self._pins_reserved - 1)
+            self._pin(e)
+
+    def lookup(self, tokens: np.ndarray, limit: int, floor: CacheEntry | None = None) -> CacheEntry | None:
+        """The longest stored, ready prefix of ``tokens`` with at most ``limit``
+        tokens (longer than ``floor``'s, else ``floor`` itself: a pinned prefix
+        the request starts from). The caller holds a reference on the result
+        until it has restored it (``release``). Counts a hit or a miss."""
+        at_least = floor.num_tokens if floor is not None else 0
+        with self._lock:
+            lengths = sorted(n for n in self._lengths if at_least < n <= limit)
+        keys = []
+        if lengths:                            # one pass over the tokens, outside the lock
+            hasher = PrefixHasher(tokens)
+            keys = [(n, hasher.key(n)) for n in lengths]
+        with self._lock:
+            found = None
+            for n, key in reversed(keys):
+                e = self._entries.get(key)
+                if e is not None and e.num_tokens == n and e.is_ready():
+                    found = e
+                    break
+            if found is None and floor is not None:
+                found = floor
+            if found is None:
+                self.counts.misses += 1
+                return None
+            found.refs += 1
+            found.hits += 1
+            self._touch(found)
+            self.counts.hits += 1
+            self.counts.tokens_saved += found.num_tokens
+            return found
+
+    def branch_point(self, tokens: np.ndarray, start: int, limit: int) -> int | None:
+        """Where ``tokens`` parts from the recently stored prompt it shares most
+        with, when that is at least ``MIN_BRANCH_TOKENS`` past ``start`` (and at most ``limit``)."""
+        with self._lock:
+            sources = list(self._recent.values())
+        best = 0
+        for src in sources:
+            n = min(len(src), len(tokens), limit)
+            if n <= max(best, start) or src[start] != tokens[start]:
+                continue
+            differ = np.flatnonzero(src[:n] != tokens[:n])
+            best = max(best, int(differ[0]) if len(differ) else n)
+        return best if best - start >= MIN_BRANCH_TOKENS else None
+
+    def restore(self, e: CacheEntry, slot: int) -> None:
+        """Copy a snapshot into ``slot`` (the caller holds a reference, so it is
+        neither dropped nor moved meanwhile: only the engine thread moves entries)."""
+        if e.ready is not None:
+            e.ready.synchronize()           # never read a snapshot that is still being written
+        self.pools.restore_(slot, e.state)
+
+    def release(self, e: CacheEntry) -> None:
+        with self._lock:
+            e.refs -= 1
+            if e.refs == 0 and not e.indexed:
+                self._drop(e)
+
+    # --- any thread: pinned prefixes ---------------------------------------------------------
+    def acquire_pinned(self, pid: str) -> CacheEntry:
+        """A pinned entry a new request will start from (released after restore)."""
+        with self._lock:
+            e = self._pinned.get(pid)
+            if e is None:
+                raise PrefixNotFoundError(_not_found(pid))
+            e.refs += 1
+            return e
+
+    def info(self, pid: str) -> PrefixInfo:
+        with self._lock:
+            e = self._pinned.get(pid)
+            if e is None:
+                raise PrefixNotFoundError(_not_found(pid))
+            return e.info(self.entry_bytes)
+
+    def list_pinned(self) -> list[PrefixInfo]:
+        with self._lock:
+            return sorted((e.info(self.entry_bytes) for e in self._pinned.values()), key=lambda i: i.created)
+
+    def delete(self, pid: str) -> PrefixInfo:
+        """Unpin and drop (its bytes are freed once no queued request needs them)."""
+        with self._lock:
+            e = self._pinned.pop(pid, None)
+            if e is None:
+                raise PrefixNotFoundError(_not_found(pid))
+            info = e.info(self.entry_bytes)
+            e.pinned = False
+            self._drop(e)
+            return info
+
+    def stats(self) -> dict:
+        with self._lock:
+            by_tier = collections.Counter(e.tier for e in self._entries.values())
+            return {**self.counts.__dict__,
+                    "bytes_device": self.used[DEVICE], "bytes_host": self.used[HOST],
+                    "budget_device": self.budget[DEVICE], "budget_host": self.budget[HOST],
+                    "entries_device": by_tier[DEVICE], "entries_host": by_tier[HOST],
+                    "pinned": len(self._pinned), "entry_bytes": self.entry_bytes}
+
+    def check_invariants(self) -> None:
+        """Byte counts equal the snapshots held and stay within the budgets (tests call this)."""
+        with self._lock:
+            held = [*self._entries.values(), *self._zombies]
+            for tier in (DEVICE, HOST):
+                nbytes = sum(self.entry_bytes for e in held if e.tier == tier and e.state is not None)
+                assert self.used[tier] == nbytes, (tier, self.used[tier], nbytes)
+                assert self.used[tier] <= self.budget[tier], (tier, self.used[tier], self.budget[tier])
+            assert all(e.indexed for e in self._entries.values()) and sum(self._lengths.values()) == len(self._entries)
+
+
+def _not_found(pid: str) -> str:
+    return (f"No pinned prefix with id {pid!r}: it was never pinned here, was deleted, or the server restarted "
+            "(GET /v1/prefixes lists the pinned prefixes)")
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+def _copy_done(device: torch.device) -> torch.cuda.Event | None:
+    """An event that fires when the copies queued so far on ``device`` are done (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    return ev
