@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "smoother while a long prompt is read")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="requests allowed to wait for a state slot; beyond that the server answers 503")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="native engine: do not keep state snapshots of prompt prefixes (no reuse, no pinning)")
+    p.add_argument("--prefix-cache-memory", default=None,
+                   help="native engine: prefix-state snapshots kept on the device, e.g. 2GiB (default 1GiB; 0: none "
+                        "there)")
+    p.add_argument("--prefix-cache-host-memory", default=None,
+                   help="native engine: host memory that prefix snapshots spill to, least recently used first "
+                        "(default 4GiB with CUDA, 0 on CPU where the device is host memory)")
     p.add_argument("--api-key", default=os.environ.get("STATEX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STATEX_API_KEY; none)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
@@ -93,12 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     model_dir, default_name = resolve_model(args.model)
-    from statex_serve.engine.args import parse_memory_size   # light: fail fast on a bad size
+    from statex_serve.engine.args import parse_budget, parse_memory_size   # light: fail fast on a bad size
 
     try:
         state_memory = parse_memory_size(args.state_memory) if args.state_memory is not None else None
     except ValueError as e:
         raise SystemExit(f"statex-serve: --state-memory: {e}") from None
+    budgets = {}
+    for name in ("prefix_cache_memory", "prefix_cache_host_memory"):
+        value = getattr(args, name)
+        try:
+            budgets[name] = parse_budget(value) if value is not None else None
+        except ValueError as e:
+            raise SystemExit(f"statex-serve: --{name.replace('_', '-')}: {e}") from None
 
     # heavy imports after argument parsing, so --help is instant
     import uvicorn
@@ -113,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             model=model_dir, served_model_names=args.served_model_name or [default_name], device=args.device,
             dtype=args.dtype, state_dtype=args.state_dtype, max_num_seqs=args.max_num_seqs,
             state_memory=state_memory,
-            max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue)
+            max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+            prefix_cache=args.prefix_cache, **budgets)
         engine = create_engine(engine_args, args.backend)
     except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:
         logger.error("cannot start: %s", e)

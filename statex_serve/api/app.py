@@ -1,5 +1,6 @@
 """The FastAPI app over any ``Engine``: OpenAI-compatible routes, /health,
-/metrics, and vLLM's /tokenize and /detokenize (vLLM's benchmark client uses them).
+/metrics, vLLM's /tokenize and /detokenize (vLLM's benchmark client uses them),
+and /v1/prefixes (pinned prefixes of the prefix cache).
 
 ``create_app(engine, api_key=None)``; the app starts the engine in its lifespan
 (in uvicorn's event loop) and shuts it down with it.
@@ -19,10 +20,14 @@ from statex_serve.api.completions import CompletionsEndpoint
 from statex_serve.api.errors import APIError, install_error_handlers
 from statex_serve.api.generation import check_model
 from statex_serve.api.metrics import Metrics
-from statex_serve.api.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from statex_serve.api.prefixes import PrefixesEndpoint
+from statex_serve.api.schemas import (
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, PrefixCreateRequest, TokenizeRequest,
+)
 from statex_serve.engine.base import Engine
 
-_COUNTED = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health")
+_COUNTED = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/prefixes", "/tokenize", "/detokenize",
+            "/health")
 
 
 class _CountRequests:
@@ -56,6 +61,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     metrics = Metrics(engine)
     completions = CompletionsEndpoint(engine, metrics)
     chat = ChatEndpoint(engine, metrics)
+    prefixes = PrefixesEndpoint(engine)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -118,6 +124,22 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
+
+    @app.post("/v1/prefixes", dependencies=auth)
+    async def create_prefix(body: PrefixCreateRequest, request: Request):
+        return await prefixes.create(body, request)
+
+    @app.get("/v1/prefixes", dependencies=auth)
+    async def list_prefixes():
+        return prefixes.list()
+
+    @app.get("/v1/prefixes/{prefix_id}", dependencies=auth)
+    async def get_prefix(prefix_id: str):
+        return prefixes.get(prefix_id)
+
+    @app.delete("/v1/prefixes/{prefix_id}", dependencies=auth)
+    async def delete_prefix(prefix_id: str):
+        return prefixes.delete(prefix_id)
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: TokenizeRequest):

@@ -5,6 +5,10 @@ When the tokenizer has no chat template, ``model_registry.tokenizer.DEFAULT_CHAT
 is used: one ``role: content`` line per message, then ``assistant:`` (documented
 in the README). The rendered text is tokenized without adding special tokens
 (templates add their own BOS).
+
+Prefix cache fields as in completions: with ``prefix_id`` the rendered
+messages are appended to the pinned prefix's tokens as they are;
+``pin_prefix`` counts tokens of the rendered prompt.
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from model_registry.tokenizer import DEFAULT_CHAT_TEMPLATE
 from statex_serve.api.errors import APIError, from_engine_error, sse_error
 from statex_serve.api.generation import (
-    check_model, check_prompt_ids, check_supported, logprob_value, merged, new_id, resolve_max_tokens,
-    sampling_params, start_requests, unless_disconnected,
+    check_model, check_prompt_ids, check_supported, logprob_value, merged, new_id, pin_count, prefix_length,
+    resolve_max_tokens, sampling_params, start_requests, unless_disconnected, usage,
 )
 from statex_serve.api.metrics import Metrics, SequenceTimer
 from statex_serve.api.schemas import ChatCompletionRequest, ChatMessage
@@ -71,17 +75,19 @@ class ChatEndpoint:
         engine = self.engine
         check_model(engine, body.model)
         check_supported(body)
+        num_prefix = prefix_length(engine, body.prefix_id, body.pin_prefix is not None)
         ids = render_chat(engine.tokenizer, body.messages, body.add_generation_prompt,
                           body.continue_final_message, body.chat_template_kwargs)
         check_prompt_ids(engine, ids, "messages")
+        pin = pin_count(body, [ids])
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = resolve_max_tokens(engine, requested, len(ids), "messages")
+        max_tokens = resolve_max_tokens(engine, requested, num_prefix + len(ids), "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(engine, body, max_tokens, logprobs, None)
         request_id = new_id("chatcmpl")
         arrival = time.monotonic()
-        streams = start_requests(engine, request_id, [(ids, params)])
-        ctx = _Context(self, body, request_id, len(ids), arrival)
+        streams = start_requests(engine, request_id, [(ids, params)], body.prefix_id, pin)
+        ctx = _Context(self, body, request_id, num_prefix + len(ids), arrival)
         if body.stream:
             return StreamingResponse(ctx.stream(streams), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -99,11 +105,11 @@ class _Context:
         self.model = endpoint.engine.model_name
         self.choices = [_Choice() for _ in range(body.n)]
         self.timers = [SequenceTimer(endpoint.metrics, arrival) for _ in self.choices]
+        self.cached = 0
+        self.prefix_id: str | None = None          # pinned for this request
 
     def _usage(self) -> dict:
-        completion = sum(c.num_tokens for c in self.choices)
-        return {"prompt_tokens": self.num_prompt, "completion_tokens": completion,
-                "total_tokens": self.num_prompt + completion}
+        return usage(self.num_prompt, sum(c.num_tokens for c in self.choices), self.cached)
 
     def _token(self, token_id: int) -> str:
         if self.body.return_tokens_as_token_ids:
@@ -121,6 +127,8 @@ class _Context:
         return {"content": content, "refusal": None}
 
     def _take(self, out) -> list:
+        self.cached = out.num_cached_tokens
+        self.prefix_id = out.prefix_id or self.prefix_id
         for d in out.outputs:
             c = self.choices[d.index]
             c.text.append(d.text)
@@ -143,12 +151,17 @@ class _Context:
                     "logprobs": self._logprobs(c.entries) if self.body.logprobs else None,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                    for k, c in enumerate(self.choices)]
-        return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self._usage()}
+        response = {"id": self.request_id, "object": "chat.completion", "created": self.created,
+                    "model": self.model, "choices": choices, "usage": self._usage()}
+        if self.prefix_id is not None:
+            response["prefix_id"] = self.prefix_id
+        return response
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         payload = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
                    "model": self.model, "choices": choices}
+        if self.prefix_id is not None:
+            payload["prefix_id"] = self.prefix_id
         if usage is not None:
             payload["usage"] = usage
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

@@ -5,6 +5,12 @@ Choice ``i * n + j`` is sequence j of prompt i, as in OpenAI's API. With
 ``echo`` the prompt's text (and, with ``logprobs``, its tokens' logprobs, the
 first being null) comes before the completion: that is how lm-evaluation-harness
 scores prompts (``max_tokens=0`` is allowed for it).
+
+Prefix cache fields: ``prefix_id`` starts every prompt from a pinned prefix
+(text prompts are then tokenized without special tokens: they continue it);
+``pin_prefix`` pins a single prompt's state and the response carries
+``prefix_id``. ``usage.prompt_tokens`` counts a pinned prefix's tokens too and
+``usage.prompt_tokens_details.cached_tokens`` those restored, not prefilled.
 """
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from statex_serve.api.errors import APIError, from_engine_error, sse_error
 from statex_serve.api.generation import (
-    check_model, check_prompt_ids, check_supported, logprob_value, merged, new_id, resolve_max_tokens,
-    sampling_params, start_requests, unless_disconnected,
+    check_model, check_prompt_ids, check_supported, logprob_value, merged, new_id, pin_count, prefix_length,
+    resolve_max_tokens, sampling_params, start_requests, unless_disconnected, usage,
 )
 from statex_serve.api.metrics import Metrics, SequenceTimer
 from statex_serve.api.schemas import CompletionRequest
@@ -57,20 +63,23 @@ class CompletionsEndpoint:
             if t == "":
                 raise APIError(400, "The prompt is empty: it must contain at least one token.", "prompt",
                                "empty_prompt")
-        return [tok.encode(t, add_special_tokens=body.add_special_tokens) for t in texts], texts
+        special = body.add_special_tokens and body.prefix_id is None   # a continuation gets no BOS
+        return [tok.encode(t, add_special_tokens=special) for t in texts], texts
 
     async def create(self, body: CompletionRequest, raw: Request):
         engine = self.engine
         check_model(engine, body.model)
         check_supported(body)
+        num_prefix = prefix_length(engine, body.prefix_id, body.pin_prefix is not None)
         prompts, texts = self._prompts(body)
+        pin = pin_count(body, prompts)
         if body.echo:
             texts = [t if t is not None else engine.tokenizer.decode(ids, skip_special_tokens=False)
                      for ids, t in zip(prompts, texts)]
         jobs = []
         for ids in prompts:
             check_prompt_ids(engine, ids, "prompt")
-            max_tokens = resolve_max_tokens(engine, body.max_tokens, len(ids), "prompt")
+            max_tokens = resolve_max_tokens(engine, body.max_tokens, num_prefix + len(ids), "prompt")
             prompt_logprobs = None
             if body.echo and body.logprobs is not None:
                 prompt_logprobs = body.logprobs
@@ -79,8 +88,8 @@ class CompletionsEndpoint:
             jobs.append((ids, sampling_params(engine, body, max_tokens, body.logprobs, prompt_logprobs)))
         request_id = new_id("cmpl")
         arrival = time.monotonic()
-        streams = start_requests(engine, request_id, jobs)
-        ctx = _Context(self, body, request_id, prompts, texts, arrival)
+        streams = start_requests(engine, request_id, jobs, body.prefix_id, pin)
+        ctx = _Context(self, body, request_id, prompts, texts, arrival, num_prefix)
         if body.stream:
             return StreamingResponse(ctx.stream(streams), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -91,7 +100,7 @@ class _Context:
     """One completions request in flight."""
 
     def __init__(self, endpoint: CompletionsEndpoint, body: CompletionRequest, request_id: str,
-                 prompts: list[list[int]], texts: list[str | None], arrival: float):
+                 prompts: list[list[int]], texts: list[str | None], arrival: float, num_prefix: int = 0):
         self.ep = endpoint
         self.body = body
         self.request_id = request_id
@@ -103,12 +112,13 @@ class _Context:
         self.choices = [_Choice() for _ in range(len(prompts) * self.n)]
         self.timers = [SequenceTimer(endpoint.metrics, arrival) for _ in self.choices]
         self.prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(prompts)
+        self.num_prefix = num_prefix
+        self.cached = [0] * len(prompts)
+        self.prefix_id: str | None = None          # pinned for this request
 
     def _usage(self) -> dict:
-        prompt_tokens = sum(len(p) for p in self.prompts)
-        completion_tokens = sum(c.num_tokens for c in self.choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        prompt_tokens = sum(self.num_prefix + len(p) for p in self.prompts)
+        return usage(prompt_tokens, sum(c.num_tokens for c in self.choices), sum(self.cached))
 
     def _token(self, token_id: int) -> str:
         if self.body.return_tokens_as_token_ids:
@@ -140,6 +150,8 @@ class _Context:
         """Fold one engine output into the choices; return (choice index, delta) pairs."""
         if out.prompt_logprobs is not None:
             self.prompt_lps[i] = out.prompt_logprobs
+        self.cached[i] = out.num_cached_tokens
+        self.prefix_id = out.prefix_id or self.prefix_id
         deltas = []
         for d in out.outputs:
             k = i * self.n + d.index
@@ -171,12 +183,17 @@ class _Context:
                 logprobs = self._logprobs(entries, 0)
             choices.append({"index": k, "text": prefix + "".join(c.text), "logprobs": logprobs,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        return {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": self._usage()}
+        response = {"id": self.request_id, "object": "text_completion", "created": self.created,
+                    "model": self.model, "choices": choices, "usage": self._usage()}
+        if self.prefix_id is not None:
+            response["prefix_id"] = self.prefix_id
+        return response
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         payload = {"id": self.request_id, "object": "text_completion", "created": self.created,
                    "model": self.model, "choices": choices}
+        if self.prefix_id is not None:
+            payload["prefix_id"] = self.prefix_id
         if usage is not None:
             payload["usage"] = usage
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

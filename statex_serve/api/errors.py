@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from statex_serve.engine.base import (
-    EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError,
+    EngineDeadError, EngineOverloadedError, InvalidRequestError, PrefixNotFoundError, RequestFailedError,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def from_engine_error(e: Exception) -> APIError:
                         headers={"Retry-After": str(max(1, round(e.retry_after)))})
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), code="engine_dead")
+    if isinstance(e, PrefixNotFoundError):
+        return APIError(404, str(e), "prefix_id", "prefix_not_found")
     if isinstance(e, RequestFailedError):
         return APIError(500, str(e), code="internal_error")
     logger.exception("unexpected error", exc_info=e)

@@ -91,16 +91,51 @@ def sampling_params(engine: Engine, body: _GenerationFields, max_tokens: int, lo
     return params
 
 
-def start_requests(engine: Engine, request_id: str, jobs: list[tuple[list[int], SamplingParams]]
+def prefix_length(engine: Engine, prefix_id: str | None, pinning: bool = False) -> int:
+    """Tokens of the pinned prefix a request starts from (0 without ``prefix_id``);
+    400 when the engine has no prefix cache, 404 for an unknown id."""
+    if prefix_id is None and not pinning:
+        return 0
+    if not engine.supports_prefix_cache:
+        param = "prefix_id" if prefix_id is not None else "pin_prefix"
+        raise APIError(400, f"{param} needs the native engine's prefix cache (this server's engine has none)",
+                       param, "unsupported_parameter")
+    if prefix_id is None:
+        return 0
+    try:
+        return engine.prefix_info(prefix_id).num_tokens
+    except EngineError as e:
+        raise from_engine_error(e) from None
+
+
+def pin_count(body, prompts: list[list[int]]) -> int | None:
+    """``pin_prefix`` as a token count of the request's own prompt (True: all of it)."""
+    pin = body.pin_prefix
+    if pin is None:
+        return None
+    if len(prompts) != 1:
+        raise APIError(400, "pin_prefix needs a single prompt (one prefix id comes back)", "pin_prefix",
+                       "invalid_value")
+    if pin is True:
+        return len(prompts[0])
+    if pin > len(prompts[0]):
+        raise APIError(400, f"pin_prefix ({pin}) is longer than the prompt ({len(prompts[0])} tokens)",
+                       "pin_prefix", "invalid_value")
+    return pin
+
+
+def start_requests(engine: Engine, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
+                   prefix_id: str | None = None, pin_prefix: int | None = None
                    ) -> list[AsyncIterator[RequestOutput]]:
     """Queue one engine request per (prompt ids, params); all or none (a refusal
-    aborts the ones already queued)."""
+    aborts the ones already queued). Each starts from ``prefix_id`` when given."""
     streams: list[AsyncIterator[RequestOutput]] = []
     started: list[str] = []
     try:
         for i, (ids, params) in enumerate(jobs):
             rid = request_id if len(jobs) == 1 else f"{request_id}-{i}"
-            streams.append(engine.generate(GenerationRequest(rid, ids, params)))
+            streams.append(engine.generate(GenerationRequest(rid, ids, params, prefix_id=prefix_id,
+                                                             pin_prefix=pin_prefix)))
             started.append(rid)
     except EngineError as e:
         for rid, s in zip(started, streams):
@@ -186,6 +221,13 @@ async def unless_disconnected(request: Request, coro):
     with contextlib.suppress(BaseException):
         await task
     raise APIError(499, "client closed the request", code="client_closed_request")
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage block; ``cached_tokens``: prompt tokens restored from the prefix cache."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def logprob_value(x: float) -> float:

@@ -52,6 +52,38 @@ class _EngineCollector:
             c = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
             c.add_metric([model], value)
             yield c
+        cache = s.extra.get("prefix_cache")
+        if cache:
+            yield from _prefix_cache_metrics(model, cache)
+
+
+_PREFIX_CACHE_COUNTERS = [
+    ("hits", "Requests that restored a stored prefix state instead of prefilling it."),
+    ("misses", "Requests that found no stored prefix."),
+    ("tokens_saved", "Prompt tokens restored from the prefix cache instead of prefilled."),
+    ("stores", "Prefix state snapshots written."),
+    ("store_skipped", "Snapshots not stored for lack of room (budgets full of pinned or in-use snapshots)."),
+    ("evictions", "Snapshots dropped to make room (least recently used first)."),
+    ("spills", "Snapshots moved from the device to host memory."),
+]
+
+
+def _prefix_cache_metrics(model: str, cache: dict):
+    for name, doc in _PREFIX_CACHE_COUNTERS:
+        c = CounterMetricFamily(f"{PREFIX}_prefix_cache_{name}", doc, labels=["model"])
+        c.add_metric([model], cache[name])
+        yield c
+    for name, doc in (("bytes", "Bytes of prefix state snapshots held, by tier (device, host)."),
+                      ("budget_bytes", "Prefix-cache byte budget, by tier (device, host)."),
+                      ("entries", "Prefix state snapshots held, by tier (device, host).")):
+        key = {"bytes": "bytes", "budget_bytes": "budget", "entries": "entries"}[name]
+        g = GaugeMetricFamily(f"{PREFIX}_prefix_cache_{name}", doc, labels=["model", "tier"])
+        for tier in ("device", "host"):
+            g.add_metric([model, tier], cache[f"{key}_{tier}"])
+        yield g
+    g = GaugeMetricFamily(f"{PREFIX}_prefix_cache_pinned", "Pinned prefixes.", labels=["model"])
+    g.add_metric([model], cache["pinned"])
+    yield g
 
 
 class Metrics:

@@ -5,7 +5,8 @@ OpenAI's, field for field).
 Fields we accept beyond OpenAI's are vLLM's names for the same things (top_k,
 min_tokens, stop_token_ids, ignore_eos, skip_special_tokens,
 include_stop_str_in_output, add_special_tokens, return_tokens_as_token_ids), so clients written for vLLM
-work unchanged. Unknown fields are ignored with a log line, as vLLM does;
+work unchanged. Ours: ``pin_prefix`` and ``prefix_id`` (the prefix cache; see
+docs/prefix-cache.md), passed by OpenAI clients through ``extra_body``. Unknown fields are ignored with a log line, as vLLM does;
 known fields we cannot honour (penalties, suffix, tools, ...) are refused with
 a 400 that says so, rather than silently ignored.
 """
@@ -50,6 +51,19 @@ class _GenerationFields(BaseModel):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     return_tokens_as_token_ids: StrictBool = False   # logprobs name tokens "token_id:N" (vLLM's option)
+    # prefix cache: start from a pinned prefix (the prompt continues it) / pin the
+    # state after the prompt (true) or after its first k tokens (k) and return its id
+    prefix_id: StrictStr | None = None
+    pin_prefix: StrictBool | StrictInt | None = None
+
+    @field_validator("pin_prefix")
+    @classmethod
+    def _pin_positive(cls, v):
+        if v is False:
+            return None
+        if v is not True and v is not None and v < 1:
+            raise ValueError("pin_prefix must be true or a positive number of prompt tokens")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -183,6 +197,23 @@ class ChatCompletionRequest(_GenerationFields):
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
         return super().unsupported()
+
+
+class PrefixCreateRequest(BaseModel):
+    """POST /v1/prefixes: pin the state after a prompt without generating."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    prompt: StrictStr | list[StrictInt]
+    prefix_id: StrictStr | None = None      # extend a pinned prefix
+    add_special_tokens: StrictBool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v):
+        if not v:
+            raise ValueError("prompt must not be empty")
+        return v
 
 
 class TokenizeRequest(BaseModel):
