@@ -4,6 +4,7 @@ input, and the pieces the numbers rest on."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,7 +41,11 @@ def quick_run(ckpts, tmp_path_factory):
            "--contexts", ",".join(map(str, CONTEXTS)), "--concurrency", "1,2", "--requests", str(REQUESTS),
            "--output-len", str(OUTPUT_LEN), "--recall-contexts", "256,512", "--samples", "5", "--mqar-queries", "2",
            "--memory-models", "gla-1.3b", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # one torch thread per process: the bench, the engine in it and the spawned
+    # server share 2 cores, and spinning OpenMP workers of oversubscribed
+    # processes slow every decode step several-fold
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         stdout, stderr = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -55,6 +60,7 @@ def test_quick_run_writes_json_markdown_and_plots(quick_run):
     out, res, stdout = quick_run
     assert res["command"].startswith("python -m statex_serve.bench all --quick")
     env = res["environment"]
+    assert env["threads"]["OMP_NUM_THREADS"] == "1"
     assert env["versions"]["torch"] and env["versions"]["transformers"] and env["hardware"]["cpu_count"] >= 1
     assert [t["label"] for t in res["targets"]] == ["statex", "base"]
     assert [t["kind"] for t in res["targets"]] == ["spawn", "engine"]

@@ -68,6 +68,10 @@ def environment() -> dict:
         "hardware": {"machine": platform.machine(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
                      "memory_bytes": _mem_bytes(), "gpus": gpus, "cuda": torch.version.cuda},
         "platform": platform.platform(),
+        "threads": {"torch_intra_op": torch.get_num_threads(),
+                    **{k: v for k, v in sorted(os.environ.items())
+                       if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+                       or k.startswith("VLLM_CPU")}},
         "git": _git(),
         "note": "hardware is the machine the bench ran on; a url target may run elsewhere (see its engine facts)",
     }
@@ -128,7 +132,8 @@ def markdown(results: dict) -> str:
            (f"{results['started']} · {results['duration_s']:.0f} s · statex-serve {v['statex_serve']} "
            f"(git {env['git'].get('commit', '?')[:10]}{'+dirty' if env['git'].get('dirty') else ''}) · "
            f"torch {v['torch']} · transformers {v['transformers']} · vllm {v['vllm'] or '-'}"), "",
-           f"Bench host: {hw['cpu']}, {hw['cpu_count']} CPUs, {_b(hw['memory_bytes'])} RAM, GPU: {gpu}.", ""]
+           f"Bench host: {hw['cpu']}, {hw['cpu_count']} CPUs, {_b(hw['memory_bytes'])} RAM, GPU: {gpu}"
+           + "".join(f", {k}={v}" for k, v in env.get("threads", {}).items() if k != "torch_intra_op") + ".", ""]
     targets = results.get("targets", [])
     if targets:
         rows = []
