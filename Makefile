@@ -10,7 +10,7 @@ STAMP := $(VENV)/.statex-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test test-gpu serve clean
+.PHONY: venv test test-gpu bench-kernels docker-smoke serve clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,17 @@ $(STAMP): pyproject.toml Makefile
 test: venv
 	$(PY) -m pytest -q
 
+# on a CUDA machine: the Triton kernels and GPU training paths against their references
 test-gpu: venv
-	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -q -m gpu tests/gpu
+
+# on a CUDA machine: decode/prefill kernels vs fla and mamba-ssm (docs/perf.md)
+bench-kernels: venv
+	$(PY) -m kernels.bench --out docs/perf/kernels-h200.json
+
+# build the Docker image from a debootstrapped Debian base and query it (needs docker.io, debootstrap)
+docker-smoke: venv
+	bash scripts/docker_smoke_test.sh
 
 serve: venv
 	$(VENV)/bin/statex-serve --host $(HOST) --port $(PORT)
