@@ -49,9 +49,8 @@ from statex_serve.engine.base import InvalidRequestError, PrefixInfo, PrefixNotF
 
 DEVICE, HOST = "device", "host"
 ID_PREFIX = "pfx-"
-# A branch point is cut only when it saves at least this many tokens over the
-# best stored prefix (shorter shared runs are common by chance and not worth a
-# segment of their own).
+# A branch point is cut only this far into a prompt at least (short shared runs
+# are common by chance and not worth a segment and a snapshot of their own).
 MIN_BRANCH_TOKENS = 16
 # How many recently stored prompts a new prompt is compared with for a branch point.
 RECENT_SOURCES = 16
@@ -309,7 +308,7 @@ class PrefixCache:
 
     def branch_point(self, tokens: np.ndarray, start: int, limit: int) -> int | None:
         """Where ``tokens`` parts from the recently stored prompt it shares most
-        with, when that is at least ``MIN_BRANCH_TOKENS`` past ``start`` (and at most ``limit``)."""
+        with (at most ``limit``), when that is past ``start`` and at least ``MIN_BRANCH_TOKENS`` in."""
         with self._lock:
             sources = list(self._recent.values())
         best = 0
@@ -319,7 +318,7 @@ class PrefixCache:
                 continue
             differ = np.flatnonzero(src[:n] != tokens[:n])
             best = max(best, int(differ[0]) if len(differ) else n)
-        return best if best - start >= MIN_BRANCH_TOKENS else None
+        return best if best > start and best >= MIN_BRANCH_TOKENS else None
 
     def restore(self, e: CacheEntry, slot: int) -> None:
         """Copy a snapshot into ``slot`` (the caller holds a reference, so it is
