@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
-import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -52,10 +51,8 @@ def latency_plot(results: dict, path: Path) -> Path | None:
         ax.set_xlabel("context (tokens)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[1].set_ylim(bottom=0)
+    for ax in axes:
+        ax.set_ylim(bottom=0)
     axes[1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
