@@ -1,7 +1,8 @@
 """``python -m statex_serve.bench [SUITE ...] --target SPEC [--target SPEC] [--quick] [--out DIR]``
 
 Suites: latency, recall, memory, compare (two targets side by side), all
-(the default: every suite that applies). Targets: ``spawn:DIR`` (start
+(the default: every suite that applies), prefix (a question after a long
+document with and without the prefix cache; only when named). Targets: ``spawn:DIR`` (start
 ``statex-serve --model DIR`` here), ``engine:DIR`` (in this process),
 ``url:http://host:port`` or any ``http(s)://`` base URL; options after ``?``
 (see ``statex_serve.bench.targets``). Writes results.json (every raw number,
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("latency", "recall", "memory", "compare")
+SUITES = ("latency", "recall", "memory", "compare", "prefix")   # prefix: not in "all"
 PROG = "python -m statex_serve.bench"
 
 # full: GPU-sized; quick: a CPU-sized run of the tiny/bundled model (seconds per suite)
@@ -242,6 +243,15 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
             t1 = time.perf_counter()
             results["suites"]["memory"] = await asyncio.to_thread(memory_mod.run_memory, mc, served)
             timings["memory"] = time.perf_counter() - t1
+        if "prefix" in suites:
+            from statex_serve.bench import prefix as prefix_mod
+
+            pc = prefix_mod.PrefixConfig(cfg["contexts"], max(cfg["requests"], 3), args.seed)
+            out = results["suites"]["prefix"] = {}
+            for t in targets:
+                t1 = time.perf_counter()
+                out[t.label] = await prefix_mod.run_prefix(t, pc, log)
+                timings[f"prefix {t.label}"] = time.perf_counter() - t1
         if "compare" in suites:
             a, b = (t.label for t in targets)
             s = results["suites"]

@@ -123,6 +123,8 @@ def memory_plot(results: dict, path: Path) -> Path | None:
 
 
 def write_plots(results: dict, out_dir: Path) -> list[str]:
+    from statex_serve.bench.prefix import plot as prefix_plot
+
     made = [latency_plot(results, out_dir / "latency.png"), recall_plot(results, out_dir / "recall.png"),
-            memory_plot(results, out_dir / "memory.png")]
+            memory_plot(results, out_dir / "memory.png"), prefix_plot(results, out_dir / "prefix.png")]
     return [p.name for p in made if p is not None]

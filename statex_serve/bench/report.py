@@ -152,6 +152,9 @@ def markdown(results: dict) -> str:
         out += _recall_md(suites["recall"])
     if "memory" in suites:
         out += _memory_md(suites["memory"])
+    if "prefix" in suites:
+        from statex_serve.bench.prefix import markdown as prefix_md
+        out += prefix_md(suites["prefix"])
     if "compare" in suites:
         out += _compare_md(suites["compare"])
     return "\n".join(out).rstrip() + "\n"
