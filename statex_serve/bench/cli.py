@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as _dt
+import os
 import shlex
 import signal
 import sys
@@ -259,6 +260,8 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
     finally:
         await asyncio.gather(*(t.stop() for t in targets), return_exceptions=True)
     results["duration_s"] = time.perf_counter() - t0
+    if hasattr(os, "getloadavg"):
+        results["load_average_1m_end"] = os.getloadavg()[0]
     return results
 
 

@@ -68,6 +68,7 @@ def environment() -> dict:
         "hardware": {"machine": platform.machine(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
                      "memory_bytes": _mem_bytes(), "gpus": gpus, "cuda": torch.version.cuda},
         "platform": platform.platform(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "threads": {"torch_intra_op": torch.get_num_threads(),
                     **{k: v for k, v in sorted(os.environ.items())
                        if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
@@ -133,7 +134,11 @@ def markdown(results: dict) -> str:
            f"(git {env['git'].get('commit', '?')[:10]}{'+dirty' if env['git'].get('dirty') else ''}) · "
            f"torch {v['torch']} · transformers {v['transformers']} · vllm {v['vllm'] or '-'}"), "",
            f"Bench host: {hw['cpu']}, {hw['cpu_count']} CPUs, {_b(hw['memory_bytes'])} RAM, GPU: {gpu}"
-           + "".join(f", {k}={v}" for k, v in env.get("threads", {}).items() if k != "torch_intra_op") + ".", ""]
+           + "".join(f", {k}={v}" for k, v in env.get("threads", {}).items() if k != "torch_intra_op")
+           + (f"; load average {env['load_average_1m']:.1f} at the start" if env.get("load_average_1m") is not None
+              else "")
+           + (f", {results['load_average_1m_end']:.1f} at the end" if results.get("load_average_1m_end") is not None
+              else "") + ".", ""]
     targets = results.get("targets", [])
     if targets:
         rows = []
