@@ -354,3 +354,29 @@ def test_bad_prefix_fields_get_a_400(server):
         assert e.value.body["param"].split(".")[0] == param, e.value.body
     r = httpx.post(server.base_url + "/v1/completions", json={"prompt": ["a", "b"], "pin_prefix": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "pin_prefix"
+
+
+# --- the bench suite -----------------------------------------------------------------------------
+
+def test_bench_prefix_suite(ckpts, tmp_path):
+    """``python -m statex_serve.bench prefix`` on the in-process engine: every
+    mode runs, and the cached-token counts show which prefix each request restored."""
+    import json
+
+    from statex_serve.bench import cli
+
+    out = tmp_path / "bench"
+    rc = cli.main(["prefix", "--quick", "--no-progress", "--contexts", "100,300", "--requests", "2",
+                   "--target", f"engine:{ckpts['gla']}?label=tiny&prefill_chunk=64", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    suite = res["suites"]["prefix"]["tiny"]
+    assert suite["pinnable"] and [r["document"] for r in suite["rows"]] == [100, 300]
+    for r, followup in zip(suite["rows"], (64, 256)):          # the last segment end inside the document
+        assert r["uncached"]["cached_tokens_median"] == 0
+        assert r["first_followup"]["cached_tokens_median"] == followup
+        assert r["cached"]["cached_tokens_median"] == r["pinned"]["cached_tokens_median"] == r["document"]
+        assert r["cached"]["requests_ok"] == 3 and not r["pin"]["error"]
+        assert r["cached"]["requests"][0]["prompt_tokens"] == r["document"] + 32
+    assert set(suite["flatness"]) == {"uncached", "first_followup", "cached", "pinned"}
+    assert "## Prefix cache" in (out / "results.md").read_text() and res["plots"] == ["prefix.png"]
