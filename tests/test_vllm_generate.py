@@ -155,3 +155,31 @@ def test_prefix_cache_hits_and_still_matches(cached, oracles):
     for p, o in zip(fresh, outs):
         assert o.num_cached_tokens > 0
         assert list(o.outputs[0].token_ids) == expected(oracles[family], p), f"{family} shared prefix {len(p)}"
+
+
+def test_unexpanded_fla_hub_gla_checkpoint_serves(tmp_path_factory):
+    """An fla-hub GLA checkpoint as fla saves it (model_type "gla",
+    architectures ["GLAForCausalLM"], no per-layer heads), served unconverted."""
+    import json
+
+    import torch
+    from fla.models import GLAConfig, GLAForCausalLM
+
+    from model_registry.convert import build_from_upstream
+    from model_registry.tokenizer import save_byte_tokenizer
+
+    torch.manual_seed(0)
+    src = tmp_path_factory.mktemp("fla_hub") / "gla"
+    GLAForCausalLM(GLAConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_heads=4,
+                             attn_mode="fused_chunk")).save_pretrained(src)   # what fla-hub configs say
+    save_byte_tokenizer(src)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg["model_type"] == "gla" and cfg["architectures"] == ["GLAForCausalLM"]
+    oracle, _ = build_from_upstream(src)
+    llm = start_engine(src, prefix_caching=False)
+    try:
+        outs = generate(llm, PROMPTS[:5])
+        for p, o in zip(PROMPTS, outs):
+            assert list(o.outputs[0].token_ids) == expected(oracle, p), f"prompt len {len(p)}"
+    finally:
+        stop_engine(llm)
