@@ -255,10 +255,11 @@ def _memory_md(memory: dict) -> list[str]:
                        "Transformer / ours"], rows)
         if "served" in e:
             s = e["served"]
+            pool = (f"; pool {_b(s['state_pool_bytes'])} for {s['state_pool_slots']} slots"
+                    if s.get("state_pool_bytes") and s.get("state_pool_slots") else "")
             out += ["", (f"Served engine reports {s['state_bytes_per_sequence']:,} state bytes per sequence "
-                        f"({'matches' if s['matches_config'] else 'DOES NOT match'} the config's "
-                        f"{m['state_bytes_per_sequence']:,}); pool {_b(s['state_pool_bytes'])} for "
-                        f"{s['state_pool_slots']} slots.")]
+                         f"({'matches' if s['matches_config'] else 'DOES NOT match'} the config's "
+                         f"{m['state_bytes_per_sequence']:,}){pool}.")]
         out.append("")
     chk = memory["llama_kv_check"]
     out += [(f"KV formula vs a measured cache ({chk['model']}, `use_cache=True`, DynamicCache tensors weighed): "
