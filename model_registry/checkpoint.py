@@ -104,16 +104,23 @@ def save_checkpoint(model, out_dir: str | Path, tokenizer_src: str | Path | None
                     provenance: dict | None = None, overwrite: bool = False) -> Path:
     """Export in our format (atomically). ``provenance`` goes to statex.json."""
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
-        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_src is not None:
-            copy_tokenizer_files(tokenizer_src, tmp)
-        (tmp / "statex.json").write_text(json.dumps(provenance or {}, indent=2, default=str))
+        write_model_files(model, tmp, tokenizer_src, provenance)
     return Path(out_dir)
+
+
+def write_model_files(model, out: Path, tokenizer_src: str | Path | None = None,
+                      provenance: dict | None = None) -> None:
+    """config.json, model.safetensors (tied lm_head left out), tokenizer files,
+    statex.json into an existing directory (callers make the write atomic)."""
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_src is not None:
+        copy_tokenizer_files(tokenizer_src, out)
+    (out / "statex.json").write_text(json.dumps(provenance or {}, indent=2, default=str))
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -24,7 +24,7 @@ DEFAULT_CHAT_TEMPLATE = (
 def build_byte_tokenizer() -> Tokenizer:
     byte_chars = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
     # order the vocab by byte value so token id == byte value
-    byte_to_char = _bytes_to_unicode()
+    byte_to_char = bytes_to_unicode()
     vocab = {byte_to_char[b]: b for b in range(256)}
     assert set(vocab) == set(byte_chars)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
@@ -35,7 +35,7 @@ def build_byte_tokenizer() -> Tokenizer:
     return tok
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (what ByteLevel uses)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_registry.checkpoint import atomic_output_dir, check_and_load, copy_tokenizer_files
+from model_registry.checkpoint import atomic_output_dir, check_and_load, write_model_files
 
 STEP_PREFIX = "step_"
 
@@ -74,14 +74,7 @@ def save_train_checkpoint(out: Path, step: int, model, opt, trainer_state: dict,
                           provenance: dict, keep: int = 2) -> Path:
     path = step_dir(out, step)
     with atomic_output_dir(path, overwrite=True) as tmp:
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
-        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        copy_tokenizer_files(tokenizer_src, tmp)
-        (tmp / "statex.json").write_text(json.dumps(provenance, indent=2, default=str))
+        write_model_files(model, tmp, tokenizer_src, provenance)
         tensors, meta = _optimizer_tensors(opt)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from model_registry.tokenizer import bytes_to_unicode
+
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded in front of the first generated token, so tokenizers
 # that render a token differently at the start of a text (SentencePiece's
@@ -107,20 +109,7 @@ class StopStringMatcher:
         return out
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (byte-level BPE vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _is_byte_level(tokenizer) -> bool:
