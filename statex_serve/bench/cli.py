@@ -214,8 +214,12 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
         facts = {}
         for t in targets:
             desc = t.info.get("engine") or {}
-            facts[t.label] = (load_facts(t.model_dir, desc.get("dtype"), desc.get("state_dtype") or "float32")
-                              if t.model_dir else None)
+            facts[t.label] = None
+            if t.model_dir:
+                try:
+                    facts[t.label] = load_facts(t.model_dir, desc.get("dtype"), desc.get("state_dtype") or "float32")
+                except (ValueError, OSError, KeyError) as e:   # a model we cannot size: no floor, no memory row
+                    log(f"{t.label}: no model facts ({str(e).strip().splitlines()[0]})")
         if "latency" in suites:
             lc = latency_mod.LatencyConfig(cfg["contexts"], cfg["concurrency"], cfg["output_len"], cfg["requests"],
                                            cfg["warmup"], args.seed)

@@ -50,10 +50,14 @@ def entry(facts: ModelFacts, cfg: MemoryConfig, served: dict | None = None, labe
 
 def run_memory(cfg: MemoryConfig, served_models: list[tuple[str, str, dict]], log=None) -> dict:
     """``served_models``: (label, checkpoint dir, engine description) of the targets."""
-    entries = []
+    entries, unsized = [], []
     for label, model_dir, desc in served_models:
-        facts = load_facts(model_dir, cfg.weights_dtype or desc.get("dtype"),
-                           desc.get("state_dtype") or cfg.state_dtype, cfg.kv_dtype or "bfloat16")
+        try:
+            facts = load_facts(model_dir, cfg.weights_dtype or desc.get("dtype"),
+                               desc.get("state_dtype") or cfg.state_dtype, cfg.kv_dtype or "bfloat16")
+        except (ValueError, OSError, KeyError) as e:     # e.g. an upstream model type we do not size
+            unsized.append({"label": label, "model_dir": model_dir, "reason": str(e).strip().splitlines()[0]})
+            continue
         entries.append(entry(facts, cfg, desc, label))
     for src in cfg.models:
         facts = load_facts(src, cfg.weights_dtype, cfg.state_dtype, cfg.kv_dtype or "bfloat16")
@@ -61,6 +65,6 @@ def run_memory(cfg: MemoryConfig, served_models: list[tuple[str, str, dict]], lo
         if log:
             log(f"memory: {facts.name}")
     check = measure_llama_kv(list(cfg.check_contexts))
-    return {"budget_bytes": cfg.budget_bytes, "contexts": cfg.contexts, "entries": entries,
+    return {"budget_bytes": cfg.budget_bytes, "contexts": cfg.contexts, "entries": entries, "unsized": unsized,
             "llama_kv_check": {"model": "LlamaForCausalLM 2 layers, 4 heads, 2 KV heads, head_dim 16, fp32, CPU",
                                "rows": check, "all_match": all(r["match"] for r in check)}}

@@ -261,6 +261,8 @@ def _memory_md(memory: dict) -> list[str]:
                          f"({'matches' if s['matches_config'] else 'DOES NOT match'} the config's "
                          f"{m['state_bytes_per_sequence']:,}){pool}.")]
         out.append("")
+    for u in memory.get("unsized", []):
+        out += [f"- {u['label']}: not sized ({u['reason']})", ""]
     chk = memory["llama_kv_check"]
     out += [(f"KV formula vs a measured cache ({chk['model']}, `use_cache=True`, DynamicCache tensors weighed): "
             f"{'all match' if chk['all_match'] else 'MISMATCH'}."), ""]
