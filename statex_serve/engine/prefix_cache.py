@@ -16,6 +16,12 @@ ends a prefill segment exactly where the two part (the *branch point*) and
 snapshots there; every later question about ``doc`` then restores the state at
 the end of ``doc`` and prefills only itself. A pinned prefix is cut the same way.
 
+Lookup. Keys are BLAKE2b digests of the int32 token bytes; the index groups
+stored prefixes by their first ``HEAD_TOKENS`` tokens and keeps the lengths
+present in each group, so a lookup hashes its prompt once, left to right,
+stopping at each stored length of its own group (unrelated entries cost
+nothing), and takes the longest key that is present and ready.
+
 Store. Snapshots live on the engine's device up to ``device_budget`` bytes;
 the least recently used ones spill to host memory (``host_budget``), and the
 least recently used host ones are dropped. Pinned snapshots (the API's
@@ -54,6 +60,10 @@ ID_PREFIX = "pfx-"
 MIN_BRANCH_TOKENS = 16
 # How many recently stored prompts a new prompt is compared with for a branch point.
 RECENT_SOURCES = 16
+# Stored prefixes are grouped by their first HEAD_TOKENS tokens, so a lookup
+# only hashes the lengths of prefixes that start like its prompt.
+HEAD_TOKENS = 64
+_SHORT = b"short"          # the group of prefixes shorter than HEAD_TOKENS
 
 
 def as_token_array(tokens) -> np.ndarray:
@@ -87,6 +97,11 @@ def prefix_id(key: bytes) -> str:
     return ID_PREFIX + key.hex()
 
 
+def head_group(tokens: np.ndarray, n: int) -> bytes:
+    """The group a prefix of ``n`` tokens of ``tokens`` is indexed under."""
+    return prefix_key(tokens[:HEAD_TOKENS]) if n >= HEAD_TOKENS else _SHORT
+
+
 @dataclass(eq=False)
 class CacheEntry:
     key: bytes
@@ -101,6 +116,7 @@ class CacheEntry:
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     hits: int = 0
+    group: bytes = b""                 # its head group (the lookup index)
 
     @property
     def id(self) -> str:
@@ -140,8 +156,12 @@ class PrefixCache:
         self.budget = {DEVICE: int(device_budget), HOST: int(host_budget)}
         self.used = {DEVICE: 0, HOST: 0}
         self.counts = CacheStats()
-        self._entries: collections.OrderedDict[bytes, CacheEntry] = collections.OrderedDict()  # LRU first
-        self._lengths: collections.Counter[int] = collections.Counter()     # num_tokens of indexed entries
+        self._entries: dict[bytes, CacheEntry] = {}
+        # per tier, least recently used first
+        self._lru: dict[str, collections.OrderedDict[bytes, CacheEntry]] = {
+            DEVICE: collections.OrderedDict(), HOST: collections.OrderedDict()}
+        # head group -> number of indexed entries of each length
+        self._lengths: dict[bytes, collections.Counter[int]] = collections.defaultdict(collections.Counter)
         self._pinned: dict[str, CacheEntry] = {}
         self._pins_reserved = 0
         self._zombies: set[CacheEntry] = set()       # dropped while a request still needs them
@@ -180,9 +200,13 @@ class PrefixCache:
         if e.indexed:
             e.indexed = False
             del self._entries[e.key]
-            self._lengths[e.num_tokens] -= 1
-            if not self._lengths[e.num_tokens]:
-                del self._lengths[e.num_tokens]
+            del self._lru[e.tier][e.key]
+            lengths = self._lengths[e.group]
+            lengths[e.num_tokens] -= 1
+            if not lengths[e.num_tokens]:
+                del lengths[e.num_tokens]
+                if not lengths:
+                    del self._lengths[e.group]
         if e.refs > 0:
             self._zombies.add(e)
         elif e.state is not None:
@@ -197,11 +221,11 @@ class PrefixCache:
         if self.budget[tier] < self.entry_bytes:
             return False
         while self.used[tier] + self.entry_bytes > self.budget[tier]:
-            in_tier = [e for e in self._entries.values() if e.tier == tier]      # least recently used first
+            in_tier = self._lru[tier]
             if tier == DEVICE and in_tier and self._make_room(HOST):
-                self._spill(in_tier[0])
+                self._spill(next(iter(in_tier.values())))
                 continue
-            victim = next((e for e in in_tier if not e.pinned and e.refs == 0), None)
+            victim = next((e for e in in_tier.values() if not e.pinned and e.refs == 0), None)
             if victim is None:
                 return False
             self._drop(victim)
@@ -214,6 +238,8 @@ class PrefixCache:
             e.ready = _copy_done(self.device)
         self.used[DEVICE] -= self.entry_bytes
         self.used[HOST] += self.entry_bytes
+        del self._lru[DEVICE][e.key]
+        self._lru[HOST][e.key] = e          # the most recently used of the host tier
         e.tier = HOST
         self.counts.spills += 1
 
@@ -246,10 +272,12 @@ class PrefixCache:
                 state = self.pools.snapshot(slot)
             else:
                 state = [{k: _to_host(t[slot]) for k, t in layer.items()} for layer in self.pools.pools]
-            e = CacheEntry(key, num_tokens, tokens, state, tier, ready=_copy_done(self.device))
+            e = CacheEntry(key, num_tokens, tokens, state, tier, ready=_copy_done(self.device),
+                           group=head_group(tokens, num_tokens))
             self.used[tier] += self.entry_bytes
             self._entries[key] = e
-            self._lengths[num_tokens] += 1
+            self._lru[tier][key] = e
+            self._lengths[e.group][num_tokens] += 1
             self.counts.stores += 1
             self._recent[id(tokens)] = tokens
             self._recent.move_to_end(id(tokens))
@@ -262,7 +290,7 @@ class PrefixCache:
     def _touch(self, e: CacheEntry) -> None:
         e.last_used = time.time()
         if e.indexed:
-            self._entries.move_to_end(e.key)
+            self._lru[e.tier].move_to_end(e.key)
 
     def _pin(self, e: CacheEntry) -> None:
         e.pinned = True
@@ -281,8 +309,9 @@ class PrefixCache:
         the request starts from). The caller holds a reference on the result
         until it has restored it (``release``). Counts a hit or a miss."""
         at_least = floor.num_tokens if floor is not None else 0
+        groups = [_SHORT] + ([head_group(tokens, limit)] if limit >= HEAD_TOKENS else [])
         with self._lock:
-            lengths = sorted(n for n in self._lengths if at_least < n <= limit)
+            lengths = sorted(n for g in groups for n in self._lengths.get(g, ()) if at_least < n <= limit)
         keys = []
         if lengths:                            # one pass over the tokens, outside the lock
             hasher = PrefixHasher(tokens)
@@ -367,7 +396,7 @@ class PrefixCache:
 
     def stats(self) -> dict:
         with self._lock:
-            by_tier = collections.Counter(e.tier for e in self._entries.values())
+            by_tier = {tier: len(lru) for tier, lru in self._lru.items()}
             return {**self.counts.__dict__,
                     "bytes_device": self.used[DEVICE], "bytes_host": self.used[HOST],
                     "budget_device": self.budget[DEVICE], "budget_host": self.budget[HOST],
@@ -382,7 +411,10 @@ class PrefixCache:
                 nbytes = sum(self.entry_bytes for e in held if e.tier == tier and e.state is not None)
                 assert self.used[tier] == nbytes, (tier, self.used[tier], nbytes)
                 assert self.used[tier] <= self.budget[tier], (tier, self.used[tier], self.budget[tier])
-            assert all(e.indexed for e in self._entries.values()) and sum(self._lengths.values()) == len(self._entries)
+            assert all(e.indexed for e in self._entries.values())
+            assert sum(len(lru) for lru in self._lru.values()) == len(self._entries)
+            assert all(e.key in self._lru[e.tier] for e in self._entries.values())
+            assert sum(sum(c.values()) for c in self._lengths.values()) == len(self._entries)
 
 
 def _not_found(pid: str) -> str:
