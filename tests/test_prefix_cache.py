@@ -276,7 +276,7 @@ def server(ckpts):
 def metric(server, name: str, **labels) -> float:
     text = httpx.get(server.base_url + "/metrics").text
     sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    m = re.search(rf'^{name}{{[^}}]*{sel}[^}}]*}} (\S+)$', text, re.M)
+    m = re.search(rf'^{name}{{[^}}]*{sel}[^}}]*}} (\S+)$', text, re.MULTILINE)
     assert m, f"{name} {labels} not in /metrics"
     return float(m.group(1))
 
@@ -285,7 +285,7 @@ def test_pin_and_reuse_through_the_openai_client(server, ckpts):
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
     doc = "In the beginning there was a document about recurrent state, long enough to span segments. " * 3
     question = " Q: what was there?"
-    kw = dict(model="tiny", max_tokens=8, temperature=0.0)
+    kw = {"model": "tiny", "max_tokens": 8, "temperature": 0.0}
     r = client.completions.create(prompt=doc, extra_body={"pin_prefix": True, "ignore_eos": True}, **kw)
     pid = r.model_extra["prefix_id"]
     assert pid.startswith("pfx-") and r.usage.prompt_tokens_details.cached_tokens == 0
@@ -324,7 +324,7 @@ def test_pin_and_reuse_through_the_openai_client(server, ckpts):
     assert metric(server, "statex_prefix_cache_budget_bytes", tier="device") == 4 << 20
     assert metric(server, "statex_prefix_cache_bytes", tier="host") == 0
     for name in ("misses_total", "evictions_total", "spills_total", "pinned", "entries"):
-        assert re.search(rf"^statex_prefix_cache_{name}", httpx.get(server.base_url + "/metrics").text, re.M)
+        assert re.search(rf"^statex_prefix_cache_{name}", httpx.get(server.base_url + "/metrics").text, re.MULTILINE)
 
 
 @pytest.mark.parametrize("method,path,body", [

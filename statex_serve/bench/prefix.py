@@ -175,7 +175,7 @@ async def run_prefix(target: Target, cfg: PrefixConfig, log=lambda msg: None) ->
         if max_len and d + QUESTION_TOKENS + OUTPUT_TOKENS > max_len:
             skipped.append({"document": d, "reason": f"document + question + output > max_model_len {max_len}"})
             continue
-        def question(i: int, kind: str) -> list[int]:
+        def question(i: int, kind: str, d: int = d) -> list[int]:
             return random_prompt(pool, QUESTION_TOKENS, f"prefix/{cfg.seed}/{d}/{kind}/{i}")
         row = {"document": d, "question_tokens": QUESTION_TOKENS}
         uncached = []
