@@ -30,7 +30,8 @@ from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColum
                                                RowParallelLinear)
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching
+from vllm.model_executor.models.interfaces import (HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching,
+                                                   SupportsPP)
 from vllm.model_executor.models.utils import (PPMissingLayer, extract_layer_index, is_pp_missing_parameter,
                                               make_empty_intermediate_tensors_factory, make_layers, maybe_prefix)
 from vllm.sequence import IntermediateTensors
@@ -259,7 +260,7 @@ class StateXGLAModel(nn.Module):
         return self.norm(h)
 
 
-class StateXGLAForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching):
+class StateXGLAForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching, SupportsPP):
     # -- state description (must agree with what the layers allocate) --
     @classmethod
     def _state_tensors(cls, vllm_config: VllmConfig):

@@ -30,7 +30,8 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_t
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching
+from vllm.model_executor.models.interfaces import (HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching,
+                                                   SupportsPP)
 from vllm.model_executor.models.utils import (PPMissingLayer, extract_layer_index, is_pp_missing_parameter,
                                               make_layers, maybe_prefix)
 from vllm.sequence import IntermediateTensors
@@ -245,7 +246,8 @@ class StateXMamba2Model(nn.Module):
         return self.norm_f(h).to(self.model_dtype)
 
 
-class StateXMamba2ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching):
+class StateXMamba2ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching,
+                              SupportsPP):
     @classmethod
     def _state_tensors(cls, vllm_config: VllmConfig):
         config = vllm_config.model_config.hf_config
