@@ -157,13 +157,21 @@ def test_prefix_cache_hits_and_still_matches(cached, oracles):
         assert list(o.outputs[0].token_ids) == expected(oracles[family], p), f"{family} shared prefix {len(p)}"
 
 
-def test_unexpanded_fla_hub_gla_checkpoint_serves(tmp_path_factory):
+@pytest.mark.parametrize("config_class", ["ours", "fla"])
+def test_unexpanded_fla_hub_gla_checkpoint_serves(tmp_path_factory, config_class):
     """An fla-hub GLA checkpoint as fla saves it (model_type "gla",
-    architectures ["GLAForCausalLM"], no per-layer heads), served unconverted."""
+    architectures ["GLAForCausalLM"], no per-layer heads), served unconverted,
+    whether AutoConfig maps "gla" to our FlaGLAConfig (the plugin) or to fla's
+    GLAConfig (when fla is imported after the plugin registered)."""
     import json
 
     import torch
     from fla.models import GLAConfig, GLAForCausalLM
+    from transformers import AutoConfig
+
+    from model_registry.vllm_plugin import FlaGLAConfig
+
+    AutoConfig.register("gla", FlaGLAConfig if config_class == "ours" else GLAConfig, exist_ok=True)
 
     from model_registry.convert import build_from_upstream
     from model_registry.tokenizer import save_byte_tokenizer
@@ -178,8 +186,11 @@ def test_unexpanded_fla_hub_gla_checkpoint_serves(tmp_path_factory):
     oracle, _ = build_from_upstream(src)
     llm = start_engine(src, prefix_caching=False)
     try:
+        hf_config = llm.llm_engine.vllm_config.model_config.hf_config
+        assert type(hf_config).__name__ == ("FlaGLAConfig" if config_class == "ours" else "GLAConfig")
         outs = generate(llm, PROMPTS[:5])
         for p, o in zip(PROMPTS, outs):
             assert list(o.outputs[0].token_ids) == expected(oracle, p), f"prompt len {len(p)}"
     finally:
         stop_engine(llm)
+        AutoConfig.register("gla", FlaGLAConfig, exist_ok=True)

@@ -47,6 +47,9 @@ def check_gla_config(config) -> None:
         "use_output_gate=False": not getattr(config, "use_output_gate", True),
         "num_kv_heads != num_heads": getattr(config, "num_kv_heads", None) not in (None, config.num_heads),
         "hidden_act": getattr(config, "hidden_act", "swish") not in ("swish", "silu"),
+        "use_gk=False": not getattr(config, "use_gk", True),
+        "use_gv=True": getattr(config, "use_gv", False),
+        "elementwise_affine=False": getattr(config, "elementwise_affine", True) is False,
     }
     bad = [k for k, v in bad.items() if v]
     if bad:
@@ -144,7 +147,9 @@ class GLAMixer(StateMixer):
         Kd, Vd = key_value_dims(config)
         quant = vllm_config.quant_config
         self.scale = s.head_k ** -0.5
-        self.gate_logit_normalizer = config.gate_logit_normalizer
+        # fla's GLAConfig has neither field; fla's layer defaults both to 16 (so does ours)
+        self.gate_logit_normalizer = getattr(config, "gate_logit_normalizer", 16)
+        low_rank = getattr(config, "gate_low_rank_dim", 16)
         self.clamp_min = getattr(config, "clamp_min", None)
         kw = dict(bias=False, quant_config=quant, return_bias=False)
         # key-dim projections shard by head blocks (replicated across a split head's ranks)
@@ -155,9 +160,9 @@ class GLAMixer(StateMixer):
         self.v_proj = ColumnParallelLinear(D, Vd, prefix=f"{prefix}.v_proj", **kw)
         self.g_proj = ColumnParallelLinear(D, Vd, prefix=f"{prefix}.g_proj", **kw)
         self.gk_proj = nn.ModuleList([
-            ReplicatedLinear(D, config.gate_low_rank_dim, bias=False, quant_config=None, return_bias=False,
+            ReplicatedLinear(D, low_rank, bias=False, quant_config=None, return_bias=False,
                              prefix=f"{prefix}.gk_proj.0"),
-            ColumnParallelLinear(config.gate_low_rank_dim, Kd, bias=True, quant_config=None, return_bias=False,
+            ColumnParallelLinear(low_rank, Kd, bias=True, quant_config=None, return_bias=False,
                                  tp_rank=s.head_rank, tp_size=s.head_ranks, prefix=f"{prefix}.gk_proj.1"),
         ])
         self.o_proj = RowParallelLinear(Vd, D, bias=False, input_is_parallel=True, quant_config=quant,
