@@ -13,9 +13,10 @@ cd "$(dirname "$0")/.."
 RUN=${1:-runs/bundled}
 PY=${PY:-.venv/bin/python}
 TRAIN="$PY -m training.cli"
-HIDDEN=${HIDDEN:-256} LAYERS=${LAYERS:-6} HEADS=${HEADS:-4} EVERY=${EVERY:-3}
-PRE_STEPS=${PRE_STEPS:-1500} PRE_LEN=${PRE_LEN:-1024} PRE_BATCH=${PRE_BATCH:-32}
-POST_STEPS=${POST_STEPS:-600} POST_LEN=${POST_LEN:-2048} POST_BATCH=${POST_BATCH:-16}
+HIDDEN=${HIDDEN:-192} LAYERS=${LAYERS:-4} HEADS=${HEADS:-4} EVERY=${EVERY:-2}
+PRE_STEPS=${PRE_STEPS:-3000} PRE_LEN=${PRE_LEN:-1024} PRE_BATCH=${PRE_BATCH:-8}
+POST_STEPS=${POST_STEPS:-1000} POST_LEN=${POST_LEN:-4096} POST_BATCH=${POST_BATCH:-2}
+PK_PRE_MAX=${PK_PRE_MAX:-384} PK_POST_MIN=${PK_POST_MIN:-512} PK_POST_MAX=${PK_POST_MAX:-1280}
 LR=${LR:-2e-3} DEVICE=${DEVICE:-auto} EVAL_SAMPLES=${EVAL_SAMPLES:-20}
 # optional wall-clock caps (seconds) that shrink the step counts to fit (CPU runs)
 PRE_BUDGET=${PRE_BUDGET:+--time-budget-s $PRE_BUDGET} POST_BUDGET=${POST_BUDGET:+--time-budget-s $POST_BUDGET}
@@ -23,9 +24,14 @@ DEST=${DEST:-statex_serve/bundled/statex-gla-tiny}
 mkdir -p "$RUN"
 
 $PY scripts/bundled_corpus.py --out "$RUN/corpus.jsonl"
-# text for language, passkey documents for retrieval (loss on the answer only)
-DATA=(--data "jsonl:$RUN/corpus.jsonl?split=train@3" --data "passkey?min_len=256&max_len=$PRE_LEN@1")
-POST_DATA=(--data "jsonl:$RUN/corpus.jsonl?split=train@3" --data "passkey?min_len=512&max_len=$POST_LEN@1")
+# Text for language, passkey documents for retrieval. Passkey documents are kept
+# well below the window (a document cut by a window boundary cannot be answered:
+# state is not carried between windows), and trained on every token (loss=all)
+# so the in-needle repetition of the key teaches copying before long-range recall.
+DATA=(--data "jsonl:$RUN/corpus.jsonl?split=train@2"
+      --data "passkey?min_len=64&max_len=$PK_PRE_MAX&loss=all@1")
+POST_DATA=(--data "jsonl:$RUN/corpus.jsonl?split=train@1"
+           --data "passkey?min_len=$PK_POST_MIN&max_len=$PK_POST_MAX&loss=all@1")
 
 $PY -m training.init_model --family gla --hidden-size "$HIDDEN" --layers "$LAYERS" --heads "$HEADS" \
     --out "$RUN/init" --overwrite
@@ -37,7 +43,7 @@ $TRAIN expand --base "$RUN/pretrain/model" --every "$EVERY" --heads 1 --init rei
 $TRAIN train --model "$RUN/expanded" "${POST_DATA[@]}" --out "$RUN/statex" --seq-len "$POST_LEN" \
     --batch-size "$POST_BATCH" --max-steps "$POST_STEPS" --lr "$LR" --warmup-steps 50 --save-every 200 \
     --device "$DEVICE" --overwrite $POST_BUDGET
-$TRAIN eval --model "$RUN/statex/model" --out "$RUN/eval" --tasks passkey,niah --lengths 512,1024,2048,4096 \
+$TRAIN eval --model "$RUN/statex/model" --out "$RUN/eval" --tasks passkey,niah --lengths ${EVAL_LENGTHS:-256,512,1024,2048} \
     --samples "$EVAL_SAMPLES" --heldout "jsonl:$RUN/corpus.jsonl?split=heldout" --device "$DEVICE" --overwrite \
     --label statex-gla-tiny
 

@@ -4,7 +4,8 @@
 #
 #   scripts/docker_smoke_test.sh            (needs docker.io + debootstrap; run as root)
 #
-# Environment: IMAGE (tag to build, default statex-serve:smoke), KEEP_IMAGE=1 to
+# Environment: PASSKEY=1 to require exact passkey answers at >= 1K tokens,
+# IMAGE (tag to build, default statex-serve:smoke), KEEP_IMAGE=1 to
 # keep it, PIP_CERT_FILE (CA bundle for an intercepting proxy; default: pip's
 # configured `cert`), BASE_IMAGE (skip debootstrap and use this image).
 set -euo pipefail
@@ -53,7 +54,7 @@ DOCKER_BUILDKIT=1 $DOCKER build --progress=plain --build-arg BASE_IMAGE="$BASE_I
     --build-arg TORCH_INDEX_URL= "${secret_args[@]}" \
     -t "$IMAGE" . >/tmp/statex-docker-build.log 2>&1 || { tail -40 /tmp/statex-docker-build.log; exit 1; }
 
-# 5. run it and ask the bundled model a passkey question through the API
+# 5. run it and query the bundled model through the API (PASSKEY=1: also passkey retrieval)
 name=statex-smoke-$$
 port=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
 cleanup() {
@@ -62,7 +63,7 @@ cleanup() {
 }
 trap cleanup EXIT
 $DOCKER run -d --name "$name" -p "127.0.0.1:$port:8000" "$IMAGE" >/dev/null
-$PY scripts/check_served_passkey.py --base-url "http://127.0.0.1:$port" --wait 180 || {
+$PY scripts/check_served_model.py --base-url "http://127.0.0.1:$port" --wait 180 ${PASSKEY:+--passkey} || {
     $DOCKER logs "$name" 2>&1 | tail -40; exit 1; }
 
 # 6. the image runs as a non-root user and holds no build secret

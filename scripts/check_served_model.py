@@ -1,8 +1,9 @@
-"""Ask a running statex-serve (any OpenAI-compatible URL) passkey questions at
->= 1K tokens and check the answers exactly. Used by the Docker smoke test and
-as a manual check of the bundled model:
+"""Check a running statex-serve (any OpenAI-compatible URL) end to end: it lists
+its model, completes a prompt and a chat, and, with --passkey, answers passkey
+questions at >= 1K tokens exactly. Used by the Docker smoke test and as a manual
+check of the bundled model:
 
-    python scripts/check_served_passkey.py --base-url http://127.0.0.1:8000 --wait 120
+    python scripts/check_served_model.py --base-url http://127.0.0.1:8000 --wait 120 [--passkey]
 """
 from __future__ import annotations
 
@@ -43,11 +44,22 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=1100, help="prompt length in tokens (bytes)")
     ap.add_argument("--seeds", default="1,2,3", help="one passkey prompt per seed")
     ap.add_argument("--wait", type=float, default=0, help="seconds to wait for /health first")
+    ap.add_argument("--passkey", action="store_true", help="also require exact passkey answers")
     args = ap.parse_args()
     if args.wait:
         wait_healthy(args.base_url, args.wait)
     client = OpenAI(base_url=f"{args.base_url}/v1", api_key="unused")
     model = client.models.list().data[0].id
+    text = client.completions.create(model=model, prompt="The function returns", max_tokens=24,
+                                     temperature=0).choices[0].text
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=16, temperature=0).choices[0].message.content
+    print(f"model {model}: completion {text!r}; chat {chat!r}")
+    if not text or chat is None:
+        print("error: empty completion or chat answer", file=sys.stderr)
+        return 1
+    if not args.passkey:
+        return 0
     failures = 0
     for seed in (int(s) for s in args.seeds.split(",")):
         sample = passkey(random.Random(seed), ByteCodec(), args.length, depth=random.Random(seed).random())
