@@ -18,15 +18,26 @@ from statex_serve import __version__
 logger = logging.getLogger("statex_serve")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" only where the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="statex-serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--model", default=None,
                    help="checkpoint directory, or the name of a bundled model (default: the bundled model)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in the 'model' field (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--backend", choices=("native", "vllm"), default="native",
                    help="native: the built-in engine; vllm: vLLM's AsyncLLM with our model plugin")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -57,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 4GiB with CUDA, 0 on CPU where the device is host memory)")
     p.add_argument("--api-key", default=os.environ.get("STATEX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STATEX_API_KEY; none)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"),
+                   help="how much the server logs")
     p.add_argument("--version", action="version", version=f"statex-serve {__version__}")
     return p
 
