@@ -339,13 +339,14 @@ def run(args) -> dict:
         raise SystemExit(f"no corpus at {corpus}: run `prepare` first")
     out, work = Path(args.out), Path(args.work)
     t_start = time.perf_counter()
-    results = {"preset_name": args.preset, "preset": asdict(p), "torch": torch.__version__,
+    results = {"preset_name": args.preset, "preset": asdict(p), "budget_scale": args.budget_scale,
+               "command": " ".join(sys.argv), "torch": torch.__version__,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "families": {}}
     for fam in args.families.split(","):
         used = time.perf_counter() - t_start
         need = (p.pre_budget_s or 0) + 2 * (p.post_budget_s or 0)
-        if args.deadline_s and used + FAMILY_BUDGET_SCALE[fam] * need + 40 > args.deadline_s:
+        if args.deadline_s and used + FAMILY_BUDGET_SCALE[fam] * args.budget_scale * need + 40 > args.deadline_s:
             log(f"skipping {fam}: {used:.0f}s used, not enough left before the {args.deadline_s}s deadline")
             results["families"][fam] = {"skipped": f"deadline ({used:.0f}s used of {args.deadline_s}s)"}
             continue
@@ -357,7 +358,8 @@ def run(args) -> dict:
             write_outputs(results, out)
 
         try:
-            run_family(fam, p, corpus, work, FAMILY_BUDGET_SCALE[fam], args.kernels, entry, save)
+            run_family(fam, p, corpus, work, FAMILY_BUDGET_SCALE[fam] * args.budget_scale, args.kernels, entry,
+                       save)
         except Exception as e:  # noqa: BLE001 - keep the other family's results
             import traceback
 
@@ -382,6 +384,9 @@ def main(argv=None) -> int:
     pr.add_argument("--preset", default="gpu", choices=sorted(PRESETS))
     pr.add_argument("--families", default="gla,mamba2")
     pr.add_argument("--deadline-s", type=float, help="skip a family that would not finish before this")
+    pr.add_argument("--budget-scale", type=float, default=1.0,
+                    help="multiply the preset's training time budgets (e.g. 2.5 when the GPU is shared "
+                         "with other runs, or for a longer experiment)")
     pr.add_argument("--kernels", default="reference", choices=("reference", "auto"),
                     help="train through the torch reference (predictable; no Triton compilation) or the "
                          "CUDA kernels (fla chunk_gla, mamba-ssm), checked against the reference first")
