@@ -221,3 +221,29 @@ def test_floor_and_presets():
     assert parse_bandwidth("4.25TB/s") == 4.25e12 and parse_bandwidth("900 GB/s") == 9e11
     with pytest.raises(BenchError):
         parse_target("engine:/no/such/checkpoint")
+
+
+def test_a_stopped_run_keeps_what_it_measured(ckpts, tmp_path):
+    """SIGTERM after the latency suite finished, during the prefix suite: exit 143,
+    and results.json / results.md hold the latency tables, marked incomplete."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "statex_serve.bench", "latency", "prefix", "--quick", "--no-progress",
+           "--target", f"engine:{ckpts['base']}?label=base", "--contexts", "64,128", "--concurrency", "1",
+           "--requests", "1", "--output-len", "4", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (out / "results.json").exists():   # the first checkpoint: latency done
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[0].endswith("terminated")
+    res = json.loads((out / "results.json").read_text())
+    assert res["incomplete"].startswith("terminated")
+    assert [c["context"] for c in res["suites"]["latency"]["base"]["cells"]] == [64, 128]
+    assert "Incomplete run" in (out / "results.md").read_text()

@@ -182,7 +182,10 @@ def _progress(total: int, desc: str, enabled: bool):
                 dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5.0)
 
 
-async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
+async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dict, checkpoint=lambda: None
+              ) -> dict:
+    """Fills ``results`` suite by suite, calling ``checkpoint()`` after each
+    target's part, so a run that is stopped still leaves what it measured."""
     from statex_serve.bench import compare as compare_mod
     from statex_serve.bench import latency as latency_mod
     from statex_serve.bench import memory as memory_mod
@@ -196,11 +199,11 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     t0 = time.perf_counter()
-    results = {"command": shlex.join([*PROG.split(), *argv]), "started": started.isoformat(),
-               "environment": environment(),
-               "settings": {k: v for k, v in cfg.items() if k != "specs"} | {
-                   "bandwidth_bytes_s": cfg["bandwidth"], "quick": args.quick, "seed": args.seed},
-               "targets": [], "suites": {}}
+    results.update({"command": shlex.join([*PROG.split(), *argv]), "started": started.isoformat(),
+                    "environment": environment(),
+                    "settings": {k: v for k, v in cfg.items() if k != "specs"} | {
+                        "bandwidth_bytes_s": cfg["bandwidth"], "quick": args.quick, "seed": args.seed},
+                    "targets": [], "suites": {}})
     targets = [make_target(s, args.timeout) for s in cfg["specs"]]
     log = (lambda msg: print(msg, file=sys.stderr)) if show else (lambda msg: None)
     try:
@@ -229,6 +232,7 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
                 with _progress(latency_mod.planned_requests(lc, t.max_model_len), f"latency {t.label}", show) as bar:
                     out[t.label] = await latency_mod.run_latency(t, lc, facts[t.label], cfg["bandwidth"], bar)
                 timings[f"latency {t.label}"] = time.perf_counter() - t1
+                checkpoint()
         if "recall" in suites:
             rc = recall_mod.RecallConfig(cfg["tasks"], cfg["recall_contexts"], cfg["samples"], args.mqar_queries,
                                          cfg["recall_concurrency"], 1234 + args.seed)
@@ -241,6 +245,7 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
                 with _progress(total, f"recall {t.label}", show) as bar:
                     out[t.label] = await recall_mod.run_recall(t, rc, cells, codec, bar)
                 timings[f"recall {t.label}"] = time.perf_counter() - t1
+                checkpoint()
         if "memory" in suites:
             mc = memory_mod.MemoryConfig(cfg["memory_contexts"], cfg["budget"], cfg["memory_models"], args.kv_heads,
                                          args.kv_dtype)
@@ -248,6 +253,7 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
             t1 = time.perf_counter()
             results["suites"]["memory"] = await asyncio.to_thread(memory_mod.run_memory, mc, served)
             timings["memory"] = time.perf_counter() - t1
+            checkpoint()
         if "prefix" in suites:
             from statex_serve.bench import prefix as prefix_mod
 
@@ -257,13 +263,14 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
                 t1 = time.perf_counter()
                 out[t.label] = await prefix_mod.run_prefix(t, pc, log)
                 timings[f"prefix {t.label}"] = time.perf_counter() - t1
+                checkpoint()
         if "compare" in suites:
             a, b = (t.label for t in targets)
             s = results["suites"]
             s["compare"] = compare_mod.compare(a, b, s.get("latency", {}), s.get("recall", {}), s.get("memory"))
     finally:
         await asyncio.gather(*(t.stop() for t in targets), return_exceptions=True)
-    results["duration_s"] = time.perf_counter() - t0
+        results["duration_s"] = time.perf_counter() - t0
     if hasattr(os, "getloadavg"):
         results["load_average_1m_end"] = os.getloadavg()[0]
     return results
@@ -280,16 +287,30 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not out.is_dir():
             raise BenchError(f"--out {out}: exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
-        results = asyncio.run(run(args, cfg, argv))
     except BenchError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except asyncio.CancelledError:
-        print(f"{PROG}: terminated", file=sys.stderr)
-        return 143
+    from statex_serve.bench.report import write_json
+
+    results: dict = {}
+    try:
+        asyncio.run(run(args, cfg, argv, results, lambda: write_json(out / "results.json", results | {
+            "incomplete": "partial: written while the run was still going"})))
+    except BenchError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError) as e:
+        stop, code = ("interrupted", 130) if isinstance(e, KeyboardInterrupt) else ("terminated", 143)
+        print(f"{PROG}: {stop}", file=sys.stderr)
+        if results.get("suites"):   # keep what was measured before the stop
+            results["incomplete"] = f"{stop} before the run finished; the tables hold what completed"
+            write_outputs(results, out)
+        return code
+    write_outputs(results, out)
+    return 0
+
+
+def write_outputs(results: dict, out: Path) -> None:
     from statex_serve.bench.plots import write_plots
     from statex_serve.bench.report import markdown, write_json
 
@@ -300,4 +321,3 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
           + "".join(f", {out / p}" for p in results["plots"]), file=sys.stderr)
-    return 0

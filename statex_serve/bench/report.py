@@ -139,6 +139,8 @@ def markdown(results: dict) -> str:
               else "")
            + (f", {results['load_average_1m_end']:.1f} at the end" if results.get("load_average_1m_end") is not None
               else "") + ".", ""]
+    if results.get("incomplete"):
+        out += [f"**Incomplete run:** {results['incomplete']}.", ""]
     targets = results.get("targets", [])
     if targets:
         rows = []
