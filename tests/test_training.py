@@ -127,6 +127,8 @@ def test_train_cli_halts_resumes_and_exports(ckpts, tmp_path, capsys):
             "--seq-len", "64", "--batch-size", "2", "--max-steps", "4", "--save-every", "2", "--no-progress"]
     assert cli([*args, "--halt-after-step", "2"]) == 0
     assert "continue with --resume" in capsys.readouterr().out and not (out / "model").exists()
+    halted = json.loads(next((out / "checkpoints").glob("step_*2/statex.json")).read_text())
+    assert halted["post_training"]["steps"] == 2 and halted["post_training"]["max_steps"] == 4   # a checkpoint says how far
     assert cli([*args, "--resume"]) == 0
     assert (out / "model" / "config.json").is_file()
     prov = json.loads((out / "model" / "statex.json").read_text())

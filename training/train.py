@@ -189,6 +189,14 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
     provenance = {"kind": "statex post-trained checkpoint", "base": str(model_dir.resolve()),
                   "base_provenance": base_provenance}
 
+    def training_record(at_step: int) -> dict:
+        """What statex.json says about this post-training at ``at_step``."""
+        return {"steps": at_step, "max_steps": max_steps, "tokens": tokens, "seq_len": cfg.seq_len,
+                "batch_tokens": tokens_per_step, "data": cfg.data, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+                "min_lr_ratio": cfg.min_lr_ratio, "weight_decay": cfg.weight_decay, "clip": cfg.clip,
+                "precision": "bf16" if bf16 else "fp32", "world_size": d.world, "seed": cfg.seed,
+                "parameters": count_parameters(model)}
+
     def checkpoint(at_step: int) -> None:
         states = _gather({"data": stream.state_dict(), "rng": rng_state()}, d)
         if d.main:
@@ -196,7 +204,8 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
                                   {"step": at_step, "tokens": tokens, "max_steps": max_steps, "world": d.world,
                                    "data": [s["data"] for s in states], "rng": [s["rng"] for s in states],
                                    "config": asdict(cfg)},
-                                  model_dir, provenance, cfg.keep_checkpoints)
+                                  model_dir, provenance | {"post_training": training_record(at_step)},
+                                  cfg.keep_checkpoints)
         if d.world > 1:
             dist.barrier()
 
@@ -266,12 +275,7 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
     summary = {"steps": step, "max_steps": max_steps, "tokens": tokens, "finished": finished,
                "seconds_this_run": elapsed, "out": str(out)}
     if finished and d.main:
-        provenance["post_training"] = {
-            "steps": step, "tokens": tokens, "seq_len": cfg.seq_len,
-            "batch_tokens": tokens_per_step, "data": cfg.data, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
-            "min_lr_ratio": cfg.min_lr_ratio, "weight_decay": cfg.weight_decay, "clip": cfg.clip,
-            "precision": "bf16" if bf16 else "fp32", "world_size": d.world, "seed": cfg.seed,
-            "parameters": count_parameters(model)}
+        provenance["post_training"] = training_record(step)
         save_checkpoint(model, out / "model", tokenizer_src=model_dir, provenance=provenance, overwrite=True)
         summary["model"] = str(out / "model")
     if d.world > 1:
