@@ -317,3 +317,39 @@ class Engine(abc.ABC):
     def delete_prefix(self, prefix_id: str) -> PrefixInfo:
         """Unpin and drop a prefix; raises ``PrefixNotFoundError``."""
         raise PrefixNotFoundError(f"this engine keeps no prefixes (no prefix {prefix_id!r})")
+
+
+class LoadedModelEngine(Engine):
+    """The model facts both our engines answer the same way: names and path
+    from ``self.args`` (``EngineArgs``), the rest from what loading the model
+    set (``_max_model_len``, ``_tokenizer``, ``_vocab_size``)."""
+
+    args: Any
+    _max_model_len: int
+    _tokenizer: Any
+    _vocab_size: int
+
+    @property
+    def model_name(self) -> str:
+        return self.args.served_name
+
+    @property
+    def served_model_names(self) -> list[str]:
+        return list(self.args.served_model_names) or [self.args.model]
+
+    @property
+    def model_path(self) -> str:
+        return str(self.args.model)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+

@@ -33,7 +33,7 @@ from model_registry.checkpoint import load_model, read_config_dict
 from statex_serve.engine import sampler as sampling
 from statex_serve.engine.args import EngineArgs
 from statex_serve.engine.base import (
-    Engine, EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError,
+    EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError, LoadedModelEngine,
     PrefixInfo, RequestFailedError, RequestOutput,
 )
 from statex_serve.engine.loading import (
@@ -92,7 +92,7 @@ class _OutputStream:
             self._engine.abort(self._request_id)
 
 
-class NativeEngine(Engine):
+class NativeEngine(LoadedModelEngine):
     def __init__(self, args: EngineArgs):
         self.args = args
         t0 = time.perf_counter()
@@ -136,30 +136,6 @@ class NativeEngine(Engine):
                                   state_pool_bytes=self.runner.pools.nbytes)
 
     # --- the interface --------------------------------------------------------------
-    @property
-    def model_name(self) -> str:
-        return self.args.served_name
-
-    @property
-    def served_model_names(self) -> list[str]:
-        return list(self.args.served_model_names) or [self.args.model]
-
-    @property
-    def model_path(self) -> str:
-        return str(self.args.model)
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
     @property
     def max_n(self) -> int:
         return self.num_slots

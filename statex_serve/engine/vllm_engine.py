@@ -44,7 +44,8 @@ import torch
 from model_registry.checkpoint import read_config_dict
 from statex_serve.engine.args import EngineArgs
 from statex_serve.engine.base import (
-    MAX_N, Engine, EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError,
+    MAX_N, EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError,
+    LoadedModelEngine,
     RequestFailedError, RequestOutput, SamplingParams, TokenLogprob,
 )
 from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -235,7 +236,7 @@ class _Stream:
             self.cancel()
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(LoadedModelEngine):
     def __init__(self, args: EngineArgs):
         self.args = args
         t0 = time.perf_counter()
@@ -310,30 +311,6 @@ class VLLMEngine(Engine):
                     self.max_num_seqs, self.num_blocks)
 
     # --- the interface --------------------------------------------------------------
-    @property
-    def model_name(self) -> str:
-        return self.args.served_name
-
-    @property
-    def served_model_names(self) -> list[str]:
-        return list(self.args.served_model_names) or [self.args.model]
-
-    @property
-    def model_path(self) -> str:
-        return str(self.args.model)
-
-    @property
-    def max_model_len(self) -> int:
-        return self._max_model_len
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
     @property
     def max_n(self) -> int:
         return min(MAX_N, self.max_num_seqs)
