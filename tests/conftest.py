@@ -1,4 +1,5 @@
-"""Shared test setup: GPU tests run only where CUDA is present (the device machine)."""
+"""Shared test setup: GPU tests run only where CUDA is present (the device machine);
+in-process engine tests run torch on one thread."""
 from __future__ import annotations
 
 import pytest
@@ -12,3 +13,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are latency-bound: one intra-op thread is many times faster
+    than two on a 2-core machine that is busy with anything else. Modules that
+    run an engine in-process use it with ``pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

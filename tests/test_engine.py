@@ -19,14 +19,7 @@ from statex_serve.engine.native import NativeEngine
 FAMILIES = ["gla", "mamba2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models are latency-bound: one intra-op thread is many times faster
-    than two on a 2-core machine that is busy with anything else."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
