@@ -319,49 +319,58 @@ def _dump(obj, path):
             json.dump(obj, f)
 
 
-def sweep(reps, out_rows, path=None):
-    """Time launch configurations of our decode kernels; print the best per case."""
+def _sweep_wanted(cases, kernel, shape, sdt):
+    return cases is None or f"{kernel}:{shape}:{DT_NAME[sdt]}" in cases
+
+
+def _sweep_report(kind, name, B, sdt, res, nbytes, out_rows, path):
+    res.sort()
+    best = res[0]
+    print(f"sweep {kind} {name} B={B} {DT_NAME[sdt]}: best {best[1]} {best[0]:.1f} us "
+          f"({nbytes / best[0] / 1e3:.0f} GB/s); next {[(round(u, 1), c) for u, c in res[1:4]]}", flush=True)
+    out_rows.append({"kernel": f"{kind}_decode", "shape": name, "batch": B, "state_dtype": DT_NAME[sdt],
+                     "configs": [[u, list(c)] for u, c in res]})
+    _dump(out_rows, path)
+
+
+def sweep(reps, out_rows, path=None, cases=None, batches=(8, 64, 256)):
+    """Time launch configurations of our decode kernels; print the best per case.
+    ``cases``: None for all, else a set of "gla:SHAPE:DTYPE" / "ssd:SHAPE:DTYPE"."""
     for name, (H, K, V) in GLA_SHAPES.items():
         for sdt in (torch.float32, torch.bfloat16):
-            for B in (8, 64, 256):
+            if not _sweep_wanted(cases, "gla", name, sdt):
+                continue
+            for B in batches:
                 res = []
-                for BV in (32, 64, 128):
-                    for tile in (2048, 4096, 8192):
+                for BV in (32, 64, 128, 256):
+                    for tile in (2048, 4096, 8192, 16384):
                         BK = tile // BV
-                        if BK > K:
+                        if BK > K or BK < 8 or BV > V:
                             continue
-                        for nw in (4, 8):
+                        for nw in (4, 8, 16):
+                            if tile // (32 * nw) < 8:       # under 8 elements per thread: idle lanes
+                                continue
                             us, nbytes, _ = bench_gla_decode(H, K, V, B, sdt, reps, "ours", (BK, BV, nw))
                             res.append((us, (BK, BV, nw)))
-                res.sort()
-                best = res[0]
-                print(f"sweep gla {name} B={B} {DT_NAME[sdt]}: best {best[1]} {best[0]:.1f} us "
-                      f"({nbytes / best[0] / 1e3:.0f} GB/s); next {[(round(u, 1), c) for u, c in res[1:4]]}",
-                      flush=True)
-                out_rows.append({"kernel": "gla_decode", "shape": name, "batch": B, "state_dtype": DT_NAME[sdt],
-                                 "configs": [[u, list(c)] for u, c in res]})
-                _dump(out_rows, path)
+                _sweep_report("gla", name, B, sdt, res, nbytes, out_rows, path)
     for name, (H, P, N) in SSD_SHAPES.items():
         for sdt in (torch.float32, torch.bfloat16):
-            for B in (8, 64, 256):
+            if not _sweep_wanted(cases, "ssd", name, sdt):
+                continue
+            for B in batches:
                 res = []
                 for BN in (64, 128, 256, 512):
                     if BN > N:
                         continue
-                    for BP in (4, 8, 16, 32):
-                        if BP * BN > 16384 or BP * BN < 512:
+                    for BP in (4, 8, 16, 32, 64):
+                        if BP * BN > 16384 or BP * BN < 512 or BP > P:
                             continue
-                        for nw in (4, 8):
+                        for nw in (4, 8, 16):
+                            if BP * BN // (32 * nw) < 8:
+                                continue
                             us, nbytes, _ = bench_ssd_decode(H, P, N, B, sdt, reps, "ours", (BP, BN, nw))
                             res.append((us, (BP, BN, nw)))
-                res.sort()
-                best = res[0]
-                print(f"sweep ssd {name} B={B} {DT_NAME[sdt]}: best {best[1]} {best[0]:.1f} us "
-                      f"({nbytes / best[0] / 1e3:.0f} GB/s); next {[(round(u, 1), c) for u, c in res[1:4]]}",
-                      flush=True)
-                out_rows.append({"kernel": "ssd_decode", "shape": name, "batch": B, "state_dtype": DT_NAME[sdt],
-                                 "configs": [[u, list(c)] for u, c in res]})
-                _dump(out_rows, path)
+                _sweep_report("ssd", name, B, sdt, res, nbytes, out_rows, path)
 
 
 # -------------------------------------------------------------------------------- main
@@ -372,8 +381,13 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the JSON rows here")
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations of our decode kernels")
     ap.add_argument("--sweep-out", default=None, help="JSON for the sweep results")
+    ap.add_argument("--sweep-cases", default=None,
+                    help="comma-separated KERNEL:SHAPE:DTYPE to sweep, e.g. gla:H4K256V512:bf16 (default: all)")
+    ap.add_argument("--sweep-batches", default="8,64,256", help="batch sizes for the sweep")
     ap.add_argument("--no-prefill", action="store_true", help="decode only")
     ap.add_argument("--no-decode", action="store_true", help="prefill only")
+    ap.add_argument("--prefill-lengths", default=None,
+                    help="prefill tokens per call, in run order (default 8192,32768; quick 8192)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
@@ -431,7 +445,8 @@ def main(argv=None):
                 add("ours", "conv_decode", name, B, "bf16", r[0], r[1], r[2])
 
     if not args.no_prefill:
-        Ts = (8192,) if args.quick else (8192, 32768)
+        Ts = ((8192,) if args.quick else (8192, 32768)) if args.prefill_lengths is None else \
+            tuple(int(t) for t in args.prefill_lengths.split(","))
         for T in Ts:
             for nseq in ((1,) if args.quick else (1, 8)):
                 for name, (H, K, V) in GLA_SHAPES.items():
@@ -456,7 +471,8 @@ def main(argv=None):
     print_table(result)
     if args.sweep:
         sweep_rows = []
-        sweep(5, sweep_rows, args.sweep_out)
+        cases = set(args.sweep_cases.split(",")) if args.sweep_cases else None
+        sweep(5, sweep_rows, args.sweep_out, cases, tuple(int(b) for b in args.sweep_batches.split(",")))
     return 0
 
 

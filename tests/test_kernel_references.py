@@ -144,3 +144,20 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     assert not use_fast_path(t)
     monkeypatch.setenv("STATEX_KERNELS", "reference")
     assert not use_fast_path(t)
+
+
+def test_gla_prefill_offsets_converted_once_per_tensor():
+    """fla caches chunk indices by the identity of ``cu_seqlens``: every layer of
+    one forward must hand it the same int64 tensor, or each layer re-derives them
+    with a host sync."""
+    pytest.importorskip("triton")
+    from kernels.gla.triton import _int64_offsets
+
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+    first = _int64_offsets(cu)
+    assert first.dtype == torch.long and first.tolist() == [0, 5, 9]
+    assert _int64_offsets(cu) is first                  # next layer, same forward
+    other = _int64_offsets(torch.tensor([0, 5, 9], dtype=torch.int32))
+    assert other is not first                           # a new forward's offsets
+    already = torch.tensor([0, 3], dtype=torch.long)
+    assert _int64_offsets(already) is already

@@ -103,6 +103,21 @@ def gla_decode(q, k, v, g, state_pool, slots, scale):
     return gla_decode_launch(q, k, v, g, state_pool, slots, scale, BK, BV, nw)
 
 
+# fla caches the chunk indices it derives from ``cu_seqlens`` (with a host sync)
+# by tensor identity. Every layer of one forward passes the same offsets, so the
+# int64 copy fla wants is made once per offsets tensor, not once per layer: one
+# sync per forward instead of one per layer.
+_last_offsets: list = [None, None]  # [offsets as passed in, their int64 copy]
+
+
+def _int64_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    if cu_seqlens.dtype == torch.long:
+        return cu_seqlens
+    if _last_offsets[0] is not cu_seqlens:
+        _last_offsets[:] = [cu_seqlens, cu_seqlens.to(torch.long)]
+    return _last_offsets[1]
+
+
 def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale):
     """Variable-length prompts through fla ``chunk_gla``; states gathered from and
     scattered back to the pool (one read and one write of B states per call),
@@ -116,7 +131,7 @@ def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, sc
     h0 = gather_states(state_pool, slots, has_initial_state)
     o, ht = chunk_gla(
         q[None], k[None], v[None], g[None], scale=scale, initial_state=h0,
-        output_final_state=True, cu_seqlens=cu_seqlens.to(torch.long) if N > 1 else None,
+        output_final_state=True, cu_seqlens=_int64_offsets(cu_seqlens) if N > 1 else None,
     )
     scatter_states(ht, slots, state_pool)
     return o[0]

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# H200 measurements for docs/perf.md and docs/bench.md, in stages, each capped
+# in wall-clock time, each writing into $OUT as it goes (a stage cut short keeps
+# what it measured). Run on the device machine from the repository root:
+#
+#   (device, carry .whl)  OUT=$OUT bash scripts/gpu_bench_run.sh profile prefill sweep tests
+#   (device, carry .whl)  OUT=$OUT bash scripts/gpu_bench_run.sh e2e
+#   (device, carry .whl)  OUT=$OUT bash scripts/gpu_bench_run.sh decode
+#
+# Stages:
+#   profile  scripts/profile_step.py on both 1.3B StateX shapes (decode graph vs
+#            eager vs runner step vs the floor; prefill; kernel tables)
+#   prefill  python -m kernels.bench --no-decode, 32K first, then 8K
+#   sweep    decode launch configurations for the two bf16-pool cases under 85%
+#   tests    pytest -m gpu tests/gpu (every GPU test, with the reason of any skip)
+#   decode   python -m kernels.bench --no-prefill (the decode table, one run)
+#   e2e      python -m statex_serve.bench latency + prefix on both 1.3B StateX
+#            shapes (random weights), in-process engine, contexts up to 32K
+# .whl holds the fla and mamba-ssm wheels (pure Python + Triton) for machines
+# without an index; with network access, pip install them instead.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT}
+W=${WORK:-/tmp/statex-gpu-bench}
+PY=${PY:-python3}
+mkdir -p "$W" "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton-cache}
+if [ -d .whl ] && [ ! -d "$W/site/fla" ]; then
+    $PY -m pip install -q --no-index --no-deps --target "$W/site" .whl/*.whl
+fi
+export PYTHONPATH=$W/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu.txt"
+$PY -c 'import torch, triton, fla; print("torch", torch.__version__, "triton", triton.__version__, "fla", fla.__version__)' \
+    | tee -a "$OUT/gpu.txt"
+
+stage() {  # NAME SECONDS COMMAND...: one capped stage, its log in $OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout --signal=TERM --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "$name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/status.txt"
+}
+
+ckpt() {  # SHAPE: a random bf16 checkpoint of a bench preset, made once per machine
+    [ -f "$W/ckpt/$1/config.json" ] || $PY -m statex_serve.bench.make_checkpoint "$1" "$W/ckpt/$1" --overwrite \
+        > /dev/null
+}
+
+for s in "$@"; do
+    case $s in
+    profile)
+        stage profile "${PROFILE_S:-200}" bash -c "$PY scripts/profile_step.py gla-1.3b-statex --out $OUT/profile && \
+            $PY scripts/profile_step.py mamba2-1.3b-statex --out $OUT/profile" ;;
+    prefill)
+        stage prefill "${PREFILL_S:-240}" $PY -m kernels.bench --no-decode --prefill-lengths 32768,8192 \
+            --out "$OUT/kernels-prefill.json" ;;
+    sweep)
+        stage sweep "${SWEEP_S:-150}" $PY -m kernels.bench --no-decode --no-prefill --sweep \
+            --sweep-cases gla:H4K256V512:bf16,ssd:H64P64N512:bf16 --sweep-batches 64,256 \
+            --sweep-out "$OUT/kernels-sweep.json" ;;
+    tests)
+        xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 4")
+        stage tests "${TESTS_S:-300}" $PY -m pytest -m gpu tests/gpu -rA -q $xdist --durations=15 ;;
+    decode)
+        stage decode "${DECODE_S:-420}" $PY -m kernels.bench --no-prefill --out "$OUT/kernels-decode.json" ;;
+    e2e)
+        for shape in gla-1.3b-statex mamba2-1.3b-statex; do
+            ckpt "$shape"
+            stage "e2e-$shape" "${E2E_S:-240}" $PY -m statex_serve.bench latency prefix --no-progress \
+                --target "engine:$W/ckpt/$shape?label=$shape&max_model_len=40000" \
+                --contexts 1K,4K,16K,32K --concurrency 1 --requests 4 --warmup 2 --output-len 64 \
+                --out "$OUT/$shape"
+        done ;;
+    *) echo "unknown stage $s" >&2; exit 2 ;;
+    esac
+done
+ls -la "$OUT"

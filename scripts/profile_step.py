@@ -1,0 +1,151 @@
+"""Where does an engine step's time go? Times one decode step and one prefill
+of a 1.3B-shaped model (random weights) on the GPU, layer by layer:
+
+    python scripts/profile_step.py gla-1.3b-statex [--batch 1,16] [--prefill 1024,8192] [--out DIR]
+
+For decode it prints, per batch size: the captured graph's replay time (what
+the engine runs), the same step eager (launch-bound when it is much slower),
+the runner's full decode call with sampling (graph + input copies + argmax +
+``tolist``), and the memory-bandwidth floor (weights + states read and written
+once). For prefill: the model's prefill call at each length, and tokens/s.
+Then a ``torch.profiler`` table of the GPU kernels of one eager decode step and
+one prefill, so a gap from the floor can be attributed to kernels (how many,
+which) rather than guessed. Writes ``profile.json`` and the tables to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _cuda_ms(fn, reps=50, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    return statistics.median(times)
+
+
+def _wall_ms(fn, reps=50, warmup=5):
+    """Host wall time including any host sync inside ``fn`` (the engine's view)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _kernel_table(fn, path: Path, title: str, rows=25) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    try:
+        n_kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    except Exception:      # profiler API drift must not lose the timings
+        n_kernels = -1
+    table = events.table(sort_by="cuda_time_total", row_limit=rows)
+    text = f"## {title}: {n_kernels} GPU kernel launches\n\n{table}\n"
+    with open(path, "a") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("shape", help="a bench preset, e.g. gla-1.3b-statex, mamba2-1.3b-statex")
+    ap.add_argument("--batch", default="1,16", help="decode batch sizes")
+    ap.add_argument("--prefill", default="1024,8192", help="prefill lengths (one sequence)")
+    ap.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--out", default="profile-step", help="output directory")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    from model_registry import MODEL_TYPES
+    from model_registry.tokenizer import BOS_ID, EOS_ID, PAD_ID
+    from kernels.bench import copy_bandwidth_GBps
+    from statex_serve.bench.modelinfo import preset_config
+    from statex_serve.engine import sampler as sampling
+    from statex_serve.engine.runner import ModelRunner
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = out / f"{args.shape}-kernels.md"
+    tables.write_text(f"# {args.shape}: GPU kernels per step ({torch.cuda.get_device_name()})\n\n")
+    config = preset_config(args.shape, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(0)
+    model = MODEL_TYPES[config.model_type][1](config).to(torch.bfloat16).cuda().eval()
+    batches = [int(b) for b in args.batch.split(",")]
+    sdt = getattr(torch, args.state_dtype)
+    runner = ModelRunner(model, max(batches), torch.device("cuda"), sdt)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    state_bytes = runner.pools.spec.bytes_per_sequence
+    copy_GBps = copy_bandwidth_GBps()
+    result = {"shape": args.shape, "device": torch.cuda.get_device_name(), "weight_bytes": weight_bytes,
+              "state_bytes_per_sequence": state_bytes, "state_dtype": args.state_dtype, "copy_GBps": copy_GBps,
+              "decode": [], "prefill": []}
+    print(f"{args.shape}: weights {weight_bytes / 1e9:.2f} GB, state {state_bytes / 2**20:.1f} MiB per sequence, "
+          f"copy bandwidth {copy_GBps:.0f} GB/s", flush=True)
+
+    for B in batches:
+        ids = torch.randint(0, config.vocab_size, (B,), device="cuda")
+        slots = torch.arange(B, dtype=torch.int32, device="cuda")
+        graph_ms = _cuda_ms(lambda: runner.graphs.run(ids, slots)) if runner.graphs else None
+        eager_ms = _cuda_ms(lambda: model.decode(ids, slots, runner.pools))
+        rows = [sampling.SamplingRow() for _ in range(B)]
+        ids_l, slots_l = ids.tolist(), slots.tolist()
+        step_ms = _wall_ms(lambda: sampling.sample(runner.decode(ids_l, slots_l), rows))
+        # every weight read once, every state read and written once, at the copy bandwidth
+        floor = (weight_bytes + 2 * B * state_bytes) / (copy_GBps * 1e9) * 1e3
+        row = {"batch": B, "graph_ms": graph_ms, "eager_ms": eager_ms, "runner_step_ms": step_ms,
+               "floor_ms": floor}
+        result["decode"].append(row)
+        print(f"decode B={B}: graph {graph_ms:.3f} ms, eager {eager_ms:.3f} ms, runner+sample {step_ms:.3f} ms, "
+              f"floor {floor:.3f} ms -> graph/floor {graph_ms / floor:.2f}x", flush=True)
+        print(_kernel_table(lambda: model.decode(ids, slots, runner.pools), tables, f"eager decode B={B}"),
+              flush=True)
+
+    for T in (int(t) for t in args.prefill.split(",")):
+        ids = torch.randint(0, config.vocab_size, (T,), device="cuda")
+        cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+        slot = torch.zeros(1, dtype=torch.int32, device="cuda")
+        fresh = torch.zeros(1, dtype=torch.bool, device="cuda")
+
+        def run():
+            model.prefill(ids, cu, slot, fresh, runner.pools)
+
+        ms = _wall_ms(run, reps=10, warmup=2)
+        result["prefill"].append({"tokens": T, "ms": ms, "tok_per_s": T / ms * 1e3})
+        print(f"prefill T={T}: {ms:.2f} ms ({T / ms * 1e3 / 1e3:.0f}K tok/s)", flush=True)
+        print(_kernel_table(run, tables, f"prefill T={T}"), flush=True)
+
+    (out / f"{args.shape}.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
