@@ -73,6 +73,7 @@ def _kernel_table(fn, path: Path, title: str, rows=25) -> str:
     return text
 
 
+@torch.inference_mode()   # as the engine runs (the runner's graph buffers are inference tensors)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shape", help="a bench preset, e.g. gla-1.3b-statex, mamba2-1.3b-statex")
