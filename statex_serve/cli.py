@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + completion tokens per sequence (default: the checkpoint's "
                         "max_position_embeddings)")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens prefilled per engine step at most; smaller keeps other streams "
-                        "smoother while a long prompt is read")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled per engine step at most (default: 8192 on a GPU, 512 on "
+                        "CPU); smaller keeps other streams smoother while a long prompt is read, larger "
+                        "reads long prompts faster")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="requests allowed to wait for a state slot; beyond that the server answers 503")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",

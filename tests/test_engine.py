@@ -94,6 +94,19 @@ def test_pool_bytes_per_sequence_are_exact(checkpoints, family):
         NativeEngine(EngineArgs(model=checkpoints[family], state_memory=bps - 1))
 
 
+def test_prefill_chunk_defaults_per_device(checkpoints):
+    """Large segments on a GPU (a prefill call's fixed cost dominates there), small
+    on CPU; an explicit --prefill-chunk wins everywhere."""
+    args = EngineArgs(model=checkpoints["gla"])
+    assert args.prefill_chunk_for("cuda") == 8192 and args.prefill_chunk_for("cpu") == 512
+    assert EngineArgs(model=checkpoints["gla"], prefill_chunk=96).prefill_chunk_for("cuda") == 96
+    engine = NativeEngine(args)
+    assert engine.prefill_chunk == 512 and engine.scheduler.prefill_chunk == 512
+    assert engine.describe()["prefill_chunk"] == 512
+    with pytest.raises(ValueError, match="--prefill-chunk must be at least 1"):
+        EngineArgs(model=checkpoints["gla"], prefill_chunk=0)
+
+
 # --- batching invariance ----------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -48,7 +48,7 @@ class EngineArgs:
     max_num_seqs: int | None = None              # state-pool slots (None: from state_memory, else 64)
     state_memory: int | None = None              # bytes for the state pool; capacity = budget // bytes/seq
     max_model_len: int | None = None             # None: the checkpoint's max_position_embeddings
-    prefill_chunk: int = 512                     # prompt tokens prefilled per engine step, at most
+    prefill_chunk: int | None = None             # prompt tokens per engine step, at most (None: per device)
     max_queue: int = 1024                        # requests allowed to wait for a slot; more -> 503
     # prefix cache (native engine): snapshots of the state after token prefixes
     prefix_cache: bool = True
@@ -58,11 +58,17 @@ class EngineArgs:
     DEFAULT_MAX_NUM_SEQS = 64
     DEFAULT_PREFIX_CACHE_MEMORY = 1 << 30
     DEFAULT_PREFIX_CACHE_HOST_MEMORY = 4 << 30
+    # A prefill call has a fixed cost (one eager launch of every layer's kernels:
+    # ~40 ms for a 1.3B model on an H200, where 8K tokens take 66 ms, docs/perf.md),
+    # so a GPU reads long prompts in large segments, as vLLM's default
+    # max_num_batched_tokens does. On CPU the per-token cost dominates and small
+    # segments keep concurrent streams smooth.
+    DEFAULT_PREFILL_CHUNK = {"cuda": 8192, "cpu": 512}
 
     def __post_init__(self):
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
-        if self.prefill_chunk < 1:
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be at least 0, got {self.max_queue}")
@@ -77,6 +83,12 @@ class EngineArgs:
                     setattr(self, name, parse_budget(value))
                 except ValueError as e:
                     raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+
+    def prefill_chunk_for(self, device_type: str) -> int:
+        """--prefill-chunk, or the device's default."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        return self.DEFAULT_PREFILL_CHUNK.get(device_type, self.DEFAULT_PREFILL_CHUNK["cpu"])
 
     def prefix_cache_budgets(self, device_type: str) -> tuple[int, int]:
         """(device bytes, host bytes) of the prefix cache. On CPU the device is

@@ -117,7 +117,8 @@ class NativeEngine(LoadedModelEngine):
         if args.prefix_cache:
             device_budget, host_budget = args.prefix_cache_budgets(self.device.type)
             self.prefix_cache = PrefixCache(self.runner.pools, self.device, device_budget, host_budget)
-        self.scheduler = Scheduler(self.num_slots, args.prefill_chunk, self.prefix_cache)
+        self.prefill_chunk = args.prefill_chunk_for(self.device.type)
+        self.scheduler = Scheduler(self.num_slots, self.prefill_chunk, self.prefix_cache)
         self._log_startup(time.perf_counter() - t0)
 
         # between the event loop and the engine thread
@@ -153,7 +154,7 @@ class NativeEngine(LoadedModelEngine):
             "expanded_layers": list(getattr(self.config, "expanded_layers", [])),
             "state_bytes_per_sequence": self.spec.bytes_per_sequence, "state_pool_slots": self.num_slots,
             "state_pool_bytes": self.runner.pools.nbytes, "max_model_len": self.max_model_len,
-            "prefill_chunk": self.args.prefill_chunk, "cuda_graphs": self.runner.graphs is not None,
+            "prefill_chunk": self.prefill_chunk, "cuda_graphs": self.runner.graphs is not None,
             "prefix_cache": None if self.prefix_cache is None else {
                 "device_budget_bytes": self.prefix_cache.budget["device"],
                 "host_budget_bytes": self.prefix_cache.budget["host"],
@@ -521,7 +522,7 @@ class NativeEngine(LoadedModelEngine):
         logger.info("state pool: %d sequences, %d bytes (%.1f MiB)%s; prefill chunk %d tokens; max model len %d",
                     self.num_slots, self.runner.pools.nbytes, self.runner.pools.nbytes / 2**20,
                     f" from --state-memory {self.args.state_memory} bytes" if self.args.state_memory else "",
-                    self.args.prefill_chunk, self._max_model_len)
+                    self.prefill_chunk, self._max_model_len)
         cache = self.prefix_cache
         if cache is None:
             logger.info("prefix cache: off")
