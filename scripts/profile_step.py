@@ -25,18 +25,13 @@ import torch
 
 
 def _cuda_ms(fn, reps=50, warmup=5):
+    """Median GPU time between CUDA events around ``fn``, after warm-up."""
+    from kernels.bench import _median_event_ms
+
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
-    return statistics.median(times)
+    return _median_event_ms(fn, reps)
 
 
 def _wall_ms(fn, reps=50, warmup=5):
