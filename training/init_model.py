@@ -1,6 +1,6 @@
 """A freshly initialised model (random weights + the byte-level tokenizer) in our
 checkpoint format: the starting point for pre-training small models from
-scratch, e.g. the bundled model (scripts/build_bundled_model.sh).
+scratch, e.g. the bundled model (scripts/build_bundled_gla.sh).
 
     python -m training.init_model --family gla --hidden-size 256 --layers 6 --heads 4 --out DIR
 """

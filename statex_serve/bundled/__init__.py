@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BUNDLED_DIR = Path(__file__).parent
-DEFAULT_MODEL = "statex-gla-tiny"
+DEFAULT_MODEL = "statex-mamba2-tiny"
 
 
 def available() -> list[str]:

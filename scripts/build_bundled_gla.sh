@@ -4,7 +4,7 @@
 # passkey retrieval, StateX-expanded (heads merged in every third layer),
 # post-trained at longer context, evaluated, and copied into the package.
 #
-#   scripts/build_bundled_model.sh [RUN_DIR]        # GPU: a few minutes; CPU: hours
+#   scripts/build_bundled_gla.sh [RUN_DIR]        # GPU: a few minutes; CPU: hours
 #
 # Sizes and budgets come from the environment (defaults: the committed model):
 #   HIDDEN=256 LAYERS=6 HEADS=4 PRE_STEPS=1500 POST_STEPS=600 ...
