@@ -375,6 +375,16 @@ def sweep(reps, out_rows, path=None, cases=None, batches=(8, 64, 256)):
 
 # -------------------------------------------------------------------------------- main
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer batches, dtypes and repetitions")
@@ -383,10 +393,10 @@ def main(argv=None):
     ap.add_argument("--sweep-out", default=None, help="JSON for the sweep results")
     ap.add_argument("--sweep-cases", default=None,
                     help="comma-separated KERNEL:SHAPE:DTYPE to sweep, e.g. gla:H4K256V512:bf16 (default: all)")
-    ap.add_argument("--sweep-batches", default="8,64,256", help="batch sizes for the sweep")
+    ap.add_argument("--sweep-batches", type=_int_list, default="8,64,256", help="batch sizes for the sweep")
     ap.add_argument("--no-prefill", action="store_true", help="decode only")
     ap.add_argument("--no-decode", action="store_true", help="prefill only")
-    ap.add_argument("--prefill-lengths", default=None,
+    ap.add_argument("--prefill-lengths", type=_int_list, default=None,
                     help="prefill tokens per call, in run order (default 8192,32768; quick 8192)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -445,8 +455,7 @@ def main(argv=None):
                 add("ours", "conv_decode", name, B, "bf16", r[0], r[1], r[2])
 
     if not args.no_prefill:
-        Ts = ((8192,) if args.quick else (8192, 32768)) if args.prefill_lengths is None else \
-            tuple(int(t) for t in args.prefill_lengths.split(","))
+        Ts = ((8192,) if args.quick else (8192, 32768)) if args.prefill_lengths is None else args.prefill_lengths
         for T in Ts:
             for nseq in ((1,) if args.quick else (1, 8)):
                 for name, (H, K, V) in GLA_SHAPES.items():
@@ -472,7 +481,7 @@ def main(argv=None):
     if args.sweep:
         sweep_rows = []
         cases = set(args.sweep_cases.split(",")) if args.sweep_cases else None
-        sweep(5, sweep_rows, args.sweep_out, cases, tuple(int(b) for b in args.sweep_batches.split(",")))
+        sweep(5, sweep_rows, args.sweep_out, cases, tuple(args.sweep_batches))
     return 0
 
 

@@ -1,5 +1,5 @@
 """Where does an engine step's time go? Times one decode step and one prefill
-of a 1.3B-shaped model (random weights) on the GPU, layer by layer:
+of a 1.3B-shaped model (random weights) on the GPU:
 
     python scripts/profile_step.py gla-1.3b-statex [--batch 1,16] [--prefill 1024,8192] [--out DIR]
 
@@ -10,7 +10,7 @@ the runner's full decode call with sampling (graph + input copies + argmax +
 once). For prefill: the model's prefill call at each length, and tokens/s.
 Then a ``torch.profiler`` table of the GPU kernels of one eager decode step and
 one prefill, so a gap from the floor can be attributed to kernels (how many,
-which) rather than guessed. Writes ``profile.json`` and the tables to --out.
+which) rather than guessed. Writes ``SHAPE.json`` and ``SHAPE-kernels.md`` to --out.
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from kernels.bench import _int_list, _median_event_ms
+
 
 def _cuda_ms(fn, reps=50, warmup=5):
     """Median GPU time between CUDA events around ``fn``, after warm-up."""
-    from kernels.bench import _median_event_ms
-
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -72,8 +72,8 @@ def _kernel_table(fn, path: Path, title: str, rows=25) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shape", help="a bench preset, e.g. gla-1.3b-statex, mamba2-1.3b-statex")
-    ap.add_argument("--batch", default="1,16", help="decode batch sizes")
-    ap.add_argument("--prefill", default="1024,8192", help="prefill lengths (one sequence)")
+    ap.add_argument("--batch", type=_int_list, default="1,16", help="decode batch sizes")
+    ap.add_argument("--prefill", type=_int_list, default="1024,8192", help="prefill lengths (one sequence)")
     ap.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", default="profile-step", help="output directory")
     args = ap.parse_args(argv)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     config = preset_config(args.shape, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     torch.manual_seed(0)
     model = MODEL_TYPES[config.model_type][1](config).to(torch.bfloat16).cuda().eval()
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = args.batch
     sdt = getattr(torch, args.state_dtype)
     runner = ModelRunner(model, max(batches), torch.device("cuda"), sdt)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         print(_kernel_table(lambda: model.decode(ids, slots, runner.pools), tables, f"eager decode B={B}"),
               flush=True)
 
-    for T in (int(t) for t in args.prefill.split(",")):
+    for T in args.prefill:
         ids = torch.randint(0, config.vocab_size, (T,), device="cuda")
         cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
         slot = torch.zeros(1, dtype=torch.int32, device="cuda")
