@@ -11,8 +11,12 @@
 #   profile  scripts/profile_step.py on both 1.3B StateX shapes (decode graph vs
 #            eager vs runner step vs the floor; prefill; kernel tables)
 #   prefill  python -m kernels.bench --no-decode, 32K first, then 8K
-#   sweep    decode launch configurations for the two bf16-pool cases under 85%
+#   sweep    decode launch configurations (SWEEP_CASES, SWEEP_BATCHES; default: the
+#            two bf16-pool cases that were under 85%)
 #   tests    pytest -m gpu tests/gpu (every GPU test, with the reason of any skip)
+#   isolate  the tiny-shape kernel tests per kernel, then each engine / training
+#            test, every one in its own process with CUDA_LAUNCH_BLOCKING=1, so
+#            a device fault names its kernel and cannot spill into the next test
 #   decode   python -m kernels.bench --no-prefill (the decode table, one run)
 #   e2e      python -m statex_serve.bench latency + prefix on both 1.3B StateX
 #            shapes (random weights), in-process engine, contexts up to 32K
@@ -56,11 +60,21 @@ for s in "$@"; do
             --out "$OUT/kernels-prefill.json" ;;
     sweep)
         stage sweep "${SWEEP_S:-150}" $PY -m kernels.bench --no-decode --no-prefill --sweep \
-            --sweep-cases gla:H4K256V512:bf16,ssd:H64P64N512:bf16 --sweep-batches 64,256 \
+            --sweep-cases "${SWEEP_CASES:-gla:H4K256V512:bf16,ssd:H64P64N512:bf16}" --sweep-batches "${SWEEP_BATCHES:-64,256}" \
             --sweep-out "$OUT/kernels-sweep.json" ;;
     tests)
         xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 4")
         stage tests "${TESTS_S:-300}" $PY -m pytest -m gpu tests/gpu -rA -q $xdist --durations=15 ;;
+    isolate)
+        for fn in gla_decode gla_prefill ssd_decode ssd_prefill conv_decode conv_prefill; do
+            stage "isolate-tiny-$fn" "${ISOLATE_S:-90}" env CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -m gpu -x -q -rA \
+                tests/gpu/test_kernels_gpu.py -k "tiny and test_$fn"
+        done
+        for id in $($PY -m pytest -m gpu --collect-only -q tests/gpu/test_engine_gpu.py tests/gpu/test_training_gpu.py \
+                    | grep '::'); do
+            stage "isolate-$(echo "$id" | sed 's/.*:://; s/[^A-Za-z0-9_-]/_/g')" "${ISOLATE_S:-90}" \
+                env CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -m gpu -x -q -rA "$id"
+        done ;;
     decode)
         stage decode "${DECODE_S:-420}" $PY -m kernels.bench --no-prefill --out "$OUT/kernels-decode.json" ;;
     e2e)

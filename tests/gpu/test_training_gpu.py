@@ -28,7 +28,7 @@ def test_fast_kernels_train_like_the_reference(family, monkeypatch):
     monkeypatch.setenv("STATEX_KERNELS", "reference")
     loss_ref, g_ref = _loss_and_grads(model, x)
     assert abs(loss_fast - loss_ref) / loss_ref < 1e-3, (seed, loss_fast, loss_ref)
-    # tf32 / chunked accumulation order in the kernels: ~1e-3 relative
+    # chunked accumulation order in the kernels: ~1e-3 relative
     assert ((g_fast - g_ref).norm() / g_ref.norm()).item() < 2e-2, seed
 
 
