@@ -60,11 +60,13 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def decode_config(batch: int, H: int, K: int, V: int, state_bytes: int):
-    """(BK, BV, num_warps) for the decode kernel, from a sweep on an H200
-    (docs/perf.md): a 64 x 64 fp32 / 64 x 128 bf16 tile per loop step (256-byte
-    rows); narrower strips when fewer than ~2 programs per SM would run; with
-    fewer programs than SMs even at 32-wide strips (B = 1, 2), 16-wide strips
-    and 256 rows per step, so each program walks few dependent steps."""
+    """(BK, BV, num_warps) for the decode kernel, from sweeps on an H200
+    (docs/perf.md, docs/perf/kernels-h200-sweep*.json): a 64 x 64 fp32 tile
+    per loop step (256-byte rows), 32 x 128 for a bf16 pool (best for both GLA
+    shapes at B = 64 and 256); narrower strips when fewer than ~2 programs per
+    SM would run; with fewer programs than SMs even at 32-wide strips (B = 1,
+    2), 16-wide strips and 256 rows per step, so each program walks few
+    dependent steps."""
     if batch * H * triton.cdiv(V, 32) < 132:
         bv = min(16, triton.next_power_of_2(V))
         return min(256, triton.next_power_of_2(K)), bv, 4
@@ -72,7 +74,7 @@ def decode_config(batch: int, H: int, K: int, V: int, state_bytes: int):
     while bv > 32 and batch * H * triton.cdiv(V, bv) < 264:
         bv //= 2
     bv = min(bv, triton.next_power_of_2(V))
-    bk = min(64, triton.next_power_of_2(K))
+    bk = min(32 if bv == 128 else 64, triton.next_power_of_2(K))
     return bk, bv, 8 if bk * bv >= 8192 else 4
 
 

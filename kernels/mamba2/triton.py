@@ -88,19 +88,20 @@ def _clamp_args(dt_limit):
 
 
 def decode_config(batch: int, H: int, P: int, N: int, state_bytes: int):
-    """(BP, BN, num_warps), from a sweep on an H200 (docs/perf.md): 32 rows of
-    256 bytes per loop step. With few sequences (fewer than ~2 programs per SM
-    at that tile), one full-N step per program on narrow row strips instead, so
-    no program walks a dependent chain of loop steps."""
+    """(BP, BN, num_warps), from sweeps on an H200 (docs/perf.md): 32 rows of
+    256 bytes per loop step for an fp32 pool, 64 for a bf16 pool (best for
+    N = 128 and 512 at B = 64 and 256). With few sequences (fewer than ~2
+    programs per SM at that tile), one full-N step per program on narrow row
+    strips instead (2048 elements: 16 x 128 with 8 warps for N = 128, 4 x 512
+    with 4 for N = 512, best at B = 1, 2), so no program walks a dependent
+    chain of loop steps."""
     bn = min(triton.next_power_of_2(N), 64 if state_bytes == 4 else 128)
-    bp = min(triton.next_power_of_2(P), 32)
+    bp = min(triton.next_power_of_2(P), 32 if state_bytes == 4 else 64)
     if batch * H * triton.cdiv(P, bp) >= 264:
         return bp, bn, 8 if bp * bn >= 2048 else 4
     bn = min(triton.next_power_of_2(N), 512)
     bp = max(1, min(bp, 2048 // bn))
-    while bp > 4 and batch * H * triton.cdiv(P, bp) < 1024:
-        bp //= 2
-    return bp, bn, 4
+    return bp, bn, 8 if bn <= 128 and bp * bn >= 2048 else 4
 
 
 def ssd_decode_launch(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, BP, BN, num_warps):
