@@ -80,6 +80,28 @@ def _state_tol(pool_dtype):
     return 1e-2 if pool_dtype == torch.bfloat16 else 1e-5
 
 
+def _prefill_batch(lengths, state_shape, pool_dtype, gen, num_slots=9):
+    """A pool, the slots of ``lengths`` sequences (one -1 from 3 up), which of
+    them carry a state in (every other one), and their offsets."""
+    n = len(lengths)
+    pool = torch.randn(num_slots, *state_shape, generator=gen).to(pool_dtype)
+    slots = _slots(n, num_slots, gen)
+    has_init = torch.tensor([i % 2 == 0 for i in range(n)])
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return pool, slots, has_init, cu
+
+
+def _check_prefill(out, out_ref, pool, ref_pool, before, slots, lengths, out_tol=1e-5, exact_state=False):
+    tok = torch.cat([torch.full((L,), bool(s >= 0)) for L, s in zip(lengths, slots.tolist())])
+    named = slots[slots >= 0].long()
+    _close(out[tok], out_ref[tok], out_tol, "output")
+    if exact_state:
+        assert torch.equal(_bits(pool[named]), _bits(ref_pool[named].to(pool.dtype))), "states"
+    else:
+        _close(pool[named], ref_pool[named], _state_tol(pool.dtype), "state")
+    _assert_others_untouched(pool, before, slots)
+
+
 def _configs(decode_config, shape, state_bytes):
     """Every distinct launch configuration decode_config picks at the bench batches."""
     return sorted({decode_config(B, *shape, state_bytes) for B in BENCH_BATCHES})
@@ -140,15 +162,10 @@ def test_gla_prefill_slot_handling(lengths, pool_dtype, monkeypatch):
     from kernels.gla import triton as fast
 
     monkeypatch.setattr(fla.ops.gla, "chunk_gla", _fake_chunk_gla)
-    H, K, V, ns = 2, 16, 32, 9
+    H, K, V = 2, 16, 32
     gen = torch.Generator().manual_seed(len(lengths))
-    n = len(lengths)
-    pool = torch.randn(ns, H, K, V, generator=gen).to(pool_dtype)
-    before = pool.clone()
-    slots = _slots(n, ns, gen)
-    has_init = torch.tensor([i % 2 == 0 for i in range(n)])
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    T = int(cu[-1])
+    pool, slots, has_init, cu = _prefill_batch(lengths, (H, K, V), pool_dtype, gen)
+    before, T = pool.clone(), int(cu[-1])
     q, k = torch.randn(T, H, K, generator=gen), torch.randn(T, H, K, generator=gen)
     v = torch.randn(T, H, V, generator=gen)
     g = F.logsigmoid(torch.randn(T, H, K, generator=gen)) / 16
@@ -156,11 +173,7 @@ def test_gla_prefill_slot_handling(lengths, pool_dtype, monkeypatch):
     o_ref = reference.gla_prefill(q.double(), k.double(), v.double(), g.double(), ref, slots, cu, has_init,
                                   K ** -0.5)
     o = fast.gla_prefill(q, k, v, g, pool, slots, cu, has_init, K ** -0.5)
-    tok = torch.cat([torch.full((L,), bool(s >= 0)) for L, s in zip(lengths, slots.tolist())])
-    named = slots[slots >= 0].long()
-    _close(o[tok], o_ref[tok], 1e-5, "output")
-    _close(pool[named], ref[named], _state_tol(pool_dtype), "state")
-    _assert_others_untouched(pool, before, slots)
+    _check_prefill(o, o_ref, pool, ref, before, slots, lengths)
 
 
 # --------------------------------------------------------------------------- Mamba2
@@ -233,15 +246,10 @@ def test_ssd_prefill_slot_handling_and_initial_state_kernel(lengths, pool_dtype,
 
     monkeypatch.setitem(sys.modules, "kernels.mamba2.mamba_ssm_ops",
                         types.SimpleNamespace(mamba_chunk_scan_combined=_fake_mamba_chunk_scan_combined))
-    H, P, G, N, ns = 4, 16, 2, 32, 9
+    H, P, G, N = 4, 16, 2, 32
     gen = torch.Generator().manual_seed(sum(lengths))
-    n = len(lengths)
-    pool = torch.randn(ns, H, P, N, generator=gen).to(pool_dtype)
-    before = pool.clone()
-    slots = _slots(n, ns, gen)
-    has_init = torch.tensor([i % 2 == 0 for i in range(n)])
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    T = int(cu[-1])
+    pool, slots, has_init, cu = _prefill_batch(lengths, (H, P, N), pool_dtype, gen)
+    before, T = pool.clone(), int(cu[-1])
     A, D, dt_bias = _ssd_params(H, gen)
     x, dt = torch.randn(T, H, P, generator=gen), torch.randn(T, H, generator=gen) * 0.5
     Bm, Cm = torch.randn(T, G, N, generator=gen), torch.randn(T, G, N, generator=gen)
@@ -250,11 +258,7 @@ def test_ssd_prefill_slot_handling_and_initial_state_kernel(lengths, pool_dtype,
     y_ref = reference.ssd_prefill(*(t.double() for t in (x, dt, A, Bm, Cm, D, dt_bias)), dt_limit, ref, slots, cu,
                                   has_init)
     y = fast.ssd_prefill(x, dt, A, Bm, Cm, D, dt_bias, dt_limit, pool, slots, cu, has_init)
-    tok = torch.cat([torch.full((L,), bool(s >= 0)) for L, s in zip(lengths, slots.tolist())])
-    named = slots[slots >= 0].long()
-    _close(y[tok], y_ref[tok], 1e-5, "output")
-    _close(pool[named], ref[named], _state_tol(pool_dtype), "state")
-    _assert_others_untouched(pool, before, slots)
+    _check_prefill(y, y_ref, pool, ref, before, slots, lengths)
 
 
 # ----------------------------------------------------------------------------- conv
@@ -282,17 +286,12 @@ def test_conv_decode_and_prefill(C, dtype):
     assert torch.equal(_bits(pool[slots[m].long()]), _bits(ref[slots[m].long()].to(dtype))), "window shift"
     _assert_others_untouched(pool, before, slots)
     # prefill: sequences shorter than the window reach back into their state
-    lengths = [5, 1, 40, 2]
-    slots = _slots(4, ns, gen)
-    has_init = torch.tensor([True, True, False, True])
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    pool = torch.randn(ns, C, W - 1, generator=gen).to(dtype)
+    lengths = [1, 5, 2, 40]         # every other one carries a state in; 1 and 2 reach back into it
+    pool, slots, has_init, cu = _prefill_batch(lengths, (C, W - 1), dtype, gen, ns)
     before, ref = pool.clone(), pool.double()
     x = torch.randn(int(cu[-1]), C, generator=gen).to(dtype)
     y_ref = reference.conv_prefill(x.double(), ref, slots, cu, has_init, w.double(), b.double(), "silu")
     y = fast.conv_prefill(x, pool, slots, cu, has_init, w, b, "silu")
-    tok = torch.cat([torch.full((L,), bool(s >= 0)) for L, s in zip(lengths, slots.tolist())])
-    _close(y[tok], y_ref[tok], 1e-5 if dtype == torch.float32 else 1e-2, "prefill output")
-    named = slots[slots >= 0].long()
-    assert torch.equal(_bits(pool[named]), _bits(ref[named].to(dtype))), "prefill windows"
-    _assert_others_untouched(pool, before, slots)
+    # the new windows are copies of inputs and old windows: exact
+    _check_prefill(y, y_ref, pool, ref, before, slots, lengths, 1e-5 if dtype == torch.float32 else 1e-2,
+                   exact_state=True)
