@@ -74,7 +74,7 @@ def decode_config(batch: int, H: int, K: int, V: int, state_bytes: int):
     while bv > 32 and batch * H * triton.cdiv(V, bv) < 264:
         bv //= 2
     bv = min(bv, triton.next_power_of_2(V))
-    bk = min(32 if bv == 128 else 64, triton.next_power_of_2(K))
+    bk = min(32 if state_bytes == 2 and bv == 128 else 64, triton.next_power_of_2(K))
     return bk, bv, 8 if bk * bv >= 8192 else 4
 
 
