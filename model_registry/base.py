@@ -68,6 +68,14 @@ class StateXPreTrainedModel(PreTrainedModel):
         return StatePools.allocate(self.state_spec(state_dtype), num_slots,
                                    device=device if device is not None else self.device)
 
+    def fuse_projections_(self) -> None:
+        """For serving, once the weights are in place (device and dtype final):
+        projections that read the same input become one GEMM each (their
+        weights become row views of one matrix; nothing is copied twice)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections_"):
+                module.fuse_projections_()
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_norm(h)
         return self.lm_head(h.to(self.lm_head.weight.dtype)).float()

@@ -14,7 +14,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 import kernels.gla as gla_ops
 from model_registry.base import StateXPreTrainedModel
 from model_registry.configs import StateXGLAConfig
-from model_registry.layers import HeadRMSNormSwishGate, RMSNorm, SwiGLUMLP, init
+from model_registry.compile import inference_compiled
+from model_registry.layers import (
+    HeadRMSNormSwishGate, RMSNorm, SwiGLUMLP, add_rms_norm, fuse_linear_weights_, init,
+)
 from model_registry.state import StateSpec
 
 
@@ -38,36 +41,50 @@ class GLAMixer(nn.Module):
                                      nn.Linear(config.gate_low_rank_dim, Kd, bias=True))
         self.o_proj = nn.Linear(Vd, D, bias=False)
         self.g_norm_swish_gate = HeadRMSNormSwishGate(self.head_v_dim, eps=config.norm_eps)
+        self._in_weight: torch.Tensor | None = None      # see fuse_projections_
 
-    def _qkvg(self, x):
-        """x [..., D] -> q, k, log-decay g [..., H, K]; v [..., H, V]."""
-        H = self.num_heads
-        q = self.q_proj(x).unflatten(-1, (H, self.head_k_dim))
-        k = self.k_proj(x).unflatten(-1, (H, self.head_k_dim))
-        v = self.v_proj(x).unflatten(-1, (H, self.head_v_dim))
-        g = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
-        if self.clamp_min is not None:
-            g = g.clamp_min(self.clamp_min)
-        return q, k, v, g.unflatten(-1, (H, self.head_k_dim))
+    def fuse_projections_(self) -> None:
+        """For inference: q, k, v, g and the gate's first low-rank factor become one GEMM."""
+        self._in_weight = fuse_linear_weights_([self.q_proj, self.k_proj, self.v_proj, self.g_proj,
+                                                self.gk_proj[0]])
 
-    def _out(self, o, x):
-        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+    def _project(self, x):
+        """x [..., D] -> q, k, log-decay g [..., H, K]; v, output gate [..., H, V]."""
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        if self._in_weight is not None and not torch.is_grad_enabled():
+            q, k, v, gate, gk = F.linear(x, self._in_weight).split(
+                [H * K, H * K, H * V, H * V, self.gk_proj[0].out_features], dim=-1)
+            gk = self.gk_proj[1](gk)
+        else:
+            q, k, v, gate, gk = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x), self.gk_proj(x)
+        g = gla_log_decay(gk, self.gate_logit_normalizer, self.clamp_min)
+        return (q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)), g.unflatten(-1, (H, K)),
+                gate.unflatten(-1, (H, V)))
+
+    def _out(self, o, gate):
         return self.o_proj(self.g_norm_swish_gate(o, gate).flatten(-2))
 
     def forward(self, x, state=None):
-        q, k, v, g = self._qkvg(x)
+        q, k, v, g, gate = self._project(x)
         o, final = gla_ops.gla_chunk(q, k, v, g, self.scale, state["recurrent"] if state is not None else None)
-        return self._out(o, x), {"recurrent": final}
+        return self._out(o, gate), {"recurrent": final}
 
     def prefill(self, x, pool, slots, cu_seqlens, has_initial_state):
-        q, k, v, g = self._qkvg(x)
+        q, k, v, g, gate = self._project(x)
         o = gla_ops.gla_prefill(q, k, v, g, pool["recurrent"], slots, cu_seqlens, has_initial_state, self.scale)
-        return self._out(o, x)
+        return self._out(o, gate)
 
     def decode(self, x, pool, slots):
-        q, k, v, g = self._qkvg(x)
+        q, k, v, g, gate = self._project(x)
         o = gla_ops.gla_decode(q, k, v, g, pool["recurrent"], slots, self.scale)
-        return self._out(o, x)
+        return self._out(o, gate)
+
+
+@inference_compiled
+def gla_log_decay(gk: torch.Tensor, normalizer: float, clamp_min: float | None) -> torch.Tensor:
+    """The per-key log decay from the gate logits, in fp32 (fla: logsigmoid / 16)."""
+    g = F.logsigmoid(gk.float()) / normalizer
+    return g if clamp_min is None else g.clamp_min(clamp_min)
 
 
 class GLABlock(GradientCheckpointingLayer):
@@ -78,18 +95,20 @@ class GLABlock(GradientCheckpointingLayer):
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
-    def _mlp(self, h):
-        return h + self.mlp(self.mlp_norm(h))
+    def _mlp(self, h, y):
+        """h + y, then the MLP sub-block (its pre-norm fused with the residual add)."""
+        h, x = add_rms_norm(h, y, self.mlp_norm.weight, self.mlp_norm.eps)
+        return h + self.mlp(x)
 
     def forward(self, h, state=None):
         y, final = self.attn(self.attn_norm(h), state)
-        return self._mlp(h + y), final
+        return self._mlp(h, y), final
 
     def prefill(self, h, pool, slots, cu_seqlens, has_initial_state):
-        return self._mlp(h + self.attn.prefill(self.attn_norm(h), pool, slots, cu_seqlens, has_initial_state))
+        return self._mlp(h, self.attn.prefill(self.attn_norm(h), pool, slots, cu_seqlens, has_initial_state))
 
     def decode(self, h, pool, slots):
-        return self._mlp(h + self.attn.decode(self.attn_norm(h), pool, slots))
+        return self._mlp(h, self.attn.decode(self.attn_norm(h), pool, slots))
 
 
 class StateXGLAModel(nn.Module):

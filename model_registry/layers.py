@@ -5,12 +5,66 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_registry.compile import inference_compiled
+
 try:  # transformers >= 5: init functions that respect already-loaded weights
     from transformers import initialization as init
 except ImportError:  # pragma: no cover
     from torch.nn import init
 
 
+# --- the math, as plain functions (compiled to one kernel each on CUDA inference) ---
+@inference_compiled
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight in fp32, returned in x's dtype (fla RMSNorm, HF Mamba2RMSNorm)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x).to(dtype)
+
+
+@inference_compiled
+def cast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x rounded to weight's dtype first (Mamba2's pre-norm over an fp32 residual)."""
+    return rms_norm.eager(x.to(weight.dtype), weight, eps)
+
+
+@inference_compiled
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual_fp32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual step and the next pre-norm together: ``h + y`` (in fp32 when
+    ``residual_fp32``, else in h's dtype) and its RMSNorm in weight's dtype."""
+    h = (h.float() if residual_fp32 else h) + y
+    return h, rms_norm.eager(h.to(weight.dtype), weight, eps)
+
+
+@inference_compiled
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
+                   ) -> torch.Tensor:
+    """Mamba2's gated norm: rmsnorm(x * silu(z)) * weight over groups of channels."""
+    dtype = x.dtype
+    x = x.float() * F.silu(z.float())
+    shape = x.shape
+    x = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x.reshape(shape)).to(dtype)
+
+
+@inference_compiled
+def head_rms_norm_swish_gate(o: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GLA's output norm: per head (last dim), rmsnorm(o) * weight * swish(g), in g's dtype."""
+    dtype = g.dtype
+    o = o.float()
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return (o * F.silu(g.float())).to(dtype)
+
+
+@inference_compiled
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+# --- modules ------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (fla RMSNorm, HF Mamba2RMSNorm)."""
 
@@ -20,10 +74,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x).to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
@@ -37,12 +88,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float() * F.silu(z.float())
-        shape = x.shape
-        x = x.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x.reshape(shape)).to(dtype)
+        return gated_rms_norm(x, z, self.weight, self.group_size, self.eps)
 
 
 class HeadRMSNormSwishGate(nn.Module):
@@ -55,23 +101,47 @@ class HeadRMSNormSwishGate(nn.Module):
         self.eps = eps
 
     def forward(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        dtype = g.dtype
-        o = o.float()
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return (o * F.silu(g.float())).to(dtype)
+        return head_rms_norm_swish_gate(o, g, self.weight, self.eps)
 
 
 class SwiGLUMLP(nn.Module):
-    """fla's GatedMLP: down(swish(gate(x)) * up(x))."""
+    """fla's GatedMLP: down(swish(gate(x)) * up(x)). For inference
+    ``fuse_projections_`` makes gate and up one GEMM."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self._gate_up: torch.Tensor | None = None
+
+    def fuse_projections_(self) -> None:
+        self._gate_up = fuse_linear_weights_([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self._gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up))
 
 
-__all__ = ["GatedRMSNorm", "HeadRMSNormSwishGate", "RMSNorm", "SwiGLUMLP", "init"]
+def fuse_linear_weights_(linears: list[nn.Linear]) -> torch.Tensor:
+    """Concatenate bias-free Linear weights (same input) into one matrix and make
+    each layer's weight a view of its rows: one GEMM reads them all at once (a
+    single-token GEMM per small matrix reaches a fraction of the bandwidth a
+    large one does, docs/perf.md), with no second copy of the weights. For
+    inference: the views are no longer leaves of their own."""
+    assert all(lin.bias is None for lin in linears)
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    offset = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[offset:offset + rows], requires_grad=False)
+        offset += rows
+    return fused
+
+
+__all__ = ["GatedRMSNorm", "HeadRMSNormSwishGate", "RMSNorm", "SwiGLUMLP", "add_rms_norm", "cast_rms_norm",
+           "fuse_linear_weights_",
+           "gated_rms_norm", "head_rms_norm_swish_gate", "init", "rms_norm", "swiglu"]

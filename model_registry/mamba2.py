@@ -16,7 +16,7 @@ import kernels.conv as conv_ops
 import kernels.mamba2 as ssd_ops
 from model_registry.base import StateXPreTrainedModel
 from model_registry.configs import StateXMamba2Config
-from model_registry.layers import GatedRMSNorm, RMSNorm, init
+from model_registry.layers import GatedRMSNorm, RMSNorm, cast_rms_norm, init
 from model_registry.state import StateSpec
 
 
@@ -56,7 +56,17 @@ class Mamba2Mixer(nn.Module):
                 C.unflatten(-1, (G, N)))
 
     def _ssm_args(self):
-        return -torch.exp(self.A_log.float()), self.D, self.dt_bias, self.dt_limit
+        return self._A(), self.D, self.dt_bias, self.dt_limit
+
+    def _A(self) -> torch.Tensor:
+        """-exp(A_log) in fp32; outside autograd computed once per A_log version
+        (two fewer kernels per layer and token)."""
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
+        if getattr(self, "_A_cache", (None,))[0] != key:
+            self._A_cache = (key, -torch.exp(self.A_log.detach().float()))
+        return self._A_cache[1]
 
     def _out(self, y, z):
         return self.out_proj(self.norm(y.flatten(-2), z))
@@ -102,7 +112,7 @@ class Mamba2Block(GradientCheckpointingLayer):
         return (h.float() if self.residual_in_fp32 else h) + y
 
     def _in(self, h):
-        return self.norm(h.to(self.norm.weight.dtype))
+        return cast_rms_norm(h, self.norm.weight, self.norm.eps)
 
     def forward(self, h, state=None):
         y, final = self.mixer(self._in(h), state)

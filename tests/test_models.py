@@ -106,6 +106,36 @@ def test_padded_rows_leave_every_slot_untouched(model):
             assert not torch.equal(t[1], b[k][1])
 
 
+def test_fused_projections_change_nothing_but_the_gemm_count(model):
+    """Serving fuses the projections that share an input into one GEMM; logits of
+    prefill and decode stay those of the separate projections, and the separate
+    weights become views of the fused matrix (no second copy)."""
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (23,))
+    cu = torch.tensor([0, 23], dtype=torch.int32)
+    slots = torch.tensor([1], dtype=torch.int32)
+
+    def run():
+        pools = model.allocate_state_pools(2)
+        first = model.prefill(ids, cu, slots, torch.zeros(1, dtype=torch.bool), pools)
+        return first, model.decode(ids[:1], slots, pools)
+
+    before = run()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_projections_()
+    after = run()
+    for a, b in zip(after, before):
+        assert rel_err(a, b) < 1e-5
+    state = model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
+    fused = [m for m in model.modules() if getattr(m, "_in_weight", None) is not None or
+             getattr(m, "_gate_up", None) is not None]
+    if model.config.model_type == "statex_gla":   # Mamba2's in_proj is one matrix already
+        assert len(fused) == 2 * model.config.num_hidden_layers
+        mixer = model.blocks[0].attn
+        assert mixer.q_proj.weight.data_ptr() == mixer._in_weight.data_ptr()
+
+
 def test_gradients_flow_through_the_chunked_path(model):
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (2, 33))
