@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-host-memory", default=None,
                    help="native engine: host memory that prefix snapshots spill to, least recently used first "
                         "(default 4GiB with CUDA, 0 on CPU where the device is host memory)")
+    p.add_argument("--compile-cache-dir", default=None,
+                   help="CUDA: where compiled kernels and autotune results persist, so a second start is fast "
+                        "(default: $STATEX_CACHE_DIR, else ~/.cache/statex-serve)")
     p.add_argument("--api-key", default=os.environ.get("STATEX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STATEX_API_KEY; none)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"),
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, state_dtype=args.state_dtype, max_num_seqs=args.max_num_seqs,
             state_memory=state_memory,
             max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
-            prefix_cache=args.prefix_cache, **budgets)
+            prefix_cache=args.prefix_cache, compile_cache_dir=args.compile_cache_dir, **budgets)
         engine = create_engine(engine_args, args.backend)
     except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:
         logger.error("cannot start: %s", e)

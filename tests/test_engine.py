@@ -135,6 +135,37 @@ def test_concurrent_greedy_requests_match_the_oracle(checkpoints, family):
         assert g == want, first_divergence_gap(model, p, g, want)
 
 
+def test_warm_up_covers_the_prefill_variants_and_leaves_slots_usable(checkpoints):
+    """The GPU warm-up (run here on CPU, where it compiles nothing) prefills one,
+    several and 16 sequences with token counts of 1, multiples of 16 and
+    neither, fresh and carried; the slots it dirtied serve requests exactly."""
+    engine = NativeEngine(EngineArgs(model=checkpoints["gla"], max_num_seqs=16, prefill_chunk=48))
+    batches = engine.runner.prefill_warmup_batches(48)
+    counts = {len(b) for b in batches}
+    totals = {sum(b) for b in batches}
+    assert {1, 2, 3, 16} <= counts
+    assert 1 in totals and any(t % 16 == 0 for t in totals if t > 1) and any(t % 16 for t in totals if t > 1)
+    assert engine.runner.warm_up_prefill(48, engine.vocab_size) >= 2 * len(batches)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(1, 60))] for _ in range(6)]
+
+    async def test(engine):
+        async def one(i):
+            ids, _, _ = await collect(engine, f"w{i}", prompts[i], max_tokens=8, temperature=0.0, ignore_eos=True)
+            return ids[0]
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    async def main():
+        await engine.start()
+        try:
+            return await test(engine)
+        finally:
+            await engine.shutdown()
+    got = asyncio.run(main())
+    for p, g in zip(prompts, got):
+        assert g == engine.model.greedy_generate(p, 8)
+
+
 # --- chunked prefill --------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)

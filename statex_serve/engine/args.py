@@ -50,6 +50,8 @@ class EngineArgs:
     max_model_len: int | None = None             # None: the checkpoint's max_position_embeddings
     prefill_chunk: int | None = None             # prompt tokens per engine step, at most (None: per device)
     max_queue: int = 1024                        # requests allowed to wait for a slot; more -> 503
+    compile_cache_dir: str | None = None         # compiled kernels + autotune results (None: compile_cache.py)
+    warmup: bool = True                          # compile every kernel variant before serving (CUDA)
     # prefix cache (native engine): snapshots of the state after token prefixes
     prefix_cache: bool = True
     prefix_cache_memory: int | str | None = None      # bytes on the device (None: 1 GiB)

@@ -32,6 +32,7 @@ import torch
 from model_registry.checkpoint import load_model, read_config_dict
 from statex_serve.engine import sampler as sampling
 from statex_serve.engine.args import EngineArgs
+from statex_serve.engine.compile_cache import configure_compile_cache
 from statex_serve.engine.base import (
     EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError, LoadedModelEngine,
     PrefixInfo, RequestFailedError, RequestOutput,
@@ -98,9 +99,13 @@ class NativeEngine(LoadedModelEngine):
         t0 = time.perf_counter()
         config = read_config_dict(args.model)
         self.device = resolve_device(args.device)
+        if self.device.type == "cuda":       # before fla / mamba-ssm define their autotuners
+            cache_dir = configure_compile_cache(args.compile_cache_dir)
+            logger.info("compiled kernels and autotune results are kept in %s", cache_dir)
         self.dtype = resolve_dtype(args.dtype, self.device, checkpoint_dtype(config))
         self.state_dtype = resolve_state_dtype(args.state_dtype)
         self.model = load_model(args.model, device=self.device, dtype=self.dtype)
+        self.model.fuse_projections_()
         self._tokenizer = load_tokenizer(args.model)
         self.config = self.model.config
         self.spec = self.model.state_spec(self.state_dtype)
@@ -120,6 +125,8 @@ class NativeEngine(LoadedModelEngine):
         self.prefill_chunk = args.prefill_chunk_for(self.device.type)
         self.scheduler = Scheduler(self.num_slots, self.prefill_chunk, self.prefix_cache)
         self._log_startup(time.perf_counter() - t0)
+        if self.device.type == "cuda" and args.warmup:
+            self._warm_up()
 
         # between the event loop and the engine thread
         self._inbox: collections.deque = collections.deque()
@@ -508,6 +515,24 @@ class NativeEngine(LoadedModelEngine):
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream._queue.put_nowait(item)
+
+    def _warm_up(self) -> None:
+        """Before serving: compile and autotune every kernel variant a request can
+        reach (the decode graphs were captured with the runner), so that no
+        request pays for it; each stage logs its time."""
+        t0 = time.perf_counter()
+        logger.info("warm-up: prefill variants (compiles and autotunes on a cold cache: minutes)...")
+        calls = self.runner.warm_up_prefill(self.prefill_chunk, self._vocab_size)
+        t1 = time.perf_counter()
+        logger.info("warm-up: %d prefill calls in %.1fs", calls, t1 - t0)
+        logits = torch.randn(4, self._vocab_size, device=self.device)
+        rows = [sampling.SamplingRow(), sampling.SamplingRow(logprobs=5),
+                sampling.SamplingRow(temperature=0.7, top_p=0.9, generator=sampling.make_generator(0, self.device)),
+                sampling.SamplingRow(temperature=1.0, top_k=20, generator=sampling.make_generator(1, self.device))]
+        sampling.sample(logits, rows)
+        sampling.prompt_logprobs(logits, [1, 2, 3], 5)
+        torch.cuda.synchronize(self.device)
+        logger.info("warm-up: sampler in %.1fs; ready", time.perf_counter() - t1)
 
     def _log_startup(self, seconds: float) -> None:
         cfg = self.config

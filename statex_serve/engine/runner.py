@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
@@ -70,8 +71,12 @@ class ModelRunner:
         self.graphs: _DecodeGraphs | None = None
         if device.type == "cuda" and cuda_graphs and os.environ.get("STATEX_CUDA_GRAPHS", "1") != "0":
             try:
+                t0 = time.perf_counter()
+                logger.info("warm-up: decode (compile, then capture CUDA graphs for %d batch sizes)...",
+                            len(decode_buckets(num_slots)))
                 self.graphs = _DecodeGraphs(model, self.pools, num_slots, device)
-                logger.info("decode captured in CUDA graphs for batch sizes %s", self.graphs.buckets)
+                logger.info("warm-up: decode captured in CUDA graphs for batch sizes %s in %.1fs",
+                            self.graphs.buckets, time.perf_counter() - t0)
             except Exception:   # a kernel that cannot be captured must not stop the server
                 logger.exception("CUDA graph capture failed; decoding eagerly")
                 self.graphs = None
@@ -99,6 +104,37 @@ class ModelRunner:
         return self.model.prefill(self._ints(token_ids, torch.long), self._ints(cu), self._ints(slots),
                                   torch.tensor(has_initial_state, dtype=torch.bool).to(self.device),
                                   self.pools, all_logits=all_logits)
+
+    def prefill_warmup_batches(self, max_tokens: int) -> list[list[int]]:
+        """Prompt-segment lengths that together reach every compiled variant of
+        prefill: one sequence (the libraries' dense path) and several (their
+        varlen path, 2, 3 and 16 of them); token and chunk counts of 1, of a
+        multiple of 16 and of neither (Triton specialises integer arguments on
+        both); up to the largest segment."""
+        big = max(200, max_tokens)
+        batches = [[1], [16], [17], [100], [1024], [big - 100], [big],
+                   [16, 16], [1, 17, 16], [17] * 16, [big // 2, big - big // 2]]
+        return [b for b in batches if len(b) <= self.pools.num_slots]
+
+    @torch.inference_mode()
+    def warm_up_prefill(self, max_tokens: int, vocab_size: int) -> int:
+        """Run every prefill variant once (fresh and carried state, last-token and
+        all logits), so that no request pays a compile or an autotune. Uses
+        slots 0.. and leaves them dirty: a request's first segment never reads
+        its slot's old state. Returns how many prefill calls it made."""
+        calls = 0
+        for lens in self.prefill_warmup_batches(max_tokens):
+            n = len(lens)
+            ids = torch.randint(0, vocab_size, (sum(lens),)).tolist()
+            modes = [[False] * n, [True] * n] + ([[i % 2 == 1 for i in range(n)]] if n > 1 else [])
+            for carried in modes:
+                # all logits only change the last layer's tail, which has no shape-specialised kernel
+                for all_logits in ((False, True) if sum(lens) <= 64 else (False,)):
+                    self.prefill(ids, lens, list(range(n)), carried, all_logits=all_logits)
+                    calls += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return calls
 
     @torch.inference_mode()
     def copy_state(self, src: int, dst: int) -> None:
