@@ -20,6 +20,11 @@
 #   decode   python -m kernels.bench --no-prefill (the decode table, one run)
 #   e2e      python -m statex_serve.bench latency + prefix on both 1.3B StateX
 #            shapes (random weights), in-process engine, contexts up to 32K
+#   fused    the GPU tests of the fused decode path and of the engine
+#   profile-fused  profile_step.py before (--unfused) and after the fusions, decode only
+#   load     per shape in E2E_SHAPES: a cold engine start (compile, autotune,
+#            capture) then the load table (1K prompts, 128 tokens, concurrency
+#            LOAD_CONC), then a warm start with the same cache (startup only)
 # .whl holds the fla and mamba-ssm wheels (pure Python + Triton) for machines
 # without an index; with network access, pip install them instead.
 set -u
@@ -28,7 +33,8 @@ OUT=${OUT:?set OUT}
 W=${WORK:-/tmp/statex-gpu-bench}
 PY=${PY:-python3}
 mkdir -p "$W" "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton-cache}
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton-cache} TRITON_CACHE_AUTOTUNING=1 \
+    TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$W/inductor-cache}
 if [ -d .whl ] && [ ! -d "$W/site/fla" ]; then
     $PY -m pip install -q --no-index --no-deps --target "$W/site" .whl/*.whl
 fi
@@ -84,6 +90,25 @@ for s in "$@"; do
                 --target "engine:$W/ckpt/$shape?label=$shape&max_model_len=40000" \
                 --contexts 1K,4K,16K,32K --concurrency 1 --requests 4 --warmup 2 --output-len 64 \
                 --out "$OUT/$shape"
+        done ;;
+    fused)
+        stage fused "${FUSED_S:-240}" $PY -m pytest -m gpu -q -rA tests/gpu/test_fused_gpu.py \
+            tests/gpu/test_engine_gpu.py ;;
+    profile-fused)
+        for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
+            stage "profile-$shape" "${PROFILE_S:-200}" bash -c "$PY scripts/profile_step.py $shape --batch 1,64 \
+                --prefill 1024 --out $OUT/profile --unfused && $PY scripts/profile_step.py $shape --batch 1,64 \
+                --prefill 1024,8192 --out $OUT/profile"
+        done ;;
+    load)
+        for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
+            ckpt "$shape"
+            eng="engine:$W/ckpt/$shape?label=$shape&max_model_len=40000&max_num_seqs=${LOAD_SLOTS:-256}"
+            stage "load-$shape" "${LOAD_S:-420}" $PY -m statex_serve.bench latency --no-progress --log-level info --target "$eng" \
+                --contexts ${LOAD_CTX:-1K} --concurrency ${LOAD_CONC:-1,16,64,256} --requests 64 --warmup 1 \
+                --output-len 128 --out "$OUT/load-$shape"
+            stage "warmstart-$shape" 120 $PY -m statex_serve.bench latency --no-progress --log-level info --target "$eng" \
+                --contexts 1K --concurrency 1 --requests 1 --warmup 0 --output-len 8 --out "$OUT/warm-$shape"
         done ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
     esac

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -75,8 +76,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=_int_list, default="1,16", help="decode batch sizes")
     ap.add_argument("--prefill", type=_int_list, default="1024,8192", help="prefill lengths (one sequence)")
     ap.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--unfused", action="store_true",
+                    help="the step as before the fusions (separate projection GEMMs, eager elementwise "
+                         "kernels: STATEX_COMPILE=0), for a before/after table in one run")
     ap.add_argument("--out", default="profile-step", help="output directory")
     args = ap.parse_args(argv)
+    if args.unfused:
+        os.environ["STATEX_COMPILE"] = "0"
     if not torch.cuda.is_available():
         print("profile_step.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -90,18 +96,21 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tables = out / f"{args.shape}-kernels.md"
+    name = args.shape + ("-unfused" if args.unfused else "")
+    tables = out / f"{name}-kernels.md"
     tables.write_text(f"# {args.shape}: GPU kernels per step ({torch.cuda.get_device_name()})\n\n")
     config = preset_config(args.shape, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     torch.manual_seed(0)
     model = MODEL_TYPES[config.model_type][1](config).to(torch.bfloat16).cuda().eval()
+    if not args.unfused:
+        model.fuse_projections_()        # as the engine serves it
     batches = args.batch
     sdt = getattr(torch, args.state_dtype)
     runner = ModelRunner(model, max(batches), torch.device("cuda"), sdt)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = runner.pools.spec.bytes_per_sequence
     copy_GBps = copy_bandwidth_GBps()
-    result = {"shape": args.shape, "device": torch.cuda.get_device_name(), "weight_bytes": weight_bytes,
+    result = {"shape": args.shape, "fused": not args.unfused, "device": torch.cuda.get_device_name(), "weight_bytes": weight_bytes,
               "state_bytes_per_sequence": state_bytes, "state_dtype": args.state_dtype, "copy_GBps": copy_GBps,
               "decode": [], "prefill": []}
     print(f"{args.shape}: weights {weight_bytes / 1e9:.2f} GB, state {state_bytes / 2**20:.1f} MiB per sequence, "
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
         print(f"prefill T={T}: {ms:.2f} ms ({T / ms * 1e3 / 1e3:.0f}K tok/s)", flush=True)
         print(_kernel_table(run, tables, f"prefill T={T}"), flush=True)
 
-    (out / f"{args.shape}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return 0
 
 

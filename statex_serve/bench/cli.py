@@ -11,6 +11,7 @@ the command, versions, hardware), results.md and PNG plots to --out.
 from __future__ import annotations
 
 import argparse
+import logging
 import asyncio
 import contextlib
 import datetime as _dt
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="DIR", help="shorthand for --target spawn:DIR")
     p.add_argument("--out", default="bench-results", help="output directory")
     p.add_argument("--quick", action="store_true", help="a CPU-sized run (small contexts, few requests)")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="log level of an engine target's own log (info shows its start-up stages)")
     g = p.add_argument_group("latency")
     g.add_argument("--contexts", type=_int_list, help="context lengths in tokens, e.g. 1K,2K,4K "
                    "(full: 1K..128K; quick: 64..1024)")
@@ -279,6 +282,8 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dic
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from statex_serve.bench.targets import BenchError
 
     try:

@@ -129,7 +129,12 @@ async def run_latency(target: Target, cfg: LatencyConfig, facts: ModelFacts | No
             cell = {"context": ctx, "concurrency": c, "summary": summarize(results, wall),
                     "requests": [r.to_dict() for r in results]}
             if facts is not None:
-                cell["floor_tpot_ms"] = facts.decode_floor_s(c, ctx, bandwidth) * 1e3
+                floor_s = facts.decode_floor_s(c, ctx, bandwidth)
+                cell["floor_tpot_ms"] = floor_s * 1e3
+                # c streams each at the floor step time: the decode rate the memory system allows
+                cell["floor_out_tok_s"] = c / floor_s
+                got = cell["summary"]["output_throughput_tok_s"]
+                cell["out_tok_s_pct_of_floor"] = 100.0 * got / cell["floor_out_tok_s"] if got else None
             cells.append(cell)
     return {"config": cfg.__dict__, "cells": cells, "skipped": skipped, "tpot_flatness": flatness(cells),
             "floor": {"bandwidth_bytes_s": bandwidth, "model": facts.to_dict() if facts else None,

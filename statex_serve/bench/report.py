@@ -180,7 +180,7 @@ def _latency_md(results: dict, latency: dict) -> list[str]:
         header = ["context", "conc", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50", "ITL p99",
                   "e2e p50", "out tok/s", "failed"]
         if floor:
-            header.append(f"TPOT floor @ {bw / 1e12:.2f} TB/s")
+            header += [f"TPOT floor @ {bw / 1e12:.2f} TB/s", "floor tok/s", "% of floor tok/s"]
         rows = []
         for c in res["cells"]:
             s = c["summary"]
@@ -188,7 +188,8 @@ def _latency_md(results: dict, latency: dict) -> list[str]:
                    _p(s, "tpot", "p50"), _p(s, "tpot", "p99"), _p(s, "itl", "p50"), _p(s, "itl", "p99"),
                    _p(s, "e2e", "p50"), _n(s["output_throughput_tok_s"], 1), str(s["requests_failed"])]
             if floor:
-                row.append(_ms(c.get("floor_tpot_ms")))
+                row += [_ms(c.get("floor_tpot_ms")), _n(c.get("floor_out_tok_s"), 0),
+                        _n(c.get("out_tok_s_pct_of_floor"), 1)]
             rows.append(row)
         out += [f"### {label}", "",
                 f"{cfg['output_len']} generated tokens per request, at least {cfg['requests']} requests per cell.",

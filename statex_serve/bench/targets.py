@@ -354,6 +354,7 @@ class EngineTarget(Target):
             from statex_serve.engine import parse_memory_size
 
             kwargs["state_memory"] = parse_memory_size(str(kwargs["state_memory"]))
+        t0 = time.perf_counter()
         try:
             args = EngineArgs(model=self.spec.location, **kwargs)
             self.engine = await asyncio.to_thread(create_engine, args, self.spec.options.get("backend", "native"))
@@ -362,7 +363,8 @@ class EngineTarget(Target):
         await self.engine.start()
         self._tokenizer = self.engine.tokenizer
         self.info = {"model": self.engine.model_name, "model_dir": self.engine.model_path,
-                     "max_model_len": self.engine.max_model_len, "engine": self.engine.describe()}
+                     "max_model_len": self.engine.max_model_len, "engine": self.engine.describe(),
+                     "startup_s": time.perf_counter() - t0}   # load, compile, autotune, capture
 
     async def stop(self) -> None:
         if self.engine is not None:
