@@ -105,7 +105,7 @@ for s in "$@"; do
             ckpt "$shape"
             eng="engine:$W/ckpt/$shape?label=$shape&max_model_len=40000&max_num_seqs=${LOAD_SLOTS:-256}"
             stage "load-$shape" "${LOAD_S:-420}" $PY -m statex_serve.bench latency --no-progress --log-level info --target "$eng" \
-                --contexts ${LOAD_CTX:-1K} --concurrency ${LOAD_CONC:-1,16,64,256} --requests 64 --warmup 1 \
+                --contexts ${LOAD_CTX:-1K} --concurrency ${LOAD_CONC:-1,16,64,256} --requests ${LOAD_REQUESTS:-16} --warmup 1 \
                 --output-len 128 --out "$OUT/load-$shape"
             stage "warmstart-$shape" 120 $PY -m statex_serve.bench latency --no-progress --log-level info --target "$eng" \
                 --contexts 1K --concurrency 1 --requests 1 --warmup 0 --output-len 8 --out "$OUT/warm-$shape"

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache-dir", default=None,
                    help="CUDA: where compiled kernels and autotune results persist, so a second start is fast "
                         "(default: $STATEX_CACHE_DIR, else ~/.cache/statex-serve)")
+    p.add_argument("--autotune", choices=("fast", "full"), default="fast",
+                   help="CUDA: fla's and mamba-ssm's prefill kernels try a few launch configs (fast) or all of them "
+                        "(full: the best kernels, minutes more on the first start; both are cached)")
     p.add_argument("--api-key", default=os.environ.get("STATEX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STATEX_API_KEY; none)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"),
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, state_dtype=args.state_dtype, max_num_seqs=args.max_num_seqs,
             state_memory=state_memory,
             max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
-            prefix_cache=args.prefix_cache, compile_cache_dir=args.compile_cache_dir, **budgets)
+            prefix_cache=args.prefix_cache, compile_cache_dir=args.compile_cache_dir,
+            autotune=args.autotune, **budgets)
         engine = create_engine(engine_args, args.backend)
     except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:
         logger.error("cannot start: %s", e)

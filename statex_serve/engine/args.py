@@ -52,6 +52,7 @@ class EngineArgs:
     max_queue: int = 1024                        # requests allowed to wait for a slot; more -> 503
     compile_cache_dir: str | None = None         # compiled kernels + autotune results (None: compile_cache.py)
     warmup: bool = True                          # compile every kernel variant before serving (CUDA)
+    autotune: str = "fast"                       # fast: a few launch configs per library kernel; full: all
     # prefix cache (native engine): snapshots of the state after token prefixes
     prefix_cache: bool = True
     prefix_cache_memory: int | str | None = None      # bytes on the device (None: 1 GiB)
@@ -72,6 +73,8 @@ class EngineArgs:
             raise ValueError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
+        if self.autotune not in ("fast", "full"):
+            raise ValueError(f"--autotune must be fast or full, got {self.autotune!r}")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue must be at least 0, got {self.max_queue}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -32,6 +32,7 @@ import torch
 from model_registry.checkpoint import load_model, read_config_dict
 from statex_serve.engine import sampler as sampling
 from statex_serve.engine.args import EngineArgs
+from kernels.autotune import limit_autotune_search
 from statex_serve.engine.compile_cache import configure_compile_cache
 from statex_serve.engine.base import (
     EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError, LoadedModelEngine,
@@ -47,6 +48,10 @@ from statex_serve.engine.scheduler import PrefillChunk, Scheduler
 from statex_serve.engine.sequence import RequestState, RequestStatus, SequenceState
 
 logger = logging.getLogger(__name__)
+
+# fla's / mamba-ssm's prefill kernels tried at this many launch configs each with
+# --autotune fast: a cold start in about a minute instead of 5+ (kernels/autotune.py)
+FAST_AUTOTUNE_CONFIGS = 4
 
 
 class _OutputStream:
@@ -102,6 +107,9 @@ class NativeEngine(LoadedModelEngine):
         if self.device.type == "cuda":       # before fla / mamba-ssm define their autotuners
             cache_dir = configure_compile_cache(args.compile_cache_dir)
             logger.info("compiled kernels and autotune results are kept in %s", cache_dir)
+            limit_autotune_search(FAST_AUTOTUNE_CONFIGS if args.autotune == "fast" else None)
+            logger.info("autotune: %s", f"{FAST_AUTOTUNE_CONFIGS} launch configs per library kernel (--autotune "
+                        "full tries all: slower first start)" if args.autotune == "fast" else "full search")
         self.dtype = resolve_dtype(args.dtype, self.device, checkpoint_dtype(config))
         self.state_dtype = resolve_state_dtype(args.state_dtype)
         self.model = load_model(args.model, device=self.device, dtype=self.dtype)

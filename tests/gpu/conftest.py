@@ -2,7 +2,6 @@
 fla's and mamba-ssm's kernels."""
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -25,17 +24,8 @@ def _two_autotune_configs():
     if os.environ.get("STATEX_TEST_FULL_AUTOTUNE") == "1":
         yield
         return
-    from triton.runtime import autotuner
+    from kernels.autotune import limit_autotune_search
 
-    orig = autotuner.Autotuner.prune_configs
-
-    def size(cfg):
-        blocks = math.prod(v for v in cfg.kwargs.values() if isinstance(v, int) and not isinstance(v, bool))
-        return (cfg.num_stages, blocks, cfg.num_warps)
-
-    def two_smallest(self, *args, **kwargs):
-        return sorted(orig(self, *args, **kwargs), key=size)[:2]
-
-    autotuner.Autotuner.prune_configs = two_smallest
+    limit_autotune_search(2, pick="smallest")
     yield
-    autotuner.Autotuner.prune_configs = orig
+    limit_autotune_search(None)

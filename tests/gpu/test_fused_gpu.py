@@ -76,8 +76,8 @@ def test_fused_model_matches_unfused_eager(family, monkeypatch):
         slots = torch.arange(3, dtype=torch.int32, device=DEV)
         with torch.inference_mode():
             logits = [model.prefill(ids, cu, slots, fresh, runner.pools)]
-            for tok in tokens:
-                logits.append(runner.decode(tok.tolist(), slots.tolist()))
+            for tok in tokens:    # the graph's output buffer is reused: keep a copy
+                logits.append(runner.decode(tok.tolist(), slots.tolist()).clone())
         return torch.stack(logits)
 
     runner = ModelRunner(fused, 4, torch.device(DEV), None)
