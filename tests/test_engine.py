@@ -227,6 +227,43 @@ def test_prompt_logprobs_across_segments(checkpoints):
         assert [i for i, _ in lps[t].top] == ref[t - 1].topk(3).indices.tolist()
 
 
+def test_run_ahead_changes_no_output(checkpoints):
+    """Launching decode step n+1 before step n's host work gives exactly the
+    outputs of running the steps one after the other: lengths that end at
+    different steps, a stop string, a stop token, seeded sampling with
+    logprobs, n = 2, and an abort in the middle of a stream."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(3, 40))] for _ in range(8)]
+
+    async def run(engine, params):
+        async def one(i):
+            if i == 7:            # aborted after its first output
+                stream = engine.generate(GenerationRequest("abort-me", prompts[i], SamplingParams(
+                    max_tokens=50, temperature=0.0, ignore_eos=True)))
+                async for _ in stream:
+                    break
+                await stream.aclose()
+                return None
+            ids, texts, outs = await collect(engine, f"r{i}", prompts[i], **params[i])
+            return ids, texts, [d.finish_reason for o in outs for d in o.outputs if d.finish_reason]
+        got = await asyncio.gather(*(one(i) for i in range(8)))
+        await wait_until(lambda: engine.stats().slots_used == 0)
+        return got, engine._run_ahead_steps
+
+    base = [dict(max_tokens=5 + 4 * i, temperature=0.0, ignore_eos=True) for i in range(8)]
+    first, _ = run_engine(checkpoints["gla"], lambda e: run(e, base), max_num_seqs=10, run_ahead=False)
+    params = [dict(p) for p in base]
+    params[1].update(stop=(first[1][1][0][3:5],))                     # a stop string it meets
+    params[2].update(stop_token_ids=(first[2][0][0][4],), ignore_eos=False)   # a stop token it meets
+    params[3].update(temperature=1.0, seed=3, logprobs=2)
+    params[4].update(n=2, temperature=0.8, seed=9)
+    want, none = run_engine(checkpoints["gla"], lambda e: run(e, params), max_num_seqs=10, run_ahead=False)
+    got, ahead = run_engine(checkpoints["gla"], lambda e: run(e, params), max_num_seqs=10)
+    assert none == 0 and ahead > 10
+    assert got == want
+    assert want[1][2] == ["stop"] and want[2][2] == ["stop"] and len(want[2][0][0]) == 5
+
+
 # --- n > 1 ------------------------------------------------------------------------------
 
 def test_n_sequences_share_one_prefill(checkpoints):

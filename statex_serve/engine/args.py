@@ -52,6 +52,7 @@ class EngineArgs:
     max_queue: int = 1024                        # requests allowed to wait for a slot; more -> 503
     compile_cache_dir: str | None = None         # compiled kernels + autotune results (None: compile_cache.py)
     warmup: bool = True                          # compile every kernel variant before serving (CUDA)
+    run_ahead: bool = True                       # launch decode step n+1 before step n's host work
     autotune: str = "fast"                       # fast: a few launch configs per library kernel; full: all
     # prefix cache (native engine): snapshots of the state after token prefixes
     prefix_cache: bool = True

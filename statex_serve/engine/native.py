@@ -144,6 +144,10 @@ class NativeEngine(LoadedModelEngine):
         self._pending: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._used_slots = 0
         self._streams: dict[str, _OutputStream] = {}
+        # a decode step launched before the host work of the step before it (see _run_decode):
+        # (its batch, its logits), consumed by the next step
+        self._ahead: tuple[list[tuple[RequestState, SequenceState]], torch.Tensor] | None = None
+        self._run_ahead_steps = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -353,13 +357,14 @@ class NativeEngine(LoadedModelEngine):
         if started:
             self._guarded(started, self._start_requests, started)
         plan = self.scheduler.schedule()
-        if plan.empty:
+        if plan.empty and self._ahead is None:
             return
         self._stats.steps_total += 1
         self._stats.max_prefill_tokens_per_step = max(self._stats.max_prefill_tokens_per_step,
                                                       plan.num_prefill_tokens)
-        if plan.decode:
-            self._guarded({r.request_id: r for r, _ in plan.decode}.values(), self._run_decode, plan.decode)
+        if plan.decode or self._ahead is not None:
+            decoding = plan.decode or self._ahead[0]
+            self._guarded({r.request_id: r for r, _ in decoding}.values(), self._run_decode, plan.decode)
         if plan.prefill:
             self._guarded([c.request for c in plan.prefill], self._run_prefill, plan.prefill)
 
@@ -397,14 +402,59 @@ class NativeEngine(LoadedModelEngine):
         return min(req.params.max_tokens, self._max_model_len - req.num_prompt_tokens)
 
     def _run_decode(self, batch: list[tuple[RequestState, SequenceState]]) -> None:
-        logits = self.runner.decode([s.last_token for _, s in batch], [s.slot for _, s in batch])
+        """One token for every decoding sequence, in three steps:
+
+        1. the step's logits: launched now, or already launched by the step
+           before (run-ahead, below); sample them (the one host sync);
+        2. run ahead: when only decoding is going on, launch the next step for
+           the sequences that go on (their next input is the token just
+           sampled, and whether a token ends a sequence is known without its
+           text) before the host work of this one, so the GPU computes while
+           the host detokenizes and hands tokens out;
+        3. record the tokens: text, stop strings, results to the event loop.
+        """
+        ahead, self._ahead = self._ahead, None
+        keep = [] if ahead is None else [i for i, (req, seq) in enumerate(ahead[0])
+                                         if not (req.finished or seq.finished)]
+        if keep:
+            # the launched batch, less what was aborted or failed since (sequences that
+            # began decoding since then wait one step)
+            batch = [ahead[0][i] for i in keep]
+            logits = ahead[1] if len(keep) == len(ahead[0]) else ahead[1][keep]
+        else:
+            if not batch:
+                return
+            logits = self.runner.decode([s.last_token for _, s in batch], [s.slot for _, s in batch])
         sampled = sampling.sample(logits, [s.sampling_row() for _, s in batch])
+        recorded: set[int] = set()
+        if self._may_run_ahead():
+            go_on = []
+            for i, ((req, seq), tok, lp) in enumerate(zip(batch, sampled.token_ids, sampled.logprobs)):
+                ends = seq.ends_with(tok, self._max_new_tokens(req))
+                if ends is None:          # stop strings: the text decides, so record it now
+                    seq.append(tok, lp, self._max_new_tokens(req))
+                    recorded.add(i)
+                    ends = seq.finished
+                if not ends:
+                    go_on.append(((req, seq), tok))
+            if go_on:
+                self._run_ahead_steps += 1
+                self._ahead = ([rs for rs, _ in go_on],
+                               self.runner.decode([t for _, t in go_on], [seq.slot for (_, seq), _ in go_on]))
         touched: dict[str, RequestState] = {}
-        for (req, seq), tok, lp in zip(batch, sampled.token_ids, sampled.logprobs):
-            seq.append(tok, lp, self._max_new_tokens(req))
+        for i, ((req, seq), tok, lp) in enumerate(zip(batch, sampled.token_ids, sampled.logprobs)):
+            if i not in recorded:
+                seq.append(tok, lp, self._max_new_tokens(req))
             touched[req.request_id] = req
         self._stats.generation_tokens_total += len(batch)
         self._emit(touched.values())
+
+    def _may_run_ahead(self) -> bool:
+        """Only in steady decoding: nothing waits, nothing is being prefilled, no
+        request or abort is in the inbox (each would change the next batch)."""
+        if not self.args.run_ahead or self._inbox or self._stopping or self.scheduler.waiting:
+            return False
+        return all(r.status is RequestStatus.DECODE for r in self.scheduler.running.values())
 
     def _run_prefill(self, chunks: list[PrefillChunk]) -> None:
         all_logits = any(c.request.params.prompt_logprobs is not None for c in chunks)

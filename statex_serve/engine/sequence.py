@@ -89,6 +89,14 @@ class SequenceState:
         else:
             self.pending_text += self.stops.release(final=False)
 
+    def ends_with(self, token_id: int, max_new_tokens: int) -> bool | None:
+        """Whether ``append(token_id, ...)`` will finish the sequence, known
+        without decoding text; None when stop strings must see the text."""
+        if self.stops.stop:
+            return None
+        n = len(self.output_ids) + 1
+        return n >= max_new_tokens or (n >= self.params.min_tokens and token_id in self.stop_token_ids)
+
     def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
         if self.finished:
             return
