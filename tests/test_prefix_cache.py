@@ -259,6 +259,39 @@ def test_a_snapshot_is_not_handed_out_while_being_written():
     assert prefix_key(range(10)) == PrefixHasher(as_token_array(range(50))).key(10) != prefix_key(range(11))
 
 
+def test_the_host_tier_is_a_pool_of_slots_reused_as_entries_come_and_go():
+    """On a GPU the host tier is one pinned pool allocated up front (no pinned
+    allocation per spill); here the same pool on CPU: spilled snapshots restore
+    exactly, and dropped ones give their slots back."""
+    from model_registry.testing import build_tiny_model
+
+    model = build_tiny_model("mamba2", seed=0)
+    pools = model.allocate_state_pools(2)
+    size = pools.spec.bytes_per_sequence
+    cache = PrefixCache(pools, "cpu", device_budget=2 * size, host_budget=3 * size, host_pool=True)
+    assert len(cache._host_free) == 3
+    entries = []
+    for i in range(8):                 # 2 on the device, 3 spilled to the pool, the rest dropped
+        for layer in pools.pools:
+            for t in layer.values():
+                t[0].fill_(float(i))
+        tokens = as_token_array([i] * 20)
+        entries.append(cache.store(PrefixHasher(tokens).key(20), 20, tokens, slot=0))
+        cache.check_invariants()
+    stats = cache.stats()
+    assert stats["entries_device"] == 2 and stats["entries_host"] == 3 and stats["spills"] == 6
+    assert not cache._host_free
+    for i in (3, 4, 5):                # on the host tier now: restore them
+        e = entries[i]
+        assert e.tier == "host" and e.host_slot is not None
+        cache.restore(e, slot=1)
+        assert all(bool((t[1] == float(i)).all()) for layer in pools.pools for t in layer.values())
+    for e in entries[3:6]:
+        cache._drop(e)
+    assert sorted(cache._host_free) == [0, 1, 2]
+    cache.check_invariants()
+
+
 # --- HTTP ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
