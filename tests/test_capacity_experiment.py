@@ -79,11 +79,12 @@ def test_streams_are_a_function_of_seed_and_step(corpus):
 
 def test_plan_keeps_shrinks_or_stops():
     p = sc.PRESETS["full"]
-    probes = {"a": {"work_s": 100.0}, "b": {"work_s": 200.0}}
-    assert sc.plan_steps(p, probes, elapsed=50, budget=300)["scale"] == 1.0
-    shrunk = sc.plan_steps(p, probes, elapsed=50, budget=220)
+    probes = {"a": {"train_s": 100.0, "evals_s": 10.0}, "b": {"train_s": 180.0, "evals_s": 20.0}}
+    assert sc.plan_steps(p, probes, elapsed=50, budget=300)["scale"] == 1.0       # 1.1 * 200 <= 250
+    shrunk = sc.plan_steps(p, probes, elapsed=50, budget=225)                      # 1.1 * (135 + 20) <= 175
     assert shrunk["scale"] == 0.75 and shrunk["pre_steps"] == round(0.75 * p.pre_steps)
-    assert sc.plan_steps(p, probes, elapsed=50, budget=100)["stop"]
+    assert shrunk["post_steps"] == round(0.75 * p.post_steps)
+    assert sc.plan_steps(p, probes, elapsed=50, budget=110)["stop"]              # 1.1 * (45 + 20) > 60
     assert sc.plan_steps(p, {}, elapsed=0, budget=100)["stop"]
 
 

@@ -147,7 +147,8 @@ def table(fam: dict) -> list[str]:
 
 
 def training_lines(fam: dict) -> list[str]:
-    lines = ["| arm | seeds | phases: steps x (batch x seq) | final loss (text / recall) | train s |", "|---|---|---|---|---:|"]
+    lines = ["| arm | seeds | phases: steps x (batch x seq) | final loss (text / recall) | train s |",
+             "|---|---|---|---|---:|"]
     for a in ORDER:
         if a not in fam or a == "statex0":     # no training of its own
             continue
@@ -240,7 +241,8 @@ def write_report(results: Path, out_md: Path) -> dict:
            f"StateX beats LPT in every seed, by >= {100 * WIN_MARGIN:.0f} points averaged over the capacity and "
            f"length cells; bits per byte within +{BPB_TOLERANCE} of LPT; passkey no more than "
            f"{100 * PASSKEY_TOLERANCE:.0f} points below LPT.", "",
-           "| family | StateX - LPT per seed (points) | mean | bpb diff | passkey diff | met |", "|---|---|---:|---:|---:|---|"]
+           "| family | StateX - LPT per seed (points) | mean | bpb diff | passkey diff | met |",
+           "|---|---|---:|---:|---:|---|"]
     for name, v in summary.items():
         s = v["success"]
         md.append(f"| {name} | {', '.join(f'{k}: {_fmt(d)}' for k, d in s['statex_minus_lpt_per_seed'].items())} | "

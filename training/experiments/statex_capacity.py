@@ -35,6 +35,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -64,15 +65,15 @@ class Preset:
     n_values: int = 512
     # pre-training (base, and the from-scratch upper bound's first phase)
     pre_seq: int = 512
-    pre_batch: int = 128
-    pre_steps: int = 3000
+    pre_batch: int = 96
+    pre_steps: int = 2000
     pre_lr: float = 3e-3
     pre_warmup: int = 100
     pre_pairs: tuple = (4, 48)
     # post-training (LPT, StateX, the upper bound's second phase): identical streams
     post_seq: int = 2048
-    post_batch: int = 32
-    post_steps: int = 800
+    post_batch: int = 24
+    post_steps: int = 600
     post_lr: float = 1e-3
     post_warmup: int = 40
     post_pairs: tuple = (4, 96)
@@ -84,9 +85,12 @@ class Preset:
     capacity_pairs: tuple = (8, 16, 32, 64, 96, 128)
     length_pairs: int = 32
     lengths: tuple = (512, 1024, 2048, 4096, 8192)
-    mqar_answers: int = 2560          # per cell: rows = ceil(answers / pairs), standard error <= 1 point
+    mqar_answers: int = 2560          # first rows of an MQAR cell: ceil(answers / pairs)
     min_rows: int = 32
     passkey_rows: int = 400
+    target_se: float = 0.01           # rows are added until a cell's standard error is at most this...
+    max_rows: int = 2500              # ...or it has this many rows
+    max_cell_tokens: int = 8 << 20    # ...or this many tokens
     bpb_windows: int = 64
     eval_tokens_per_batch: int = 1 << 18
     log_every: int = 25
@@ -103,7 +107,7 @@ PRESETS = {
                    mamba2_expanded_state=8, n_keys=32, n_values=32, pre_seq=96, pre_batch=8, pre_steps=4,
                    pre_warmup=1, pre_pairs=(2, 6), post_seq=160, post_batch=4, post_steps=3, post_warmup=1,
                    post_pairs=(2, 8), gate_cell=(96, 2), capacity_len=160, capacity_pairs=(2, 8), length_pairs=4,
-                   lengths=(300, 400), mqar_answers=16, min_rows=4, passkey_rows=4, bpb_windows=2,
+                   lengths=(300, 400), mqar_answers=16, min_rows=4, passkey_rows=4, max_rows=8, bpb_windows=2,
                    eval_tokens_per_batch=4096, log_every=1),
 }
 ARMS = ("base", "statex0", "lpt", "statex")
@@ -266,29 +270,46 @@ def eval_cells(p: Preset) -> list[dict]:
     cells += [{"group": "length", "task": "passkey", "length": n} for n in p.lengths]
     for c in cells:
         c["name"] = f"{c['task']}@{c['length']}" + (f"/{c['pairs']}p" if "pairs" in c else "")
-        if c["task"] == "mqar":
-            c["rows"] = max(p.min_rows, math.ceil(p.mqar_answers / c["pairs"]))
-        else:
-            c["rows"] = p.passkey_rows
+        # first rows: enough answers for a 1-point standard error if answers were independent;
+        # more are added (up to max_rows) while the measured standard error is above target_se
+        c["rows"] = (max(p.min_rows, math.ceil(p.mqar_answers / c["pairs"])) if c["task"] == "mqar"
+                     else p.passkey_rows)
+        c["max_rows"] = max(c["rows"], min(p.max_rows, p.max_cell_tokens // c["length"]))
     return cells
 
 
-def build_eval_set(corpus: Corpus, p: Preset, seed: int = 1234) -> list[dict]:
-    """The same rows for every arm and seed: held-out filler, fixed seed."""
-    depths = (0.0, 0.25, 0.5, 0.75, 1.0)
-    out = []
-    for c in eval_cells(p):
-        rng = np.random.default_rng([seed, zlib.crc32(c["name"].encode())])
-        if c["task"] == "mqar":
-            rows = [mqar_row(rng, corpus, c["length"], c["pairs"], p, heldout=True) for _ in range(c["rows"])]
-        else:
-            rows = [passkey_row(rng, c["length"], depths[i % len(depths)]) for i in range(c["rows"])]
-        out.append({**c, "ids": np.stack([r[0] for r in rows]), "tgt": np.stack([r[1] for r in rows])})
-    rng = np.random.default_rng([seed, 7])
-    bpb = [text_row(rng, corpus, min(2048, p.post_seq), heldout=True) for _ in range(p.bpb_windows)]
-    out.append({"group": "bpb", "task": "text", "name": "bpb", "length": bpb[0][0].shape[0], "rows": len(bpb),
-                "ids": np.stack([r[0] for r in bpb]), "tgt": np.stack([r[1] for r in bpb])})
-    return out
+class EvalCell:
+    """Row i of a cell is a pure function of (seed, cell, i), built once per
+    process and shared by every arm: held-out filler, passkey depths cycling."""
+
+    DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, spec: dict, corpus: Corpus, p: Preset, seed: int):
+        self.spec, self.corpus, self.p, self.seed = spec, corpus, p, seed
+        self.ids: list[np.ndarray] = []
+        self.tgt: list[np.ndarray] = []
+
+    def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        c = self.spec
+        while len(self.ids) < b:
+            i = len(self.ids)
+            rng = np.random.default_rng([self.seed, zlib.crc32(c["name"].encode()), i])
+            if c["task"] == "mqar":
+                ids, tgt = mqar_row(rng, self.corpus, c["length"], c["pairs"], self.p, heldout=True)
+            elif c["task"] == "passkey":
+                ids, tgt = passkey_row(rng, c["length"], self.DEPTHS[i % len(self.DEPTHS)])
+            else:
+                ids, tgt = text_row(rng, self.corpus, c["length"], heldout=True)
+            self.ids.append(ids.astype(np.int32))
+            self.tgt.append(tgt.astype(np.int32))
+        return np.stack(self.ids[a:b]), np.stack(self.tgt[a:b])
+
+
+def build_eval_set(corpus: Corpus, p: Preset, seed: int = 1234) -> list[EvalCell]:
+    """The same rows for every arm and seed."""
+    bpb = {"group": "bpb", "task": "text", "name": "bpb", "length": min(2048, p.post_seq), "rows": p.bpb_windows,
+           "max_rows": p.bpb_windows}
+    return [EvalCell(c, corpus, p, seed) for c in [*eval_cells(p), bpb]]
 
 
 def _autocast(device):
@@ -299,44 +320,61 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def evaluate(model, eval_set: list[dict], p: Preset, device) -> dict:
+def evaluate(model, eval_set: list[EvalCell], p: Preset, device, first_rows_only: int | None = None) -> dict:
     """Per cell: accuracy (MQAR per answer, passkey per row: every answer token
-    right), its standard error over rows, and bits per byte for the text cell."""
+    right) and its standard error over rows; bits per byte for the text cell.
+    A cell starts with its ``rows`` and grows (fixed rule, same rows for every
+    arm) until the standard error is at most ``target_se`` or ``max_rows``."""
     import torch
     import torch.nn.functional as F
 
     model.eval()
     res = {}
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for c in eval_set:
-            T = c["ids"].shape[1]
-            bs = max(1, p.eval_tokens_per_batch // T)
-            per_row, nll, count = [], 0.0, 0
-            for b in range(0, c["rows"], bs):
-                ids = torch.as_tensor(c["ids"][b:b + bs], device=device)
-                tgt = torch.as_tensor(c["tgt"][b:b + bs], device=device)
-                with _autocast(device):
-                    logits = model(ids).logits
-                m = tgt != IGNORE
-                if c["task"] == "text":
-                    m &= tgt != EOS
-                    ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.clamp_min(0).flatten(), reduction="none")
-                    nll += float((ce.view_as(tgt) * m).sum())
-                    count += int(m.sum())
-                    continue
-                ok = ((logits.argmax(-1) == tgt) | ~m)
-                if c["task"] == "passkey":
-                    per_row += ok.all(-1).float().tolist()
-                else:
-                    per_row += ((ok & m).sum(-1).float() / m.sum(-1).float()).tolist()
-            if c["task"] == "text":
-                res[c["name"]] = {"bits_per_byte": nll / count / math.log(2), "bytes": count}
+
+    def score(cell: EvalCell, a: int, b: int, per_row: list, text: list) -> None:
+        T = cell.spec["length"]
+        bs = max(1, p.eval_tokens_per_batch // T)
+        for s in range(a, b, bs):
+            ids_np, tgt_np = cell.rows(s, min(b, s + bs))
+            ids = torch.as_tensor(ids_np, device=device).long()
+            tgt = torch.as_tensor(tgt_np, device=device).long()
+            with _autocast(device):
+                logits = model(ids).logits
+            m = tgt != IGNORE
+            if cell.spec["task"] == "text":
+                m &= tgt != EOS
+                ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.clamp_min(0).flatten(), reduction="none")
+                text[0] += float((ce.view_as(tgt) * m).sum())
+                text[1] += int(m.sum())
                 continue
-            a = np.asarray(per_row)
+            ok = (logits.argmax(-1) == tgt) | ~m
+            if cell.spec["task"] == "passkey":
+                per_row += ok.all(-1).float().tolist()
+            else:
+                per_row += ((ok & m).sum(-1).float() / m.sum(-1).float()).tolist()
+
+    def se(rows: list) -> float:
+        return float(np.std(rows, ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else float("inf")
+
+    with torch.no_grad():
+        for cell in eval_set:
+            c = cell.spec
+            per_row, text = [], [0.0, 0]
+            n = c["rows"] if first_rows_only is None else min(c["rows"], first_rows_only)
+            score(cell, 0, n, per_row, text)
+            while first_rows_only is None and c["task"] != "text" and se(per_row) > p.target_se \
+                    and n < c["max_rows"]:
+                want = math.ceil(n * (se(per_row) / p.target_se) ** 2 * 1.1)   # n for the target, then some
+                new = min(c["max_rows"], max(want, n + c["rows"] // 4))
+                score(cell, n, new, per_row, text)
+                n = new
+            if c["task"] == "text":
+                res[c["name"]] = {"bits_per_byte": text[0] / text[1] / math.log(2), "bytes": text[1]}
+                continue
             res[c["name"]] = {"group": c["group"], "task": c["task"], "length": c["length"],
-                              "pairs": c.get("pairs"), "accuracy": float(a.mean()), "rows": len(a),
-                              "se": float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None}
+                              "pairs": c.get("pairs"), "accuracy": float(np.mean(per_row)), "rows": len(per_row),
+                              "se": se(per_row) if len(per_row) > 1 else None}
     res["_seconds"] = time.perf_counter() - t0
     model.train()
     return res
@@ -450,25 +488,36 @@ def train(model, stream: Stream, steps: int, lr: float, warmup: int, device, p: 
             "batch": stream.batch, "pairs": list(stream.pairs), "data_seed": stream.seed}
 
 
-def time_steps(model, stream: Stream, device, n_warm: int, n_timed: int) -> float:
-    """Seconds per training step of a throw-away copy (compiles the kernels first)."""
-    import torch
+class StepTimer:
+    """Training steps (forward, backward, AdamW) of a throw-away copy: ``run(n)``
+    once to compile the kernels, then again, timed, while every pipeline does
+    the same (the time then includes the sharing of the GPU)."""
 
-    m = copy.deepcopy(model).to(device)
-    for i in range(n_warm + n_timed):
-        if i == n_warm:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        ids, tgt, kinds = stream.next()
-        with _autocast(device):
-            logits = m(torch.as_tensor(ids, device=device)).logits
-        loss, _ = kind_loss(logits, torch.as_tensor(tgt, device=device), torch.as_tensor(kinds, device=device))
-        loss.backward()
-        m.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n_timed * 1.15      # + the optimizer step, not timed here
+    def __init__(self, model, stream: Stream, device):
+        import torch
+
+        self.m = copy.deepcopy(model).to(device).train()
+        self.opt = torch.optim.AdamW(self.m.parameters(), lr=1e-5, fused=device.type == "cuda")
+        self.stream, self.device = stream, device
+
+    def run(self, n: int) -> float:
+        import torch
+
+        dev = self.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            ids, tgt, kinds = self.stream.next()
+            with _autocast(dev):
+                logits = self.m(torch.as_tensor(ids, device=dev)).logits
+            loss, _ = kind_loss(logits, torch.as_tensor(tgt, device=dev), torch.as_tensor(kinds, device=dev))
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
 
 
 # --- one pipeline (one process) ----------------------------------------------------------
@@ -502,28 +551,30 @@ def worker(args) -> int:
         return Stream(corpus, p, p.post_seq, p.post_batch, p.post_pairs, seed=2000 + seed)
     probe_pre = Stream(corpus, p, p.pre_seq, p.pre_batch, p.pre_pairs, seed=99)
     probe_post = Stream(corpus, p, p.post_seq, p.post_batch, p.post_pairs, seed=99)
-    warm, timed = (1, 1) if args.preset == "tiny" else (3, 4)
-    probe = {"pre_step_s": time_steps(base, probe_pre, device, warm, timed),
-             "post_step_s": time_steps(base, probe_post, device, warm, timed)}
-    if kind == "main":   # compile the expanded layers' kernels now as well
-        xm, _ = expand(fam, base, p, seed)
-        probe["post_step_expanded_s"] = time_steps(xm.to(device), probe_post, device, warm, timed)
-        del xm
+    warm, timed = (1, 1) if args.preset == "tiny" else (3, 5)
+    timers = {"pre_step_s": StepTimer(base, probe_pre, device), "post_step_s": StepTimer(base, probe_post, device)}
+    if kind == "main":   # the expanded layers' kernels too
+        timers["post_step_expanded_s"] = StepTimer(expand(fam, base, p, seed)[0], probe_post, device)
     eval_set = build_eval_set(corpus, p)
+    for t in timers.values():      # compile (and autotune) everything first ...
+        t.run(warm)
+    evaluate(base, eval_set, p, device, first_rows_only=2)
+    (out / "ready").mkdir(exist_ok=True)
+    (out / "ready" / f"{fam}_{kind}_{seed}").touch()
+    while not (out / "go").exists() and time.time() < deadline:   # ... then time together with the others
+        time.sleep(0.1)
+    probe = {k: t.run(timed) for k, t in timers.items()}
+    del timers
     te = time.perf_counter()
-    sub = [dict(c, rows=min(c["rows"], 4)) for c in eval_set]
-    sub = [dict(c, ids=c["ids"][:c["rows"]], tgt=c["tgt"][:c["rows"]]) for c in sub]
-    evaluate(base, sub, p, device)                       # compiles the eval shapes
+    evaluate(base, eval_set, p, device, first_rows_only=8)
     te = time.perf_counter() - te
-    eval_tokens = sum(c["ids"].size for c in eval_set)
-    probe["eval_s"] = te * eval_tokens / max(1, sum(c["ids"].size for c in sub))
+    eval_tokens = sum(c.spec["rows"] * c.spec["length"] for c in eval_set)
+    probe["eval_s"] = te * eval_tokens / sum(min(8, c.spec["rows"]) * c.spec["length"] for c in eval_set)
     probe["setup_s"] = time.perf_counter() - t0
-    n_eval = 4 if kind == "main" else 2
-    if kind == "main":
-        probe["work_s"] = (p.pre_steps * probe["pre_step_s"] + p.post_steps * (probe["post_step_s"]
-                           + probe["post_step_expanded_s"]) + n_eval * probe["eval_s"])
-    else:
-        probe["work_s"] = p.pre_steps * probe["pre_step_s"] + p.post_steps * probe["post_step_s"] + n_eval * probe["eval_s"]
+    n_alt = int(args.alt and kind == "main")
+    probe["evals_s"] = ((4 + n_alt) if kind == "main" else 1) * probe["eval_s"]
+    probe["train_s"] = p.pre_steps * probe["pre_step_s"] + p.post_steps * (
+        probe["post_step_s"] + (1 + n_alt) * probe.get("post_step_expanded_s", 0.0))
     (out / "probes").mkdir(exist_ok=True)
     (out / "probes" / f"{fam}_{kind}_{seed}.json").write_text(json.dumps(probe))
     log(f"{name}: probe {json.dumps({k: round(v, 4) for k, v in probe.items()})}")
@@ -547,28 +598,33 @@ def worker(args) -> int:
         write(arm, {"eval": r, "state_elements": state_elements(model),
                     "parameters": sum(q.numel() for q in model.parameters()), **extra})
 
+    def until(evals_left: int) -> float:
+        """Training stops in time for the evaluations still to come."""
+        return deadline - evals_left * 1.5 * probe["eval_s"] - 5
+
     # 2. the arms
     if kind == "scratch":
-        tr_pre = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} pre", deadline)
-        tr_post = train(base, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} post", deadline)
+        tr_pre = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} pre", until(1))
+        tr_post = train(base, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} post", until(1))
         run_eval(base, "scratch", {"train": [tr_pre, tr_post]})
         return 0
-    tr = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} base", deadline)
-    run_eval(base, "base", {"train": [tr]})
     arms = [("statex", False)] + ([("statex_alt", True)] if args.alt else [])
+    tr = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} base", until(3 + len(arms)))
+    run_eval(base, "base", {"train": [tr]})
     expanded = {}
     for arm, alt in arms:
         m, record = expand(fam, base, p, seed, alt)
         expanded[arm] = (m.to(device), record)
     run_eval(expanded["statex"][0], "statex0", {"expansion": expanded["statex"][1], "train": [tr]})
     lpt = copy.deepcopy(base)
-    post_tr = train(lpt, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} lpt", deadline)
+    post_tr = train(lpt, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} lpt",
+                    until(1 + len(arms)))
     run_eval(lpt, "lpt", {"train": [tr, post_tr]})
     del lpt
-    for arm, _ in arms:
+    for i, (arm, _) in enumerate(arms):
         m, record = expanded[arm]
-        post_tr = train(m, post(), post_steps, p.post_lr, p.post_warmup, device, p,
-                        f"{name} {arm}", deadline)
+        post_tr = train(m, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} {arm}",
+                        until(len(arms) - i))
         run_eval(m, arm, {"expansion": record, "train": [tr, post_tr]})
     return 0
 
@@ -592,20 +648,24 @@ def environment() -> dict:
     return env
 
 
+SCALES = (1.0, 0.75, 0.5, 0.35, 0.25)
+
+
 def plan_steps(p: Preset, probes: dict, elapsed: float, budget: float) -> dict:
-    """Steps x1 if every pipeline's projected work fits in what is left of the
-    budget; else the largest of 3/4, 1/2, 1/3 that fits; else stop."""
+    """Steps x1 if every pipeline's projected work (training scaled, evaluation
+    not, +10%) fits in what is left of the budget; else the largest scale of
+    SCALES that fits; else stop."""
     if not probes:
         return {"stop": True, "reason": "no pipeline finished its probe"}
-    need = max(pr["work_s"] for pr in probes.values())
     left = budget - elapsed
-    for scale in (1.0, 0.75, 0.5, 1 / 3):
-        if need * scale * 1.1 <= left:
+    for scale in SCALES:
+        need = max(pr["train_s"] * scale + pr["evals_s"] for pr in probes.values())
+        if need * 1.1 <= left:
             return {"stop": False, "scale": scale, "pre_steps": max(1, round(p.pre_steps * scale)),
-                    "post_steps": max(1, round(p.post_steps * scale)), "projected_s": elapsed + need * scale,
+                    "post_steps": max(1, round(p.post_steps * scale)), "projected_s": elapsed + need,
                     "left_s": left}
-    return {"stop": True, "reason": f"projected {need:.0f} s of work even at 1/3 of the steps, {left:.0f} s left",
-            "projected_s": elapsed + need}
+    return {"stop": True, "reason": f"projected {need:.0f} s of work even at {SCALES[-1]} of the steps; "
+                                    f"{left:.0f} s left", "projected_s": elapsed + need}
 
 
 def run(args) -> int:
@@ -620,11 +680,14 @@ def run(args) -> int:
     if not seeds or any(f not in ("gla", "mamba2") for f in families):
         raise SystemExit("--families must be gla and/or mamba2, --seeds a list of integers")
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("plan.json", "meta.json"):
+    for f in ("plan.json", "meta.json", "go"):
         (out / f).unlink(missing_ok=True)
+    for d in ("ready", "probes", "arms"):
+        if (out / d).is_dir():
+            shutil.rmtree(out / d)
     t_start = time.time()
     deadline = t_start + args.budget_s
-    meta = {"command": " ".join([Path(sys.executable).name, "-m", "training.experiments.statex_capacity", *sys.argv[1:]]),
+    meta = {"command": " ".join(["python", "-m", "training.experiments.statex_capacity", *sys.argv[1:]]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "preset_name": args.preset,
             "preset": asdict(p), "seeds": seeds, "families": families, "budget_s": args.budget_s,
             "environment": environment(), "corpus": {"path": str(args.corpus), "sha": Corpus(Path(args.corpus)).sha},
@@ -643,7 +706,15 @@ def run(args) -> int:
         procs[(fam, seed, kind)] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     log(f"started {len(procs)} pipelines: {', '.join(f'{f}/{k}/{s}' for f, s, k in jobs)}")
 
-    # stage 1: wait for every probe (or a dead pipeline), then plan
+    # stage 1: every pipeline compiles; when all are ready (or the probe time is up) they time
+    # their steps together; then the plan
+    while time.time() < t_start + args.probe_s:
+        ready = len(list((out / "ready").glob("*"))) if (out / "ready").is_dir() else 0
+        if ready >= sum(pr.poll() is None for pr in procs.values()):
+            break
+        time.sleep(0.2)
+    (out / "go").touch()
+    log(f"all pipelines compiled after {time.time() - t_start:.0f} s; timing steps")
     while True:
         probes = {q.stem: json.loads(q.read_text()) for q in (out / "probes").glob("*.json")} \
             if (out / "probes").is_dir() else {}
