@@ -320,11 +320,13 @@ def _autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def evaluate(model, eval_set: list[EvalCell], p: Preset, device, first_rows_only: int | None = None) -> dict:
+def evaluate(model, eval_set: list[EvalCell], p: Preset, device, first_rows_only: int | None = None,
+             grow_until: float | None = None) -> dict:
     """Per cell: accuracy (MQAR per answer, passkey per row: every answer token
     right) and its standard error over rows; bits per byte for the text cell.
     A cell starts with its ``rows`` and grows (fixed rule, same rows for every
-    arm) until the standard error is at most ``target_se`` or ``max_rows``."""
+    arm) until the standard error is at most ``target_se`` or ``max_rows``, and
+    not after the wall-clock time ``grow_until``."""
     import torch
     import torch.nn.functional as F
 
@@ -364,7 +366,7 @@ def evaluate(model, eval_set: list[EvalCell], p: Preset, device, first_rows_only
             n = c["rows"] if first_rows_only is None else min(c["rows"], first_rows_only)
             score(cell, 0, n, per_row, text)
             while first_rows_only is None and c["task"] != "text" and se(per_row) > p.target_se \
-                    and n < c["max_rows"]:
+                    and n < c["max_rows"] and (grow_until is None or time.time() < grow_until):
                 want = math.ceil(n * (se(per_row) / p.target_se) ** 2 * 1.1)   # n for the target, then some
                 new = min(c["max_rows"], max(want, n + c["rows"] // 4))
                 score(cell, n, new, per_row, text)
@@ -590,11 +592,11 @@ def worker(args) -> int:
         return 0
     pre_steps, post_steps = plan["pre_steps"], plan["post_steps"]
 
-    def run_eval(model, arm: str, extra: dict) -> None:
+    def run_eval(model, arm: str, extra: dict, evals_after: int = 0) -> None:
         if time.time() > deadline:
             log(f"{name}: no time left to evaluate {arm}")
             return
-        r = evaluate(model, eval_set, p, device)
+        r = evaluate(model, eval_set, p, device, grow_until=until(evals_after + 1))
         write(arm, {"eval": r, "state_elements": state_elements(model),
                     "parameters": sum(q.numel() for q in model.parameters()), **extra})
 
@@ -610,22 +612,23 @@ def worker(args) -> int:
         return 0
     arms = [("statex", False)] + ([("statex_alt", True)] if args.alt else [])
     tr = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} base", until(3 + len(arms)))
-    run_eval(base, "base", {"train": [tr]})
+    run_eval(base, "base", {"train": [tr]}, evals_after=2 + len(arms))
     expanded = {}
     for arm, alt in arms:
         m, record = expand(fam, base, p, seed, alt)
         expanded[arm] = (m.to(device), record)
-    run_eval(expanded["statex"][0], "statex0", {"expansion": expanded["statex"][1], "train": [tr]})
+    run_eval(expanded["statex"][0], "statex0", {"expansion": expanded["statex"][1], "train": [tr]},
+             evals_after=1 + len(arms))
     lpt = copy.deepcopy(base)
     post_tr = train(lpt, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} lpt",
                     until(1 + len(arms)))
-    run_eval(lpt, "lpt", {"train": [tr, post_tr]})
+    run_eval(lpt, "lpt", {"train": [tr, post_tr]}, evals_after=len(arms))
     del lpt
     for i, (arm, _) in enumerate(arms):
         m, record = expanded[arm]
         post_tr = train(m, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} {arm}",
                         until(len(arms) - i))
-        run_eval(m, arm, {"expansion": record, "train": [tr, post_tr]})
+        run_eval(m, arm, {"expansion": record, "train": [tr, post_tr]}, evals_after=len(arms) - i - 1)
     return 0
 
 
