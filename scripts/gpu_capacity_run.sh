@@ -10,7 +10,8 @@
 # .whl holds the fla and mamba-ssm wheels (pure Python + Triton), installed
 # into a --target dir as scripts/gpu_bench_run.sh does. Environment knobs:
 # SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 400), ALT=1 (also the
-# alternative expansion arm), PY (python3).
+# alternative expansion arm), PY (python3); arguments are passed to `run`,
+# e.g. `bash scripts/gpu_capacity_run.sh --set pre_steps=3000`.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT}
@@ -41,7 +42,7 @@ cat "$R/gpu.txt"
 
 [ -f "$W/corpus.jsonl" ] || stage prepare 90 $PY -m training.experiments.statex_capacity prepare --out "$W/corpus.jsonl"
 stage run $((BUDGET_S + 40)) $PY -m training.experiments.statex_capacity run --corpus "$W/corpus.jsonl" \
-    --out "$R/run" --seeds "${SEEDS:-0,1,2}" --budget-s "$BUDGET_S" --overwrite ${ALT:+--alt}
+    --out "$R/run" --seeds "${SEEDS:-0,1,2}" --budget-s "$BUDGET_S" --overwrite ${ALT:+--alt} "$@"
 stage report 90 $PY -m training.experiments.statex_capacity report --results "$R/run" \
     --out "$R/report/statex_capacity.md"
 tail -n 3 "$R/run.log"

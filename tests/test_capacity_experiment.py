@@ -88,6 +88,14 @@ def test_plan_keeps_shrinks_or_stops():
     assert sc.plan_steps(p, {}, elapsed=0, budget=100)["stop"]
 
 
+def test_preset_overrides():
+    p = sc.preset("full", ["pre_steps=10", "pre_lr=2e-3", "lengths=512,1024"])
+    assert (p.pre_steps, p.pre_lr, p.lengths) == (10, 2e-3, (512, 1024)) and p.post_steps == sc.PRESETS["full"].post_steps
+    for bad in ("colour=3", "pre_steps", "pre_steps=many"):
+        with pytest.raises(SystemExit):
+            sc.preset("full", [bad])
+
+
 def test_interval_over_seeds_and_within_one_run():
     m, h = interval([0.5, 0.6, 0.7], [0.01, 0.01, 0.01])
     assert m == pytest.approx(0.6) and h == pytest.approx(4.303 * 0.1 / 3 ** 0.5)

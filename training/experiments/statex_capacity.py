@@ -41,7 +41,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +113,25 @@ PRESETS = {
 ARMS = ("base", "statex0", "lpt", "statex")
 ARM_NAMES = {"base": "base", "statex0": "StateX @ 0 steps", "lpt": "LPT", "statex": "StateX",
              "statex_alt": "StateX (GLA inherit / Mamba2 merge_copy + dt inherit)", "scratch": "expanded from scratch"}
+
+
+def preset(name: str, overrides: list[str]) -> Preset:
+    """A preset with ``FIELD=VALUE`` overrides (numbers, or comma lists for tuples)."""
+    p = PRESETS[name]
+    changes = {}
+    for o in overrides:
+        key, sep, val = o.partition("=")
+        if not sep or key not in p.__dataclass_fields__:
+            raise SystemExit(f"--set {o}: not FIELD=VALUE with a field of Preset")
+        cur = getattr(p, key)
+        try:
+            if isinstance(cur, tuple):
+                changes[key] = tuple(int(x) for x in val.split(",") if x)
+            else:
+                changes[key] = type(cur)(val)
+        except ValueError:
+            raise SystemExit(f"--set {o}: {val!r} is not a valid {type(cur).__name__}") from None
+    return replace(p, **changes)
 
 
 def log(msg: str) -> None:
@@ -528,7 +547,7 @@ def worker(args) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    p = PRESETS[args.preset]
+    p = preset(args.preset, args.set)
     out = Path(args.out)
     fam, seed, kind = args.family, args.seed, args.kind
     arm_dir = out / "arms" / fam / (f"seed{seed}" if kind == "main" else "scratch")
@@ -672,7 +691,7 @@ def plan_steps(p: Preset, probes: dict, elapsed: float, budget: float) -> dict:
 
 
 def run(args) -> int:
-    p = PRESETS[args.preset]
+    p = preset(args.preset, args.set)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f"{out} exists and is not empty (pass --overwrite)")
@@ -692,7 +711,7 @@ def run(args) -> int:
     deadline = t_start + args.budget_s
     meta = {"command": " ".join(["python", "-m", "training.experiments.statex_capacity", *sys.argv[1:]]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "preset_name": args.preset,
-            "preset": asdict(p), "seeds": seeds, "families": families, "budget_s": args.budget_s,
+            "preset": asdict(p), "overrides": args.set, "seeds": seeds, "families": families, "budget_s": args.budget_s,
             "environment": environment(), "corpus": {"path": str(args.corpus), "sha": Corpus(Path(args.corpus)).sha},
             "arms": list(ARMS) + (["statex_alt"] if args.alt else []) + ["scratch"]}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -704,7 +723,7 @@ def run(args) -> int:
         cmd = [sys.executable, "-m", "training.experiments.statex_capacity", "_worker", "--family", fam, "--seed",
                str(seed), "--kind", kind, "--corpus", str(args.corpus), "--out", str(out), "--preset", args.preset,
                "--deadline", str(deadline), "--threads", str(args.threads), "--device", args.device] + \
-              (["--alt"] if args.alt else [])
+              (["--alt"] if args.alt else []) + [f"--set={o}" for o in args.set]
         logf = (out / "logs" / f"{fam}_{kind}_{seed}.log").open("w")
         procs[(fam, seed, kind)] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     log(f"started {len(procs)} pipelines: {', '.join(f'{f}/{k}/{s}' for f, s, k in jobs)}")
@@ -778,6 +797,8 @@ def main(argv=None) -> int:
     pr.add_argument("--threads", type=int, default=2, help="torch CPU threads per pipeline")
     pr.add_argument("--device", default="auto", choices=("auto", "cpu"))
     pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a preset field, e.g. --set pre_steps=3000 --set pre_lr=2e-3 (recorded in meta.json)")
     pw = sub.add_parser("_worker", help=argparse.SUPPRESS)
     for a in ("--family", "--kind", "--corpus", "--out", "--preset", "--device"):
         pw.add_argument(a, required=True)
@@ -785,6 +806,7 @@ def main(argv=None) -> int:
     pw.add_argument("--deadline", type=float, required=True)
     pw.add_argument("--threads", type=int, default=2)
     pw.add_argument("--alt", action="store_true")
+    pw.add_argument("--set", action="append", default=[])
     rp = sub.add_parser("report", help="results directory -> markdown with tables and plots")
     rp.add_argument("--results", required=True, help="a run's --out (or its results.json)")
     rp.add_argument("--out", required=True, help="the markdown file; plots and the raw JSON go beside it")
