@@ -65,15 +65,15 @@ class Preset:
     n_values: int = 512
     # pre-training (base, and the from-scratch upper bound's first phase)
     pre_seq: int = 512
-    pre_batch: int = 96
-    pre_steps: int = 2000
+    pre_batch: int = 64
+    pre_steps: int = 3000
     pre_lr: float = 3e-3
     pre_warmup: int = 100
     pre_pairs: tuple = (4, 48)
     # post-training (LPT, StateX, the upper bound's second phase): identical streams
     post_seq: int = 2048
-    post_batch: int = 24
-    post_steps: int = 600
+    post_batch: int = 16
+    post_steps: int = 800
     post_lr: float = 1e-3
     post_warmup: int = 40
     post_pairs: tuple = (4, 96)
