@@ -214,9 +214,13 @@ def write_report(results: Path, out_md: Path) -> dict:
           f"**Date:** {meta['date_utc']}; wall clock {meta.get('elapsed_s', float('nan')):.0f} s of a "
           f"{meta['budget_s']:.0f} s budget  ",
           f"**Hardware:** {env['device']}  ",
-          "**Versions:** " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "host") and v),
-          f"  \n**Corpus:** `{meta['corpus']['path']}` (crc32 {meta['corpus']['sha']})  ",
-          f"**Plan:** {json.dumps(plan)}  ",
+          "**Versions:** " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "host") and v)
+          + "  ",
+          f"**Corpus:** `{meta['corpus']['path']}` (crc32 {meta['corpus']['sha']})  ",
+          "**Plan:** " + (f"stopped ({plan.get('reason')})" if plan.get("stop") else
+                          f"steps x{plan.get('scale')} of nominal: {plan.get('pre_steps')} pre-training, "
+                          f"{plan.get('post_steps')} post-training; projected {plan.get('projected_s', 0):.0f} s, "
+                          f"decided at {plan.get('elapsed_at_plan_s', 0):.0f} s") + "  ",
           f"**Raw results:** [`{assets.name}/results.json`]({assets.name}/results.json)", "",
           f"Preset `{meta['preset_name']}`: d_model {p['d_model']}, {p['layers']} layers; GLA {p['gla_heads']} "
           f"heads, Mamba2 N {p['mamba2_state']}; layers {p['expand_layers']} expanded (GLA 1 head, Mamba2 N "
