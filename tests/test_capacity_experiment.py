@@ -91,6 +91,7 @@ def test_plan_keeps_shrinks_or_stops():
 def test_preset_overrides():
     p = sc.preset("full", ["pre_steps=10", "pre_lr=2e-3", "lengths=512,1024"])
     assert (p.pre_steps, p.pre_lr, p.lengths) == (10, 2e-3, (512, 1024)) and p.post_steps == sc.PRESETS["full"].post_steps
+    assert sc.preset("full", ["mamba2_dt_init=init"]).mamba2_dt_init == "init"
     for bad in ("colour=3", "pre_steps", "pre_steps=many"):
         with pytest.raises(SystemExit):
             sc.preset("full", [bad])
@@ -133,14 +134,14 @@ def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "training.experiments.statex_capacity", "run", "--tiny", "--corpus",
            str(corpus_file), "--out", str(out), "--seeds", "0", "--threads", "1", "--device", "cpu",
-           "--budget-s", "170"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200, cwd=REPO)
+           "--budget-s", "400", "--alt"]          # generous: CI machines are shared
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["scale"] == 1.0 and len(plan["probes"]) == 4
     res = json.loads((out / "results.json").read_text())
     got = {(a["family"], a["arm"]) for a in res["arms"]}
-    assert got == {(f, a) for f in ("gla", "mamba2") for a in (*sc.ARMS, "scratch")}
+    assert got == {(f, a) for f in ("gla", "mamba2") for a in (*sc.ARMS, "statex_alt", "scratch")}
     n_cells = len(sc.eval_cells(sc.PRESETS["tiny"])) + 1
     for a in res["arms"]:
         cells = {k: v for k, v in a["eval"].items() if not k.startswith("_")}
@@ -154,6 +155,9 @@ def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
         lpt_post, sx_post = by[(fam, "lpt")]["train"][1], by[(fam, "statex")]["train"][1]
         assert lpt_post["steps"] == sx_post["steps"] == plan["post_steps"]
         assert lpt_post["data_seed"] == sx_post["data_seed"]
+        # the expansions are the preset's: reinit, and the alternative
+        assert by[(fam, "statex")]["expansion"]["init"] == "reinit"
+        assert by[(fam, "statex_alt")]["expansion"]["init"] == ("inherit" if fam == "gla" else "merge_copy")
 
     md = tmp_path / "doc" / "statex_capacity.md"
     assert subprocess.run([sys.executable, "-m", "training.experiments.statex_capacity", "report", "--results",

@@ -14,7 +14,7 @@ from pathlib import Path
 # two-sided 95% Student t quantiles by degrees of freedom (1..10); normal beyond
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 ORDER = ("base", "statex0", "lpt", "statex", "statex_alt", "scratch")
-NAMES = {"base": "base", "statex0": "StateX@0", "lpt": "LPT", "statex": "StateX", "statex_alt": "StateX-alt",
+NAMES = {"base": "base", "statex0": "StateX@0", "lpt": "LPT", "statex": "StateX", "statex_alt": "StateX (alt init)",
          "scratch": "scratch (upper bound)"}
 GATE_BASE = 0.8
 GATE_SCRATCH_MARGIN = 0.10

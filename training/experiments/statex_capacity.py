@@ -61,6 +61,13 @@ class Preset:
     mamba2_head_dim: int = 32
     expand_layers: tuple = (0, 2)
     mamba2_expanded_state: int = 64
+    # the StateX arm's expansion (training.expand), and the --alt arm's
+    gla_init: str = "reinit"
+    mamba2_init: str = "reinit"
+    mamba2_dt_init: str = "official"
+    alt_gla_init: str = "inherit"
+    alt_mamba2_init: str = "merge_copy"
+    alt_mamba2_dt_init: str = "inherit"
     n_keys: int = 512
     n_values: int = 512
     # pre-training (base, and the from-scratch upper bound's first phase)
@@ -111,12 +118,10 @@ PRESETS = {
                    eval_tokens_per_batch=4096, log_every=1),
 }
 ARMS = ("base", "statex0", "lpt", "statex")
-ARM_NAMES = {"base": "base", "statex0": "StateX @ 0 steps", "lpt": "LPT", "statex": "StateX",
-             "statex_alt": "StateX (GLA inherit / Mamba2 merge_copy + dt inherit)", "scratch": "expanded from scratch"}
 
 
 def preset(name: str, overrides: list[str]) -> Preset:
-    """A preset with ``FIELD=VALUE`` overrides (numbers, or comma lists for tuples)."""
+    """A preset with ``FIELD=VALUE`` overrides (numbers, names, or comma lists for tuples)."""
     p = PRESETS[name]
     changes = {}
     for o in overrides:
@@ -428,15 +433,17 @@ def new_model(family: str, p: Preset, seed: int, expanded: bool = False):
 
 
 def expand(family: str, model, p: Preset, seed: int, alt: bool = False):
-    """StateX on a trained model (CPU copy): reinit (the paper's default), or the alternative ablation."""
+    """StateX on a trained model (CPU copy): the preset's expansion (default reinit,
+    the paper's), or its alternative (default GLA inherit, Mamba2 merge_copy + dt inherit)."""
     from training.expand import expand_gla_heads, expand_mamba2_state
 
     cpu = copy.deepcopy(model).to("cpu")
     if family == "gla":
-        exp = expand_gla_heads(cpu, list(p.expand_layers), 1, "inherit" if alt else "reinit", seed)
+        exp = expand_gla_heads(cpu, list(p.expand_layers), 1, p.alt_gla_init if alt else p.gla_init, seed)
     else:
         exp = expand_mamba2_state(cpu, list(p.expand_layers), p.mamba2_expanded_state,
-                                  "merge_copy" if alt else "reinit", seed, dt_init="inherit" if alt else "official")
+                                  p.alt_mamba2_init if alt else p.mamba2_init, seed,
+                                  dt_init=p.alt_mamba2_dt_init if alt else p.mamba2_dt_init)
     return exp.model, exp.record(cpu)
 
 
@@ -789,8 +796,8 @@ def main(argv=None) -> int:
     pr.add_argument("--families", default="gla,mamba2")
     pr.add_argument("--tiny", dest="preset", action="store_const", const="tiny", default="full",
                     help="the toy size (CPU, under a minute)")
-    pr.add_argument("--alt", action="store_true", help="also the alternative expansion (GLA inherit, Mamba2 "
-                                                       "merge_copy with dt inherited)")
+    pr.add_argument("--alt", action="store_true", help="also the alternative expansion (default GLA inherit, "
+                                                       "Mamba2 merge_copy with dt inherited; --set alt_*_init=...)")
     pr.add_argument("--budget-s", type=float, default=400, help="wall clock for the whole run, from its start")
     pr.add_argument("--reserve-s", type=float, default=15, help="held back from the plan for writing results")
     pr.add_argument("--probe-s", type=float, default=240, help="give up waiting for probes after this")
