@@ -185,13 +185,14 @@ class Corpus:
         train, held = [], []
         raw = Path(path).read_bytes()
         self.sha = f"{zlib.crc32(raw):08x}"
+        eos = np.asarray([EOS], dtype=np.int64)
         for n, line in enumerate(raw.decode("utf-8").splitlines()):
             if not line.strip():
                 continue
-            ids = list(json.loads(line)["text"].encode("utf-8")) + [EOS]
-            (held if zlib.crc32(str(n).encode()) % 10000 < heldout_pct * 100 else train).extend(ids)
-        self.train = np.asarray(train, dtype=np.int64)
-        self.heldout = np.asarray(held, dtype=np.int64)
+            ids = np.frombuffer(json.loads(line)["text"].encode("utf-8"), dtype=np.uint8).astype(np.int64)
+            (held if zlib.crc32(str(n).encode()) % 10000 < heldout_pct * 100 else train).extend((ids, eos))
+        self.train = np.concatenate(train) if train else np.zeros(0, dtype=np.int64)
+        self.heldout = np.concatenate(held) if held else np.zeros(0, dtype=np.int64)
         if len(self.train) < 1 << 14 or len(self.heldout) < 1 << 12:
             raise SystemExit(f"{path}: corpus too small ({len(self.train)} train / {len(self.heldout)} held-out bytes)")
 
@@ -734,6 +735,15 @@ def run(args) -> int:
         logf = (out / "logs" / f"{fam}_{kind}_{seed}.log").open("w")
         procs[(fam, seed, kind)] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     log(f"started {len(procs)} pipelines: {', '.join(f'{f}/{k}/{s}' for f, s, k in jobs)}")
+    try:
+        return _coordinate(args, p, out, procs, meta, t_start, deadline)
+    finally:   # however the coordinator ends, no pipeline outlives it
+        for pr in procs.values():
+            if pr.poll() is None:
+                pr.kill()
+
+
+def _coordinate(args, p: Preset, out: Path, procs: dict, meta: dict, t_start: float, deadline: float) -> int:
 
     # stage 1: every pipeline compiles; when all are ready (or the probe time is up) they time
     # their steps together; then the plan
