@@ -3,7 +3,8 @@
 # training/experiments/statex_capacity.py): both families, seeds 0,1,2, every
 # arm, evaluation and the report, in about 8 minutes. Every stage is capped
 # in wall-clock time; whatever finished (per-arm JSON, logs, the report) is
-# packed into ONE file, $OUT/capacity.tar.gz (the device tool returns few files).
+# packed into ONE file, $OUT/capacity.tar.gz (the device tool returns few files);
+# seed 0's base / LPT / StateX checkpoints (for serving) into $OUT/checkpoints.tar.gz.
 #
 #   (device, carry .whl)  OUT=$OUT bash scripts/gpu_capacity_run.sh
 #
@@ -19,7 +20,7 @@ W=${WORK:-/tmp/statex-capacity}
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-400}
 R=$W/results
-rm -rf "$R"
+rm -rf "$R" "$W/checkpoints"
 mkdir -p "$W" "$R" "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton-cache}
 
@@ -42,9 +43,13 @@ cat "$R/gpu.txt"
 
 [ -f "$W/corpus.jsonl" ] || stage prepare 90 $PY -m training.experiments.statex_capacity prepare --out "$W/corpus.jsonl"
 stage run $((BUDGET_S + 40)) $PY -m training.experiments.statex_capacity run --corpus "$W/corpus.jsonl" \
-    --out "$R/run" --seeds "${SEEDS:-0,1,2}" --budget-s "$BUDGET_S" --overwrite ${ALT:+--alt} "$@"
+    --out "$R/run" --seeds "${SEEDS:-0,1,2}" --budget-s "$BUDGET_S" --overwrite ${ALT:+--alt} --checkpoints "$@"
 stage report 90 $PY -m training.experiments.statex_capacity report --results "$R/run" \
     --out "$R/report/statex_capacity.md"
 tail -n 3 "$R/run.log"
+# the checkpoints (seed 0's base, LPT, StateX per family) in a second file, so a
+# size limit on what comes back can only cost them, not the results
+[ -d "$R/run/checkpoints" ] && mv "$R/run/checkpoints" "$W/checkpoints" && \
+    tar czf "$OUT/checkpoints.tar.gz" -C "$W" checkpoints
 cd "$W" && tar czf "$OUT/capacity.tar.gz" results
 ls -la "$OUT"

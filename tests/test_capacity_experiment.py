@@ -134,7 +134,7 @@ def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "training.experiments.statex_capacity", "run", "--tiny", "--corpus",
            str(corpus_file), "--out", str(out), "--seeds", "0", "--threads", "1", "--device", "cpu",
-           "--budget-s", "400", "--alt"]          # generous: CI machines are shared
+           "--budget-s", "400", "--alt", "--checkpoints"]          # generous: CI machines are shared
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     plan = json.loads((out / "plan.json").read_text())
@@ -158,6 +158,15 @@ def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
         # the expansions are the preset's: reinit, and the alternative
         assert by[(fam, "statex")]["expansion"]["init"] == "reinit"
         assert by[(fam, "statex_alt")]["expansion"]["init"] == ("inherit" if fam == "gla" else "merge_copy")
+
+    # the first seed's base, LPT and StateX as checkpoints the server loads
+    from model_registry.checkpoint import load_model
+
+    for fam in ("gla", "mamba2"):
+        assert sorted(d.name for d in (out / "checkpoints" / fam).iterdir()) == ["base", "lpt", "statex"]
+        m = load_model(out / "checkpoints" / fam / "statex")
+        assert m.state_spec().elements_per_sequence == by[(fam, "statex")]["state_elements"]
+        assert (out / "checkpoints" / fam / "statex" / "tokenizer.json").is_file()
 
     md = tmp_path / "doc" / "statex_capacity.md"
     assert subprocess.run([sys.executable, "-m", "training.experiments.statex_capacity", "report", "--results",

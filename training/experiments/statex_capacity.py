@@ -626,6 +626,23 @@ def worker(args) -> int:
         r = evaluate(model, eval_set, p, device, grow_until=until(evals_after + 1))
         write(arm, {"eval": r, "state_elements": state_elements(model),
                     "parameters": sum(q.numel() for q in model.parameters()), **extra})
+        if args.save_checkpoints and arm in ("base", "lpt", "statex"):
+            save_checkpoint(model, arm, extra)
+
+    def save_checkpoint(model, arm: str, extra: dict) -> None:
+        """A servable checkpoint (our format, the byte tokenizer; key / value
+        tokens have no text) for the bench's recall suite through the server."""
+        from model_registry.checkpoint import save_checkpoint as save
+        from model_registry.tokenizer import save_byte_tokenizer
+
+        tok = out / "checkpoints" / ".byte-tokenizer"
+        if not (tok / "tokenizer.json").is_file():
+            save_byte_tokenizer(tok)
+        prov = {"kind": f"statex capacity experiment: {arm}", "family": fam, "seed": seed, "arm": arm,
+                **{k: v for k, v in extra.items() if k == "expansion"},
+                "training": [{k: v for k, v in t.items() if k != "curve"} for t in extra.get("train", [])]}
+        save(copy.deepcopy(model).to("cpu"), out / "checkpoints" / fam / arm, tokenizer_src=tok, provenance=prov,
+             overwrite=True)
 
     def until(evals_left: int) -> float:
         """Training stops in time for the evaluations still to come."""
@@ -712,7 +729,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for f in ("plan.json", "meta.json", "go"):
         (out / f).unlink(missing_ok=True)
-    for d in ("ready", "probes", "arms"):
+    for d in ("ready", "probes", "arms", "checkpoints"):
         if (out / d).is_dir():
             shutil.rmtree(out / d)
     t_start = time.time()
@@ -731,7 +748,8 @@ def run(args) -> int:
         cmd = [sys.executable, "-m", "training.experiments.statex_capacity", "_worker", "--family", fam, "--seed",
                str(seed), "--kind", kind, "--corpus", str(args.corpus), "--out", str(out), "--preset", args.preset,
                "--deadline", str(deadline), "--threads", str(args.threads), "--device", args.device] + \
-              (["--alt"] if args.alt else []) + [f"--set={o}" for o in args.set]
+              (["--alt"] if args.alt else []) + [f"--set={o}" for o in args.set] + \
+              (["--save-checkpoints"] if args.checkpoints and kind == "main" and seed == seeds[0] else [])
         logf = (out / "logs" / f"{fam}_{kind}_{seed}.log").open("w")
         procs[(fam, seed, kind)] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     log(f"started {len(procs)} pipelines: {', '.join(f'{f}/{k}/{s}' for f, s, k in jobs)}")
@@ -814,6 +832,8 @@ def main(argv=None) -> int:
     pr.add_argument("--threads", type=int, default=2, help="torch CPU threads per pipeline")
     pr.add_argument("--device", default="auto", choices=("auto", "cpu"))
     pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--checkpoints", action="store_true",
+                    help="save the first seed's base, LPT and StateX as servable checkpoints (OUT/checkpoints/)")
     pr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a preset field, e.g. --set pre_steps=3000 --set pre_lr=2e-3 (recorded in meta.json)")
     pw = sub.add_parser("_worker", help=argparse.SUPPRESS)
@@ -824,6 +844,7 @@ def main(argv=None) -> int:
     pw.add_argument("--threads", type=int, default=2)
     pw.add_argument("--alt", action="store_true")
     pw.add_argument("--set", action="append", default=[])
+    pw.add_argument("--save-checkpoints", action="store_true")
     rp = sub.add_parser("report", help="results directory -> markdown with tables and plots")
     rp.add_argument("--results", required=True, help="a run's --out (or its results.json)")
     rp.add_argument("--out", required=True, help="the markdown file; plots and the raw JSON go beside it")
