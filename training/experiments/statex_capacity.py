@@ -6,7 +6,7 @@ StateX on small GLA and Mamba2, several seeds, fixed step counts.
     python -m training.experiments.statex_capacity report --results RESULTS --out docs/experiments/statex_capacity.md
     python -m training.experiments.statex_capacity run --corpus corpus.jsonl --out R --tiny    # CPU, < 1 min
 
-Design (docs/experiments/statex_capacity.md has the story):
+Design (docs/training.md, "The capacity experiment"; results in docs/experiments/):
 
 1. Vocabulary: byte ids, EOS/BOS/PAD, then ``n_keys`` key tokens and ``n_values``
    value tokens, so one MQAR key and one value are one token each.
