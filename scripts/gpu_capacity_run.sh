@@ -10,7 +10,7 @@
 #
 # .whl holds the fla and mamba-ssm wheels (pure Python + Triton), installed
 # into a --target dir as scripts/gpu_bench_run.sh does. Environment knobs:
-# SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 400), ALT=1 (also the
+# SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 390), ALT=1 (also the
 # alternative expansion arm), PY (python3); arguments are passed to `run`,
 # e.g. `bash scripts/gpu_capacity_run.sh --set pre_steps=3000`.
 set -u
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT}
 W=${WORK:-/tmp/statex-capacity}
 PY=${PY:-python3}
-BUDGET_S=${BUDGET_S:-400}
+BUDGET_S=${BUDGET_S:-390}
 R=$W/results
 rm -rf "$R" "$W/checkpoints"
 mkdir -p "$W" "$R" "$OUT"
