@@ -128,6 +128,7 @@ def test_verdicts_gate_first_then_success():
     assert verdicts(fam)["verdict"] == "inconclusive: a gate failed"
 
 
+@pytest.mark.slow       # ~45-70 s on the 2-core machines: 4 processes import torch and transformers
 def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
     """Both families, one seed: every arm's JSON, the plan, results.json, the report."""
     out = tmp_path / "run"
