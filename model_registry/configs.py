@@ -177,9 +177,9 @@ class StateXMamba2Config(_BaseConfig):
         time_step_max: float = 0.1,
         time_step_floor: float = 1e-4,
         time_step_limit: tuple[float, float] | list[float] = (0.0, math.inf),
-        rescale_prenorm_residual: bool = False,
+        rescale_prenorm_residual: bool = True,     # mamba_ssm's default (HF's is False)
         chunk_size: int = 256,
-        initializer_range: float = 0.1,
+        initializer_range: float = 0.02,           # mamba_ssm's embedding std (HF's is 0.1)
         max_position_embeddings: int = 1 << 20,
         pad_token_id: int | None = 1,
         bos_token_id: int | None = 0,

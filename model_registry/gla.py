@@ -20,6 +20,8 @@ from model_registry.layers import (
 )
 from model_registry.state import StateSpec
 
+MIXER_XAVIER_GAIN = 2 ** -2.5     # fla GatedLinearAttention._initialize_weights
+
 
 class GLAMixer(nn.Module):
     """One GLA token mixer. ``num_heads`` may differ per layer: every projection
@@ -42,6 +44,8 @@ class GLAMixer(nn.Module):
         self.o_proj = nn.Linear(Vd, D, bias=False)
         self.g_norm_swish_gate = HeadRMSNormSwishGate(self.head_v_dim, eps=config.norm_eps)
         self._in_weight: torch.Tensor | None = None      # see fuse_projections_
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.o_proj, *self.gk_proj):
+            lin.xavier_gain = MIXER_XAVIER_GAIN    # read by _init_weights: fla inits mixers apart
 
     def fuse_projections_(self) -> None:
         """For inference: q, k, v, g and the gate's first low-rank factor become one GEMM."""
@@ -143,9 +147,16 @@ class StateXGLAForCausalLM(StateXPreTrainedModel):
         return self.model.norm
 
     def _init_weights(self, module):
+        """fla's from-scratch init: mixer projections Xavier-uniform with gain 2^-2.5
+        (GatedLinearAttention._initialize_weights), every other Linear and the
+        embedding N(0, initializer_range); biases 0, norm weights 1."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
+            gain = getattr(module, "xavier_gain", None)
+            if gain is not None:
+                init.xavier_uniform_(module.weight, gain=gain)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

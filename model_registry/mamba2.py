@@ -20,6 +20,18 @@ from model_registry.layers import GatedRMSNorm, RMSNorm, cast_rms_norm, init
 from model_registry.state import StateSpec
 
 
+MAMBA_A_INIT_RANGE = (1.0, 16.0)    # mamba_ssm Mamba2's A_init_range
+
+
+def mamba_dt_bias_init(num_heads: int, dt_min: float, dt_max: float, dt_floor: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """mamba_ssm's dt_bias draw: dt log-uniform in [dt_min, dt_max], floored,
+    stored as softplus^-1(dt) so that softplus(dt_bias) = dt at the start."""
+    u = torch.rand(num_heads, generator=generator)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: StateXMamba2Config, layer_idx: int):
         super().__init__()
@@ -40,6 +52,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.intermediate_size, config.norm_group_size, eps=config.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+        self.out_proj.residual_out = True      # rescaled by _init_weights (mamba_ssm's prenorm-residual rule)
 
     @property
     def conv_weight(self):
@@ -158,19 +171,28 @@ class StateXMamba2ForCausalLM(StateXPreTrainedModel):
         return self.backbone.norm_f
 
     def _init_weights(self, module):
+        """mamba_ssm's from-scratch init (modules/mamba2.py and MixerModel's
+        _init_weights): PyTorch's default Linear / Conv1d init (U(+-1/sqrt(fan_in)))
+        with Linear biases 0; out_proj then divided by sqrt(n_layer) (one residual
+        per layer) when rescale_prenorm_residual; embedding N(0, initializer_range);
+        dt_bias = softplus^-1(dt), dt log-uniform in [time_step_min, time_step_max];
+        A_log = log(U(1, 16)); D and norm weights 1."""
         cfg = self.config
         if isinstance(module, Mamba2Mixer):
-            init.copy_(module.A_log, torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
+            A = torch.empty(module.num_heads).uniform_(*MAMBA_A_INIT_RANGE)
+            init.copy_(module.A_log, torch.log(A))
             init.ones_(module.D)
-            # dt_bias = softplus^-1(dt), dt log-uniform in [time_step_min, time_step_max]
-            dt = torch.exp(torch.rand(module.num_heads) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
-                           + math.log(cfg.time_step_min)).clamp(min=cfg.time_step_floor)
-            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.copy_(module.dt_bias, mamba_dt_bias_init(module.num_heads, cfg.time_step_min, cfg.time_step_max,
+                                                          cfg.time_step_floor))
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             if module.conv1d.bias is not None:
-                init.zeros_(module.conv1d.bias)
+                bound = 1.0 / math.sqrt(module.conv1d.weight[0].numel())
+                init.uniform_(module.conv1d.bias, -bound, bound)
         elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, std=cfg.initializer_range)
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if getattr(module, "residual_out", False) and cfg.rescale_prenorm_residual:
+                with torch.no_grad():
+                    module.weight /= math.sqrt(cfg.num_hidden_layers)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

@@ -39,7 +39,7 @@ def quick_run(ckpts, tmp_path_factory):
            "--target", f"spawn:{ckpts['statex']}?label=statex&max_num_seqs=8",
            "--target", f"engine:{ckpts['base']}?label=base&max_num_seqs=8",
            "--contexts", ",".join(map(str, CONTEXTS)), "--concurrency", "1,2", "--requests", str(REQUESTS),
-           "--output-len", str(OUTPUT_LEN), "--recall-contexts", "256,512", "--samples", "5", "--mqar-queries", "2",
+           "--output-len", str(OUTPUT_LEN), "--recall-contexts", "384,512", "--samples", "5", "--mqar-queries", "2",
            "--memory-models", "gla-1.3b", "--out", str(out)]
     # one torch thread per process: the bench, the engine in it and the spawned
     # server share 2 cores, and spinning OpenMP workers of oversubscribed
@@ -116,10 +116,10 @@ def test_recall_rows_are_sane(quick_run):
     for rec in res["suites"]["recall"].values():
         assert [r["task"] for r in rec["rows"]] == ["passkey"] * 2 + ["niah"] * 2 + ["mqar"] * 2
         for task in ("passkey", "niah", "mqar"):
-            assert [r["context"] for r in rec["rows"] if r["task"] == task] == [256, 512]
+            assert [r["context"] for r in rec["rows"] if r["task"] == task] == [384, 512]
         for r in rec["rows"]:
             assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["sample_accuracy"] <= 1.0
-            assert r["errors"] == 0 and r["n_samples"] == 5
+            assert r["errors"] == 0 and r["n_samples"] == 5 and r["tokens_mean"] == r["context"]
             if r["task"] == "mqar":
                 assert r["n_answers"] == 10
             else:

@@ -204,6 +204,34 @@ def test_mamba2_init_rules():
                 assert torch.equal(C[:N], C_old) and not C[N:].any() and not cb[N:].any()
 
 
+@pytest.mark.parametrize("dt_init", ["official", "inherit", "init"])
+def test_mamba2_dt_init_modes(dt_init):
+    """dt_bias / A_log of an expanded layer: the reference code's constants, the
+    base layer's values, or mamba_ssm's draw (dt in [dt_min, dt_max], A in [1, 16])."""
+    base = _base("mamba2")
+    cfg, old = base.config, base.state_dict()
+    H = cfg.num_heads
+    exp = expand_mamba2_state(base, LAYERS, 4 * cfg.state_size, "reinit", seed=5, dt_init=dt_init)
+    assert exp.record(base)["dt_init"] == dt_init
+    sd = exp.model.state_dict()
+    for i in LAYERS:
+        p = f"backbone.layers.{i}.mixer."
+        dt_bias, A_log = sd[p + "dt_bias"], sd[p + "A_log"]
+        if dt_init == "official":
+            assert torch.equal(dt_bias, torch.ones(H))
+            assert torch.allclose(A_log, torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
+        elif dt_init == "inherit":
+            assert torch.equal(dt_bias, old[p + "dt_bias"]) and torch.equal(A_log, old[p + "A_log"])
+        else:
+            dt = torch.nn.functional.softplus(dt_bias)
+            assert dt.min() >= cfg.time_step_min * 0.999 and dt.max() <= cfg.time_step_max * 1.001
+            assert A_log.exp().min() >= 1 and A_log.exp().max() <= 16
+            assert not torch.equal(dt_bias, old[p + "dt_bias"]) and not torch.equal(A_log, old[p + "A_log"])
+    if dt_init == "init":   # reproducible from the seed
+        again = expand_mamba2_state(base, LAYERS, 4 * cfg.state_size, "reinit", seed=5, dt_init=dt_init)
+        assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in sd.items())
+
+
 def test_expansion_is_reproducible_from_its_seed():
     base = _base("mamba2")
     a, b, c = (_expand(base, "mamba2", seed=s).state_dict() for s in (3, 3, 4))
@@ -245,11 +273,16 @@ def test_cli_expand_writes_checkpoint_and_provenance(checkpoints, tmp_path, caps
     printed = capsys.readouterr().out
     assert "16 -> 64" in printed and "parameters" in printed and "state per sequence" in printed
     rec = json.loads((out / "statex.json").read_text())["expansion"]
-    assert rec["layers"] == [0, 2] and rec["init"] == "merge_zero"
+    assert rec["layers"] == [0, 2] and rec["init"] == "merge_zero" and rec["dt_init"] == "official"
     assert rec["state"]["bytes_per_sequence_after"] > rec["state"]["bytes_per_sequence_before"]
     assert rec["parameters"]["added"] == 2 * mamba2_added_parameters(load_model(checkpoints["mamba2"]).config, 0, 64)
     assert load_model(out).config.layer_state_size == [64, 16, 64, 16]
     assert (out / "tokenizer.json").is_file()
+    out2 = tmp_path / "y"
+    assert cli(["expand", "--base", str(checkpoints["mamba2"]), "--out", str(out2), "--layers", "1",
+                "--dt-init", "inherit"]) == 0
+    assert json.loads((out2 / "statex.json").read_text())["expansion"]["dt_init"] == "inherit"
+    assert "dt/A inherit" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case,args", [
@@ -260,9 +293,12 @@ def test_cli_expand_writes_checkpoint_and_provenance(checkpoints, tmp_path, caps
     ("heads on mamba2", ["--layers", "1", "--heads", "2"]),
     ("unknown init", ["--layers", "1", "--init", "merge_copy"]),
     ("missing base", ["--layers", "1"]),
+    ("dt init on gla", ["--layers", "1", "--dt-init", "init"]),
+    ("unknown dt init", ["--layers", "1", "--dt-init", "zero"]),
 ])
 def test_cli_expand_bad_input_is_one_line_exit_2_no_output(case, args, checkpoints, tmp_path, capsys):
     special = {"unknown arch": tmp_path / "llama", "non-multiple state size": checkpoints["mamba2"],
+               "unknown dt init": checkpoints["mamba2"],
                "heads on mamba2": checkpoints["mamba2"], "missing base": tmp_path / "nowhere"}
     base = special.get(case, checkpoints["gla"])
     if case == "unknown arch":

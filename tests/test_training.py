@@ -67,7 +67,7 @@ def test_few_steps_reduce_loss_on_a_fixed_synthetic_batch(ckpts, tmp_path):
     tok = tmp_path / "tok"
     save_byte_tokenizer(tok)
     codec = TextCodec(tok / "tokenizer.json", EOS_ID)
-    sample = mqar(random.Random(0), codec, 120)
+    sample = mqar(random.Random(0), codec, 120, pairs=8)
     text = codec.decode(sample.ids)
     data = tmp_path / "fixed.jsonl"
     data.write_text(json.dumps({"text": text}) + "\n")
@@ -164,17 +164,21 @@ def test_train_cli_bad_input_is_one_line_exit_2_no_output(case, ckpts, tmp_path,
 
 def test_eval_cli_writes_json_markdown_and_plot(ckpts, corpus, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli(["eval", "--model", str(ckpts["mamba2"]), "--out", str(out), "--lengths", "48,96", "--samples", "2",
+    assert cli(["eval", "--model", str(ckpts["mamba2"]), "--out", str(out), "--lengths", "320,400", "--samples", "2",
                 "--heldout", f"text:{corpus}?ext=.py", "--ppl-seq-len", "64", "--ppl-tokens", "640",
                 "--check-generate", "1", "--label", "tiny"]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert {(r["task"], r["context"]) for r in res["recall"]} == {(t, n) for t in ("passkey", "niah", "mqar")
-                                                                  for n in (48, 96)}
+                                                                  for n in (320, 400)}
+    assert all(r["tokens_mean"] == r["context"] for r in res["recall"])     # the label is the length
     assert all(0 <= r["accuracy"] <= 1 and r["generate_agreement"] == 1.0 for r in res["recall"])
     assert res["heldout"]["tokens"] == 10 * 63 and res["heldout"]["perplexity"] > 1
     assert "| tiny |" in (out / "eval.md").read_text() and (out / "eval.png").stat().st_size > 1000
     assert cli(["eval", "--model", str(ckpts["mamba2"]), "--out", str(tmp_path / "e2"), "--tasks", "sudoku"]) == 2
     assert not (tmp_path / "e2").exists()
+    # a length below the passkey template: one line, exit 2, nothing written
+    assert cli(["eval", "--model", str(ckpts["mamba2"]), "--out", str(tmp_path / "e3"), "--lengths", "100"]) == 2
+    assert "passkey needs at least" in capsys.readouterr().err and not (tmp_path / "e3").exists()
 
 
 def test_ddp_two_processes_on_cpu(ckpts, tmp_path):

@@ -31,23 +31,66 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-@pytest.mark.parametrize("length", [200, 1000])
+@pytest.mark.parametrize("length", [400, 1000, 1003])
 def test_tasks_hit_the_length_and_mark_the_answers(task, length, codec):
     s = TASKS[task](random.Random(7), codec, length)
-    assert 0.85 * length <= len(s.ids) <= length or length == 200 and len(s.ids) <= 300
+    assert len(s.ids) == length                       # the label is the sample's length, answer included
     assert s.spans and all(0 < a < b <= len(s.ids) for a, b in s.spans)
     text = codec.decode(s.ids)
     answers = [codec.decode(s.ids[a:b]).strip() for a, b in s.spans]
     assert all(a.isdigit() for a in answers)
     if task == "passkey":
-        assert f"The pass key is {answers[0]}." in text
+        assert f"The pass key is {answers[0]}." in text and text.endswith(f"The pass key is {answers[0]}")
     if task == "niah":
         key = text.rsplit("magic number for ", 1)[1].split(" ")[0]
         assert f"The magic number for {key} is {answers[0]}." in text
     if task == "mqar":
-        pairs = dict(p.split(":") for p in text.split("\n")[0].split())
-        queries = [q.split(":") for q in text.split("\n")[1].split()]
+        lines = text.split("\n")
+        assert len(lines) == 3                        # pairs, filler, queries
+        pairs = dict(p.split(":") for p in lines[0].split())
+        queries = [q.split(":") for q in lines[2].split()]
+        assert len(pairs) == 16 and len(queries) == 8  # the default: 16 pairs, half asked
         assert [pairs[k] for k, _ in queries] == answers
+
+
+class WordCodec:
+    """A tokenizer whose tokens are whole words and spaces: lengths must still be exact."""
+
+    def encode(self, text):
+        import re
+
+        return [hash(w) % 50000 for w in re.findall(r"\S+|\s", text)]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_tasks_are_exact_for_multi_byte_tokens_and_refuse_short_lengths(task):
+    from training.tasks import TaskLengthError
+
+    codec = WordCodec()
+    for length in (300, 301, 777):
+        assert len(TASKS[task](random.Random(length), codec, length).ids) == length
+    with pytest.raises(TaskLengthError) as e:
+        TASKS[task](random.Random(1), codec, 20)
+    # the minimum it names is exactly the fixed text: it fits, one less does not
+    assert len(TASKS[task](random.Random(1), codec, e.value.minimum).ids) == e.value.minimum
+    with pytest.raises(TaskLengthError):
+        TASKS[task](random.Random(1), codec, e.value.minimum - 1)
+
+
+def test_mqar_pairs_do_not_depend_on_the_length(codec):
+    for length in (300, 2000, 8000):
+        s = TASKS["mqar"](random.Random(length), codec, length, pairs=8)
+        assert len(s.ids) == length and len(s.spans) == 4 and s.meta["pairs"] == 8
+    s = TASKS["mqar"](random.Random(0), codec, 2000, pairs=100, query_frac=1.0)
+    assert len(s.spans) == 100 and len(s.ids) == 2000
+
+
+def test_synthetic_source_below_a_tasks_minimum_gives_its_shortest_sample(codec):
+    from training.data import SyntheticSource
+
+    src = SyntheticSource("passkey", codec, seed=0, rank=0, min_len=16, max_len=32)
+    lengths = {len(src.next_document().ids) for _ in range(5)}
+    assert len(lengths) == 1 and 200 < lengths.pop() < 300   # the template alone, every time
 
 
 def test_tasks_are_reproducible_and_depth_places_the_needle(codec):

@@ -32,7 +32,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
     record = expand_checkpoint(args.base, args.out, every=args.every, layers=args.layers, heads=args.heads,
                                state_size=args.state_size, init=args.init, seed=args.seed,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, dt_init=args.dt_init)
     for line in summary_lines(record):
         print(line)
     print(f"wrote {args.out} (statex.json records the expansion)")
@@ -85,6 +85,9 @@ def add_expand(sub) -> None:
     p.add_argument("--state-size", type=int, help="Mamba2: new d_state, a multiple of the old (default 4x)")
     p.add_argument("--init", default="reinit",
                    help="GLA: reinit | inherit; Mamba2: reinit | merge_copy | merge_zero (default reinit)")
+    p.add_argument("--dt-init",
+                   help="Mamba2: the expanded layers' dt_bias / A_log: official (the reference code: dt_bias 1, "
+                        "A_log log(1..H); the default), inherit (the base layer's), init (mamba_ssm's draw)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh weights (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_expand)

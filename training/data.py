@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl
 import torch
 
 from training.errors import UsageError
-from training.tasks import TASKS
+from training.tasks import TASKS, TaskLengthError
 
 IGNORE = -100
 
@@ -162,7 +162,12 @@ class SyntheticSource(Source):
     def sample(self, index: int):
         rng = random.Random(f"{self.seed}/{self.rank}/{self.task}/{index}")
         length = rng.randint(self.min_len, self.max_len)
-        return TASKS[self.task](rng, self.codec, length, **self.task_options)
+        state = rng.getstate()
+        try:
+            return TASKS[self.task](rng, self.codec, length, **self.task_options)
+        except TaskLengthError as e:   # min_len below the task's fixed text: its shortest sample instead
+            rng.setstate(state)
+            return TASKS[self.task](rng, self.codec, e.minimum, **self.task_options)
 
     def next_document(self) -> Document:
         s = self.sample(self.index)
@@ -315,7 +320,7 @@ def build_source(spec: SourceSpec, codec: TextCodec, seq_len: int, seed: int = 0
                               spec.opt("max_len", seq_len, int), spec.opt("loss", "answers"), task_options)
         try:   # options the task does not take show up now, not in the middle of a run
             src.sample(0)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise UsageError(f"--data {spec.text}: {e}") from None
         return src
     if spec.kind == "text":

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from training.data import TextCodec, build_source, heldout_windows, parse_source_spec
 from training.errors import UsageError
-from training.tasks import TASKS, Sample
+from training.tasks import TASKS, Sample, TaskLengthError
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -31,7 +31,7 @@ class EvalConfig:
     model: str
     out: str
     tasks: list[str] = field(default_factory=lambda: ["passkey", "niah", "mqar"])
-    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
     samples: int = 32
     batch_size: int = 8
     seed: int = 1234
@@ -60,7 +60,12 @@ def make_samples(task_spec: str, codec: TextCodec, length: int, n: int, seed: in
         kw = dict(opts)
         if spec.kind in ("passkey", "niah") and "depth" not in kw:
             kw["depth"] = DEPTHS[i % len(DEPTHS)]
-        out.append(TASKS[spec.kind](rng, codec, length, **kw))
+        try:
+            out.append(TASKS[spec.kind](rng, codec, length, **kw))
+        except TaskLengthError as e:
+            raise UsageError(f"--tasks {task_spec} at --lengths {length}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--tasks {task_spec}: {e}") from None
     return out
 
 
@@ -190,6 +195,9 @@ def run(cfg: EvalConfig, log=print) -> dict:
         if spec.kind in TASKS:
             raise UsageError(f"--heldout {cfg.heldout}: perplexity needs text, not a synthetic task")
         build_source(spec, codec, cfg.ppl_seq_len, shuffle=False)
+    for t in cfg.tasks:   # every (task, length) cell can be built, before the model loads
+        for n in cfg.lengths:
+            make_samples(t, codec, n, 1, cfg.seed)
     model = load_model(model_dir, device=pick_device(cfg.device)).eval()
     result = evaluate_model(model, codec, cfg, log)
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:

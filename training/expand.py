@@ -17,8 +17,9 @@ Mamba2 reinit  keep z/x/dt rows of in_proj and the x conv channels; fresh B/C
                rows and conv channels (PyTorch default Linear / Conv1d init)
       merge_copy  old B/C rows and conv channels tiled N'/N times
       merge_zero  old B/C rows and conv channels, then zeros
-      every mode resets dt_bias to 1, A_log to log(1..H), the gated norm to 1,
-      and keeps D, out_proj and the block norm.
+      every mode resets the gated norm to 1 and keeps D, out_proj and the block
+      norm; dt_bias / A_log follow ``dt_init``: official (the reference code:
+      dt_bias 1, A_log log(1..H)), inherit (kept), init (mamba_ssm's draw)
 
 Everything outside the expanded layers' mixers (and their pre-mixer norm, for
 GLA) is copied bit for bit. Expansion builds a new state dict and loads it
@@ -33,10 +34,16 @@ from dataclasses import dataclass, field
 import torch
 
 from model_registry.checkpoint import check_and_load
+from model_registry.mamba2 import MAMBA_A_INIT_RANGE, mamba_dt_bias_init
 from training.errors import UsageError
 
 GLA_INITS = ("reinit", "inherit")
 MAMBA2_INITS = ("reinit", "merge_copy", "merge_zero")
+# What an expanded Mamba2 layer's dt_bias / A_log become. ``official``: the
+# reference code's dt_bias = 1 (its placeholder is never re-initialised, so the
+# layer starts with about one token of memory) and A_log = log(1..H);
+# ``inherit``: the base layer's values; ``init``: mamba_ssm's from-scratch draw.
+MAMBA2_DT_INITS = ("official", "inherit", "init")
 GLA_XAVIER_GAIN = 2 ** -2.5          # fla GatedLinearAttention._initialize_weights
 
 
@@ -50,6 +57,7 @@ class Expansion:
     init: str
     seed: int
     per_layer: dict[int, dict] = field(default_factory=dict)   # layer -> {"before": .., "after": ..}
+    dt_init: str | None = None                                  # Mamba2: what dt_bias / A_log became
 
     def record(self, base_model: torch.nn.Module) -> dict:
         """statex.json's ``expansion`` entry: what, how, parameters and state before/after."""
@@ -61,6 +69,7 @@ class Expansion:
             "method": "merge heads" if self.family == "gla" else "grow d_state",
             "layers": self.layers,
             "init": self.init,
+            **({"dt_init": self.dt_init} if self.dt_init is not None else {}),
             "seed": self.seed,
             what: {str(layer): v for layer, v in self.per_layer.items()},
             "parameters": {"before": p0, "after": p1, "added": p1 - p0},
@@ -209,12 +218,14 @@ def _grow_bc(old: torch.Tensor, offset: int, G: int, N: int, N2: int, fan_in: in
     return torch.cat([head, B2, C2, tail]).contiguous()
 
 
-def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "reinit", seed: int = 0
-                        ) -> Expansion:
+def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "reinit", seed: int = 0,
+                        dt_init: str = "official") -> Expansion:
     """Grow d_state of ``layers`` to ``state_size`` (StateX for Mamba2)."""
     cfg = model.config
     if init not in MAMBA2_INITS:
         raise UsageError(f"unknown Mamba2 init {init!r} (choose from {', '.join(MAMBA2_INITS)})")
+    if dt_init not in MAMBA2_DT_INITS:
+        raise UsageError(f"unknown Mamba2 dt init {dt_init!r} (choose from {', '.join(MAMBA2_DT_INITS)})")
     layers = choose_layers(cfg.num_hidden_layers, layers=list(layers))
     for i in layers:
         n = cfg.layer_state_size[i]
@@ -237,14 +248,20 @@ def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "
                                      ("conv1d.weight", I, W), ("conv1d.bias", I, W)):
             if p + name in sd:
                 sd[p + name] = _grow_bc(sd[p + name], offset, G, N, N2, fan_in, init, gen)
-        sd[p + "dt_bias"] = torch.ones_like(sd[p + "dt_bias"])
-        sd[p + "A_log"] = torch.log(torch.arange(1, H + 1, dtype=torch.float32)).to(sd[p + "A_log"].dtype)
+        if dt_init == "official":
+            sd[p + "dt_bias"] = torch.ones_like(sd[p + "dt_bias"])
+            sd[p + "A_log"] = torch.log(torch.arange(1, H + 1, dtype=torch.float32)).to(sd[p + "A_log"].dtype)
+        elif dt_init == "init":
+            dt_bias = mamba_dt_bias_init(H, cfg.time_step_min, cfg.time_step_max, cfg.time_step_floor, gen)
+            A = torch.empty(H).uniform_(*MAMBA_A_INIT_RANGE, generator=gen)
+            sd[p + "dt_bias"] = _like(dt_bias, sd[p + "dt_bias"])
+            sd[p + "A_log"] = _like(torch.log(A), sd[p + "A_log"])
         sd[p + "norm.weight"] = torch.ones_like(sd[p + "norm.weight"])
 
     new_config = copy.deepcopy(cfg)
     new_config.layer_state_size = [state_size if i in layers else n for i, n in enumerate(cfg.layer_state_size)]
     new_config.validate_statex()
-    return Expansion(_build(model, new_config, sd), "mamba2", layers, init, seed, per_layer)
+    return Expansion(_build(model, new_config, sd), "mamba2", layers, init, seed, per_layer, dt_init)
 
 
 def mamba2_added_parameters(config, layer: int, new_state_size: int) -> int:
@@ -266,7 +283,9 @@ def summary_lines(record: dict) -> list[str]:
     changes = ", ".join(f"layer {k}: {v['before']} -> {v['after']}" for k, v in record[what].items())
     p, s = record["parameters"], record["state"]
     return [
-        f"StateX ({record['method']}, init {record['init']}, seed {record['seed']}): {what} {changes}",
+        f"StateX ({record['method']}, init {record['init']}"
+        + (f", dt/A {record['dt_init']}" if "dt_init" in record else "")
+        + f", seed {record['seed']}): {what} {changes}",
         f"parameters: {p['before']:,} -> {p['after']:,} (+{p['added']:,}, "
         f"{100 * p['added'] / p['before']:.3f}%)",
         f"state per sequence: {s['elements_per_sequence_before']:,} -> {s['elements_per_sequence_after']:,} "
@@ -290,7 +309,7 @@ def read_provenance(src) -> dict:
 
 def expand_checkpoint(base: str, out: str, every: int | None = None, layers: str | list[int] | None = None,
                       heads: int | None = None, state_size: int | None = None, init: str = "reinit",
-                      seed: int = 0, overwrite: bool = False) -> dict:
+                      seed: int = 0, overwrite: bool = False, dt_init: str | None = None) -> dict:
     """Load ``base``, expand, write ``out`` (atomically) with statex.json; returns the record."""
     from pathlib import Path
 
@@ -304,13 +323,15 @@ def expand_checkpoint(base: str, out: str, every: int | None = None, layers: str
     if family == "gla":
         if state_size is not None:
             raise UsageError("--state-size is for Mamba2; a GLA layer grows its state by merging heads (--heads)")
+        if dt_init is not None:
+            raise UsageError("--dt-init is for Mamba2 (GLA has no dt_bias / A_log)")
         exp = expand_gla_heads(model, chosen, 1 if heads is None else heads, init, seed)
     else:
         if heads is not None:
             raise UsageError("--heads is for GLA; a Mamba2 layer grows its state with --state-size")
         if state_size is None:  # the reference code's factor
             state_size = 4 * model.config.layer_state_size[chosen[0]]
-        exp = expand_mamba2_state(model, chosen, state_size, init, seed)
+        exp = expand_mamba2_state(model, chosen, state_size, init, seed, dt_init or "official")
     record = exp.record(model)
     record["base"] = str(Path(base).resolve())
     provenance = {"kind": "statex expanded checkpoint", "expansion": record,

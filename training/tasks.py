@@ -9,11 +9,14 @@ teacher-forced argmax over the span equals greedy generation of the span).
   (the classic landmark-attention passkey prompt), asked for at the end.
 - ``niah``: multi-key needle in a haystack: several "magic number for <key>"
   needles in varied filler; one of them (at a chosen depth) is asked for.
-- ``mqar``: multi-query associative recall: ``key:value`` pairs, then half of
-  the keys again in random order, each to be completed with its value.
+- ``mqar``: multi-query associative recall: ``pairs`` ``key:value`` pairs (a
+  parameter, not derived from the length), filler text, then half of the keys
+  again in random order, each to be completed with its value.
 
-Text is tokenised piece by piece with the model's tokenizer and concatenated,
-so lengths are exact in tokens for any tokenizer.
+Text is tokenised piece by piece with the model's tokenizer and concatenated;
+filler is cut at a token, so every sample is exactly ``length`` tokens long,
+answer included (the prompt is ``length`` minus the answer's tokens). A length
+too short for a task's fixed text raises ``TaskLengthError`` with the minimum.
 """
 from __future__ import annotations
 
@@ -60,6 +63,26 @@ def _n_tokens(codec: Codec, text: str) -> int:
     return len(_encode(codec, text))
 
 
+class TaskLengthError(ValueError):
+    """The requested length is shorter than the task's fixed text."""
+
+    def __init__(self, task: str, length: int, minimum: int):
+        super().__init__(f"{task} needs at least {minimum} tokens (its fixed text), asked for {length}")
+        self.task, self.length, self.minimum = task, length, minimum
+
+
+def _filler(codec: Codec, n: int, next_sentence: Callable[[], str]) -> list[list[int]]:
+    """Exactly ``n`` tokens of filler as a list of encoded sentences; the last one
+    is cut at a token so the total is exact."""
+    out: list[list[int]] = []
+    left = n
+    while left > 0:
+        toks = _encode(codec, next_sentence())
+        out.append(toks[:left])
+        left -= len(out[-1])
+    return out
+
+
 # --- passkey ---------------------------------------------------------------------------
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
@@ -74,15 +97,19 @@ def passkey(rng: random.Random, codec: Codec, length: int, depth: float | None =
     question = "What is the pass key? The pass key is"
     answer = f" {key}"
     fixed = sum(_n_tokens(codec, t) for t in (PASSKEY_INTRO, needle, question, answer))
-    n_fill = max(0, (length - fixed) // _n_tokens(codec, PASSKEY_FILLER))
-    before = round(depth * n_fill)
+    if length < fixed:
+        raise TaskLengthError("passkey", length, fixed)
+    sentence = _encode(codec, PASSKEY_FILLER)
+    n_full, rest = divmod(length - fixed, len(sentence))
+    before = round(depth * n_full)
     b = _Builder(codec)
     b.add(PASSKEY_INTRO)
+    b.extend(sentence[:rest])           # the cut sentence first: the text around needle and question is whole
     for _ in range(before):
-        b.add(PASSKEY_FILLER)
+        b.extend(sentence)
     b.add(needle)
-    for _ in range(n_fill - before):
-        b.add(PASSKEY_FILLER)
+    for _ in range(n_full - before):
+        b.extend(sentence)
     b.add(question)
     b.add(answer, answer=True)
     return Sample(b.ids, b.spans, {"task": "passkey", "depth": depth, "key": key})
@@ -130,16 +157,10 @@ def niah(rng: random.Random, codec: Codec, length: int, needles: int = 4, depth:
     answer = f" {values[target]}"
     intro = "Read the text and remember the magic numbers in it.\n"
     fixed = sum(_n_tokens(codec, t) for t in (intro, question, answer, *needle_text))
-    # varied filler sentences up to the length budget
-    filler: list[str] = []
-    used = fixed
-    while True:
-        s = rng.choice(HAYSTACK) + " "
-        n = _n_tokens(codec, s)
-        if used + n > length:
-            break
-        filler.append(s)
-        used += n
+    if length < fixed:
+        raise TaskLengthError("niah", length, fixed)
+    # varied filler sentences, exactly the rest of the length (the last one cut)
+    filler = _filler(codec, length - fixed, lambda: rng.choice(HAYSTACK) + " ")
     # positions (in filler sentences) of each needle; the asked one at `depth`
     pos = [rng.randint(0, len(filler)) for _ in keys]
     pos[target] = round(depth * len(filler))
@@ -150,7 +171,7 @@ def niah(rng: random.Random, codec: Codec, length: int, needles: int = 4, depth:
             if p == i:
                 b.add(needle_text[j])
         if i < len(filler):
-            b.add(filler[i])
+            b.extend(filler[i])
     b.add(question)
     b.add(answer, answer=True)
     return Sample(b.ids, b.spans, {"task": "niah", "depth": depth, "needles": needles})
@@ -158,21 +179,30 @@ def niah(rng: random.Random, codec: Codec, length: int, needles: int = 4, depth:
 
 # --- multi-query associative recall --------------------------------------------------
 
-def mqar(rng: random.Random, codec: Codec, length: int, pairs: int | None = None,
-         query_frac: float = 0.5) -> Sample:
-    """``abc:123 def:456 ...`` then ``\\n`` and queries ``def:456 ...`` (values are answers)."""
-    unit = _n_tokens(codec, "abc:123 ")      # every pair has this shape
-    if pairs is None:
-        pairs = max(1, int((length - 2) / (unit * (1 + query_frac))))
+def mqar(rng: random.Random, codec: Codec, length: int, pairs: int = 16, query_frac: float = 0.5) -> Sample:
+    """``abc:123 def:456 ...``, ``\\n``, filler sentences up to ``length``, ``\\n``, then
+    queries ``def:456 ...`` (values are answers). ``pairs`` is the number of
+    key-value pairs, whatever the length: capacity and distance vary apart."""
+    if not 1 <= pairs <= 26 ** 3:
+        raise ValueError(f"mqar: pairs must be in 1..{26 ** 3}, got {pairs}")
     n_queries = max(1, int(pairs * query_frac))
     codes = rng.sample(range(26 ** 3), pairs)
     keys = ["".join(string.ascii_lowercase[(c // 26 ** i) % 26] for i in range(3)) for c in codes]
     values = [f"{rng.randint(0, 999):03d}" for _ in keys]
+    asked = rng.sample(range(pairs), n_queries)
+    fixed = (sum(_n_tokens(codec, f"{k}:{v} ") for k, v in zip(keys, values)) + 2 * _n_tokens(codec, "\n")
+             + sum(_n_tokens(codec, f"{keys[j]}:") + _n_tokens(codec, values[j]) + _n_tokens(codec, " ")
+                   for j in asked))
+    if length < fixed:
+        raise TaskLengthError("mqar", length, fixed)
     b = _Builder(codec)
     for k, v in zip(keys, values):
         b.add(f"{k}:{v} ")
     b.add("\n")
-    for j in rng.sample(range(pairs), n_queries):
+    for toks in _filler(codec, length - fixed, lambda: rng.choice(HAYSTACK) + " "):
+        b.extend(toks)
+    b.add("\n")
+    for j in asked:
         b.add(f"{keys[j]}:")
         b.add(values[j], answer=True)
         b.add(" ")

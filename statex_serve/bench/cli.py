@@ -31,7 +31,7 @@ DEFAULTS = {
              "warmup": 2, "recall_contexts": [1024 << i for i in range(8)], "samples": 10,
              "recall_concurrency": 8},
     "quick": {"contexts": [64, 128, 256, 512, 1024], "concurrency": [1, 4], "output_len": 32, "requests": 2,
-              "warmup": 1, "recall_contexts": [256, 512, 1024], "samples": 5, "recall_concurrency": 4},
+              "warmup": 1, "recall_contexts": [384, 512, 1024], "samples": 5, "recall_concurrency": 4},
 }
 MEMORY_CONTEXTS = [1024 << i for i in range(8)]
 MEMORY_PRESETS = "gla-1.3b,gla-1.3b-statex,mamba2-1.3b,mamba2-1.3b-statex"
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("recall")
     g.add_argument("--tasks", default="passkey,niah,mqar",
                    help="training.tasks names with options, comma-separated (e.g. passkey,niah?needles=8,mqar)")
-    g.add_argument("--recall-contexts", type=_int_list, help="context lengths (full: 1K..128K; quick: 256..1024)")
+    g.add_argument("--recall-contexts", type=_int_list, help="context lengths (full: 1K..128K; quick: 384..1024)")
     g.add_argument("--samples", type=_positive, help="samples per task and context; passkey/niah depths cycle "
                    "0, .25, .5, .75, 1 (full 10, quick 5)")
     g.add_argument("--mqar-queries", type=_positive, default=4, help="MQAR answers asked per sample")

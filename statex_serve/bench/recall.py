@@ -80,9 +80,13 @@ def pick_spans(spans: list[tuple[int, int]], limit: int) -> list[int]:
 
 
 def build_queries(task: str, codec, ctx: int, cfg: RecallConfig) -> tuple[list[dict], list]:
+    from training.errors import UsageError
     from training.eval import make_samples
 
-    samples = make_samples(task, codec, ctx, cfg.samples, cfg.seed)
+    try:
+        samples = make_samples(task, codec, ctx, cfg.samples, cfg.seed)
+    except UsageError as e:   # e.g. a context shorter than the task's fixed text
+        raise BenchError(str(e)) from None
     queries = []
     for i, s in enumerate(samples):
         for j in pick_spans(s.spans, cfg.mqar_queries):

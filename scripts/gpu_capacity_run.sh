@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One H200 call for the StateX capacity experiment (issue 16;
+# training/experiments/statex_capacity.py): both families, seeds 0,1,2, every
+# arm, evaluation and the report, in about 8 minutes. Every stage is capped
+# in wall-clock time; whatever finished (per-arm JSON, logs, the report) is
+# packed into ONE file, $OUT/capacity.tar.gz (the device tool returns few files);
+# seed 0's base / LPT / StateX checkpoints (for serving) into $OUT/checkpoints.tar.gz.
+#
+#   (device, carry .whl)  OUT=$OUT bash scripts/gpu_capacity_run.sh
+#
+# .whl holds the fla and mamba-ssm wheels (pure Python + Triton), installed
+# into a --target dir as scripts/gpu_bench_run.sh does. Environment knobs:
+# SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 390), ALT=1 (also the
+# alternative expansion arm), PY (python3); arguments are passed to `run`,
+# e.g. `bash scripts/gpu_capacity_run.sh --set pre_steps=3000`.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT}
+W=${WORK:-/tmp/statex-capacity}
+PY=${PY:-python3}
+BUDGET_S=${BUDGET_S:-390}
+R=$W/results
+rm -rf "$R" "$W/checkpoints"
+mkdir -p "$W" "$R" "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton-cache}
+
+stage() {  # NAME SECONDS COMMAND...: one capped stage, its log in $R/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$R/$name.log" 2>&1
+    echo "$name: exit $? after $((SECONDS - t0)) s (at $SECONDS s)" | tee -a "$R/status.txt"
+}
+
+if [ -d .whl ] && [ ! -d "$W/site/fla" ]; then
+    stage pip 120 $PY -m pip install -q --no-index --no-deps --target "$W/site" .whl/*.whl
+fi
+export PYTHONPATH=$W/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$R/gpu.txt" 2>&1
+$PY -c 'from importlib.metadata import version as v; import torch, kernels.mamba2.mamba_ssm_ops, fla
+print(*(f"{d} {v(d)}" for d in ("torch", "triton", "flash-linear-attention", "mamba_ssm")))' >> "$R/gpu.txt" 2>&1
+cat "$R/gpu.txt"
+
+[ -f "$W/corpus.jsonl" ] || stage prepare 90 $PY -m training.experiments.statex_capacity prepare --out "$W/corpus.jsonl"
+stage run $((BUDGET_S + 40)) $PY -m training.experiments.statex_capacity run --corpus "$W/corpus.jsonl" \
+    --out "$R/run" --seeds "${SEEDS:-0,1,2}" --budget-s "$BUDGET_S" --overwrite ${ALT:+--alt} --checkpoints "$@"
+stage report 90 $PY -m training.experiments.statex_capacity report --results "$R/run" \
+    --out "$R/report/statex_capacity.md"
+tail -n 3 "$R/run.log"
+# the checkpoints (seed 0's base, LPT, StateX per family) in a second file, so a
+# size limit on what comes back can only cost them, not the results
+[ -d "$R/run/checkpoints" ] && mv "$R/run/checkpoints" "$W/checkpoints" && \
+    tar czf "$OUT/checkpoints.tar.gz" -C "$W" checkpoints
+cd "$W" && tar czf "$OUT/capacity.tar.gz" results
+ls -la "$OUT"

@@ -1,0 +1,179 @@
+"""The capacity experiment (training/experiments/statex_capacity.py): its rows,
+its plan, its verdicts, and the whole pipeline at toy size on CPU (every arm
+of both families, the report)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.experiments import statex_capacity as sc
+from training.experiments.capacity_report import interval, verdicts
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the a river old mill town train boat lake market rain park library map snow hill baker clock".split()
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with path.open("w") as f:
+        for _ in range(700):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60)) + "."}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(corpus_file):
+    return sc.Corpus(corpus_file)
+
+
+def test_mqar_rows_ask_every_key_once_with_its_value(corpus):
+    p = sc.PRESETS["full"]
+    rng = np.random.default_rng(0)
+    for T, pairs in ((512, 8), (2048, 128), (513, 128)):
+        ids, tgt = sc.mqar_row(rng, corpus, T, pairs, p)
+        assert ids.shape == tgt.shape == (T,) and ids[0] == sc.BOS
+        keys, vals = ids[1:1 + 2 * pairs:2], ids[2:2 + 2 * pairs:2]
+        assert len(set(keys.tolist())) == pairs
+        assert ((keys >= sc.KEY0) & (keys < sc.KEY0 + p.n_keys)).all() and (vals >= sc.KEY0 + p.n_keys).all()
+        asked = np.flatnonzero(tgt != sc.IGNORE)
+        assert len(asked) == pairs and (asked > 2 * pairs).all()
+        kv = dict(zip(keys.tolist(), vals.tolist()))
+        assert sorted(ids[asked].tolist()) == sorted(keys.tolist())          # every key asked once
+        assert all(kv[ids[q]] == tgt[q] == ids[q + 1] for q in asked)       # the answer is the next token
+        rest = np.ones(T, bool)
+        rest[:1 + 2 * pairs] = False
+        rest[asked] = rest[asked + 1] = False
+        assert (ids[rest] <= sc.EOS).all()                                   # the filler is text
+    with pytest.raises(ValueError):
+        sc.mqar_row(rng, corpus, 100, 30, p)
+
+
+def test_passkey_rows_target_the_key(corpus):
+    ids, tgt = sc.passkey_row(np.random.default_rng(3), 600, depth=0.5)
+    assert len(ids) == 600 and ids[0] == sc.BOS
+    pos = np.flatnonzero(tgt != sc.IGNORE)
+    answer = bytes(tgt[pos].tolist()).decode()
+    assert answer.strip().isdigit() and len(answer.strip()) == 5 and pos[-1] == 598
+    assert f"The pass key is {answer.strip()}." in bytes(ids[1:].tolist()).decode()
+
+
+def test_streams_are_a_function_of_seed_and_step(corpus):
+    p = sc.PRESETS["full"]
+    a, b, c = (sc.Stream(corpus, p, 512, 20, (4, 48), seed=s) for s in (1, 1, 2))
+    for _ in range(2):
+        x, y, z = a.next(), b.next(), c.next()
+        assert all(np.array_equal(u, v) for u, v in zip(x, y)) and not np.array_equal(x[0], z[0])
+    ids, tgt, kinds = x
+    assert kinds.tolist() == [0] * 10 + [1] * 10                 # half text, then passkey and MQAR rows
+    assert (tgt[kinds == 1] != sc.IGNORE).sum() > 0
+
+
+def test_plan_keeps_shrinks_or_stops():
+    p = sc.PRESETS["full"]
+    probes = {"a": {"train_s": 100.0, "evals_s": 10.0}, "b": {"train_s": 180.0, "evals_s": 20.0}}
+    assert sc.plan_steps(p, probes, elapsed=50, budget=300)["scale"] == 1.0       # 1.1 * 200 <= 250
+    shrunk = sc.plan_steps(p, probes, elapsed=50, budget=225)                      # 1.1 * (135 + 20) <= 175
+    assert shrunk["scale"] == 0.75 and shrunk["pre_steps"] == round(0.75 * p.pre_steps)
+    assert shrunk["post_steps"] == round(0.75 * p.post_steps)
+    assert sc.plan_steps(p, probes, elapsed=50, budget=110)["stop"]              # 1.1 * (45 + 20) > 60
+    assert sc.plan_steps(p, {}, elapsed=0, budget=100)["stop"]
+
+
+def test_preset_overrides():
+    p = sc.preset("full", ["pre_steps=10", "pre_lr=2e-3", "lengths=512,1024"])
+    assert (p.pre_steps, p.pre_lr, p.lengths) == (10, 2e-3, (512, 1024)) and p.post_steps == sc.PRESETS["full"].post_steps
+    assert sc.preset("full", ["mamba2_dt_init=init"]).mamba2_dt_init == "init"
+    for bad in ("colour=3", "pre_steps", "pre_steps=many"):
+        with pytest.raises(SystemExit):
+            sc.preset("full", [bad])
+
+
+def test_interval_over_seeds_and_within_one_run():
+    m, h = interval([0.5, 0.6, 0.7], [0.01, 0.01, 0.01])
+    assert m == pytest.approx(0.6) and h == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert interval([0.4], [0.01]) == pytest.approx((0.4, 0.0196))
+
+
+def _rec(arm, seed, accs, bpb=1.0):
+    ev = {"mqar@512/8p": {"group": "gate", "task": "mqar", "length": 512, "pairs": 8, "accuracy": accs[0], "se": 0.01},
+          "mqar@2048/64p": {"group": "capacity", "task": "mqar", "length": 2048, "pairs": 64, "accuracy": accs[1],
+                            "se": 0.01},
+          "passkey@512": {"group": "length", "task": "passkey", "length": 512, "pairs": None, "accuracy": accs[2],
+                          "se": 0.01},
+          "bpb": {"bits_per_byte": bpb}}
+    return {"family": "gla", "arm": arm, "seed": seed, "eval": ev}
+
+
+def test_verdicts_gate_first_then_success():
+    fam = {"base": {s: _rec("base", s, [0.9, 0.2, 0.5]) for s in (0, 1)},
+           "lpt": {s: _rec("lpt", s, [0.9, 0.3, 0.5]) for s in (0, 1)},
+           "statex": {s: _rec("statex", s, [0.9, 0.45, 0.5], bpb=1.01) for s in (0, 1)},
+           "scratch": {0: _rec("scratch", 0, [0.9, 0.6, 0.5])}}
+    v = verdicts(fam)
+    assert v["gates"]["base_recalls"]["pass"] and v["gates"]["scratch_beats_lpt"]["pass"]
+    assert v["success"]["mean"] == pytest.approx(0.075) and v["success"]["met"]
+    assert v["verdict"] == "success criteria met"
+    fam["statex"][1] = _rec("statex", 1, [0.9, 0.29, 0.5])              # loses in one seed
+    assert verdicts(fam)["verdict"] == "success criteria not met"
+    fam["base"] = {s: _rec("base", s, [0.5, 0.2, 0.5]) for s in (0, 1)}  # the base does not recall
+    assert verdicts(fam)["verdict"] == "inconclusive: a gate failed"
+
+
+@pytest.mark.slow       # ~45-70 s on the 2-core machines: 4 processes import torch and transformers
+def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
+    """Both families, one seed: every arm's JSON, the plan, results.json, the report."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "training.experiments.statex_capacity", "run", "--tiny", "--corpus",
+           str(corpus_file), "--out", str(out), "--seeds", "0", "--threads", "1", "--device", "cpu",
+           "--budget-s", "400", "--alt", "--checkpoints"]          # generous: CI machines are shared
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["scale"] == 1.0 and len(plan["probes"]) == 4
+    res = json.loads((out / "results.json").read_text())
+    got = {(a["family"], a["arm"]) for a in res["arms"]}
+    assert got == {(f, a) for f in ("gla", "mamba2") for a in (*sc.ARMS, "statex_alt", "scratch")}
+    n_cells = len(sc.eval_cells(sc.PRESETS["tiny"])) + 1
+    for a in res["arms"]:
+        cells = {k: v for k, v in a["eval"].items() if not k.startswith("_")}
+        assert len(cells) == n_cells and cells["bpb"]["bits_per_byte"] > 0
+        assert all(0 <= v["accuracy"] <= 1 for k, v in cells.items() if k != "bpb")
+    by = {(a["family"], a["arm"]): a for a in res["arms"]}
+    for fam in ("gla", "mamba2"):
+        # StateX grew the state, LPT did not; LPT and StateX saw the same post-training stream
+        assert by[(fam, "statex")]["state_elements"] > by[(fam, "lpt")]["state_elements"]
+        assert by[(fam, "statex")]["state_elements"] == by[(fam, "scratch")]["state_elements"]
+        lpt_post, sx_post = by[(fam, "lpt")]["train"][1], by[(fam, "statex")]["train"][1]
+        assert lpt_post["steps"] == sx_post["steps"] == plan["post_steps"]
+        assert lpt_post["data_seed"] == sx_post["data_seed"]
+        # the expansions are the preset's: reinit, and the alternative
+        assert by[(fam, "statex")]["expansion"]["init"] == "reinit"
+        assert by[(fam, "statex_alt")]["expansion"]["init"] == ("inherit" if fam == "gla" else "merge_copy")
+
+    # the first seed's base, LPT and StateX as checkpoints the server loads
+    from model_registry.checkpoint import load_model
+
+    for fam in ("gla", "mamba2"):
+        assert sorted(d.name for d in (out / "checkpoints" / fam).iterdir()) == ["base", "lpt", "statex"]
+        m = load_model(out / "checkpoints" / fam / "statex")
+        assert m.state_spec().elements_per_sequence == by[(fam, "statex")]["state_elements"]
+        assert (out / "checkpoints" / fam / "statex" / "tokenizer.json").is_file()
+
+    md = tmp_path / "doc" / "statex_capacity.md"
+    assert subprocess.run([sys.executable, "-m", "training.experiments.statex_capacity", "report", "--results",
+                           str(out), "--out", str(md)], env=env, timeout=120, cwd=REPO).returncode == 0
+    text = md.read_text()
+    assert text.index("## Gates") < text.index("## Success criteria") < text.index("## gla")
+    for fam in ("gla", "mamba2"):
+        assert (md.parent / "statex_capacity" / f"{fam}.png").stat().st_size > 5000
+    assert json.loads((md.parent / "statex_capacity" / "results.json").read_text())["arms"]

@@ -1,0 +1,866 @@
+"""StateX's effect where the state is the bottleneck (issue 16): base vs LPT vs
+StateX on small GLA and Mamba2, several seeds, fixed step counts.
+
+    python -m training.experiments.statex_capacity prepare --out corpus.jsonl
+    python -m training.experiments.statex_capacity run --corpus corpus.jsonl --out RESULTS --seeds 0,1,2
+    python -m training.experiments.statex_capacity report --results RESULTS --out docs/experiments/statex_capacity.md
+    python -m training.experiments.statex_capacity run --corpus corpus.jsonl --out R --tiny    # CPU, < 1 min
+
+Design (docs/training.md, "The capacity experiment"; results in docs/experiments/):
+
+1. Vocabulary: byte ids, EOS/BOS/PAD, then ``n_keys`` key tokens and ``n_values``
+   value tokens, so one MQAR key and one value are one token each.
+2. Base pre-training from scratch: half the rows text, the rest MQAR (4-48
+   pairs) and a few passkey rows, loss averaged per kind (text; recall answers).
+3. Arms per (family, seed): base; LPT (base post-trained); StateX (layers
+   expanded with ``reinit``, post-trained on the identical stream); StateX at
+   0 steps. Per family, for the first seed: the expanded architecture trained
+   from scratch on all the data (pre-training then post-training: the upper
+   bound). Post-training rows are longer (2K) with up to 96 pairs.
+4. Evaluation with a fixed seed (the same rows for every arm): capacity (MQAR
+   at 2K, 8-128 pairs), length (MQAR with 32 pairs and passkey, 512-8K),
+   the gate cell (8 pairs at 512) and held-out bits per byte.
+
+Every (family, seed) pipeline is its own process (they share the GPU). Stage
+1 (``probe``): every process builds its models, compiles the kernels and
+times a few steps; the coordinator projects the run and writes ``plan.json``
+(steps x1, or shrunk to fit the deadline, or stop). Results are written per
+arm as they finish (``arms/FAMILY/SEED/ARM.json``), so a cut-short run keeps
+what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+# --- vocabulary -----------------------------------------------------------------------
+
+EOS, BOS, PAD = 256, 257, 258        # model_registry.tokenizer's ids
+KEY0 = 259                           # key tokens KEY0 .. KEY0+n_keys-1, then the value tokens
+
+
+@dataclass
+class Preset:
+    d_model: int = 128
+    layers: int = 4
+    gla_heads: int = 4                # expand_k 0.5, expand_v 1: 4 heads of 16 x 32
+    mamba2_state: int = 16
+    mamba2_head_dim: int = 32
+    expand_layers: tuple = (0, 2)
+    mamba2_expanded_state: int = 64
+    # the StateX arm's expansion (training.expand), and the --alt arm's
+    gla_init: str = "reinit"
+    mamba2_init: str = "reinit"
+    mamba2_dt_init: str = "official"
+    alt_gla_init: str = "inherit"
+    alt_mamba2_init: str = "merge_copy"
+    alt_mamba2_dt_init: str = "inherit"
+    n_keys: int = 512
+    n_values: int = 512
+    # pre-training (base, and the from-scratch upper bound's first phase)
+    pre_seq: int = 512
+    pre_batch: int = 64
+    pre_steps: int = 3000
+    pre_lr: float = 3e-3
+    pre_warmup: int = 100
+    pre_pairs: tuple = (4, 48)
+    # post-training (LPT, StateX, the upper bound's second phase): identical streams
+    post_seq: int = 2048
+    post_batch: int = 16
+    post_steps: int = 800
+    post_lr: float = 1e-3
+    post_warmup: int = 40
+    post_pairs: tuple = (4, 96)
+    frac_text: float = 0.5
+    frac_passkey: float = 0.1         # the rest of the rows are MQAR
+    # evaluation
+    gate_cell: tuple = (512, 8)       # (length, pairs): the base must recall here
+    capacity_len: int = 2048
+    capacity_pairs: tuple = (8, 16, 32, 64, 96, 128)
+    length_pairs: int = 32
+    lengths: tuple = (512, 1024, 2048, 4096, 8192)
+    mqar_answers: int = 2560          # first rows of an MQAR cell: ceil(answers / pairs)
+    min_rows: int = 32
+    passkey_rows: int = 400
+    target_se: float = 0.01           # rows are added until a cell's standard error is at most this...
+    max_rows: int = 2500              # ...or it has this many rows
+    max_cell_tokens: int = 8 << 20    # ...or this many tokens
+    bpb_windows: int = 64
+    eval_tokens_per_batch: int = 1 << 18
+    log_every: int = 25
+
+    @property
+    def vocab(self) -> int:
+        return KEY0 + self.n_keys + self.n_values
+
+
+PRESETS = {
+    "full": Preset(),
+    # the same pipeline at toy size: CPU, well under a minute (tests/test_capacity_experiment.py)
+    "tiny": Preset(d_model=32, layers=2, gla_heads=2, mamba2_state=4, mamba2_head_dim=16, expand_layers=(0,),
+                   mamba2_expanded_state=8, n_keys=32, n_values=32, pre_seq=96, pre_batch=8, pre_steps=4,
+                   pre_warmup=1, pre_pairs=(2, 6), post_seq=160, post_batch=4, post_steps=3, post_warmup=1,
+                   post_pairs=(2, 8), gate_cell=(96, 2), capacity_len=160, capacity_pairs=(2, 8), length_pairs=4,
+                   lengths=(300, 400), mqar_answers=16, min_rows=4, passkey_rows=4, max_rows=8, bpb_windows=2,
+                   eval_tokens_per_batch=4096, log_every=1),
+}
+ARMS = ("base", "statex0", "lpt", "statex")
+
+
+def preset(name: str, overrides: list[str]) -> Preset:
+    """A preset with ``FIELD=VALUE`` overrides (numbers, names, or comma lists for tuples)."""
+    p = PRESETS[name]
+    changes = {}
+    for o in overrides:
+        key, sep, val = o.partition("=")
+        if not sep or key not in p.__dataclass_fields__:
+            raise SystemExit(f"--set {o}: not FIELD=VALUE with a field of Preset")
+        cur = getattr(p, key)
+        try:
+            if isinstance(cur, tuple):
+                changes[key] = tuple(int(x) for x in val.split(",") if x)
+            else:
+                changes[key] = type(cur)(val)
+        except ValueError:
+            raise SystemExit(f"--set {o}: {val!r} is not a valid {type(cur).__name__}") from None
+    return replace(p, **changes)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- corpus ---------------------------------------------------------------------------
+
+def prepare_corpus(out: Path, max_code_bytes: int = 6 << 20) -> dict:
+    """English prose (the Python docs' topics and the stdlib's docstrings, as
+    scripts/bundled_corpus.py builds it) then Python source, one JSON line per
+    document: offline and on every machine with a Python install."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bundled_corpus", Path(__file__).resolve().parents[2] / "scripts" / "bundled_corpus.py")
+    bc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc)
+    texts = bc.doc_topics() + bc.stdlib_docstrings()
+    src = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    skip = ("site-packages", "dist-packages", "test", "tests", "idlelib")
+    total = 0
+    if src.is_dir():
+        for p in sorted(src.rglob("*.py")):
+            if any(part in skip for part in p.relative_to(src).parts):
+                continue
+            t = p.read_text(encoding="utf-8", errors="replace")
+            if total + len(t) > max_code_bytes:
+                break
+            texts.append(t)
+            total += len(t)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    info = {"documents": len(texts), "bytes": sum(len(t.encode()) for t in texts), "python": sys.version.split()[0]}
+    log(f"corpus: {info['documents']} documents, {info['bytes'] / 2**20:.1f} MiB -> {out}")
+    return info
+
+
+class Corpus:
+    """Train / held-out byte streams (documents joined with EOS), split by a hash
+    of the line number like training.data's ``split=``."""
+
+    def __init__(self, path: Path, heldout_pct: float = 5.0):
+        train, held = [], []
+        raw = Path(path).read_bytes()
+        self.sha = f"{zlib.crc32(raw):08x}"
+        eos = np.asarray([EOS], dtype=np.int64)
+        for n, line in enumerate(raw.decode("utf-8").splitlines()):
+            if not line.strip():
+                continue
+            ids = np.frombuffer(json.loads(line)["text"].encode("utf-8"), dtype=np.uint8).astype(np.int64)
+            (held if zlib.crc32(str(n).encode()) % 10000 < heldout_pct * 100 else train).extend((ids, eos))
+        self.train = np.concatenate(train) if train else np.zeros(0, dtype=np.int64)
+        self.heldout = np.concatenate(held) if held else np.zeros(0, dtype=np.int64)
+        if len(self.train) < 1 << 14 or len(self.heldout) < 1 << 12:
+            raise SystemExit(f"{path}: corpus too small ({len(self.train)} train / {len(self.heldout)} held-out bytes)")
+
+    def window(self, rng: np.random.Generator, n: int, heldout: bool = False) -> np.ndarray:
+        src = self.heldout if heldout else self.train
+        start = int(rng.integers(0, len(src) - n))
+        return src[start:start + n]
+
+
+# --- rows: (ids [T], targets [T]; target t is the token after t, or -100) -------------
+
+IGNORE = -100
+
+
+def text_row(rng, corpus: Corpus, T: int, heldout: bool = False):
+    ids = np.concatenate([[BOS], corpus.window(rng, T - 1, heldout)])
+    tgt = np.full(T, IGNORE, dtype=np.int64)
+    tgt[:-1] = ids[1:]
+    return ids, tgt
+
+
+def mqar_row(rng, corpus: Corpus, T: int, pairs: int, p: Preset, heldout: bool = False):
+    """BOS, ``pairs`` key-value token pairs, then text filler with every key asked
+    once (in random order) at random places: the key, then its value (the answer)."""
+    filler = T - 1 - 4 * pairs
+    if filler < 0:
+        raise ValueError(f"{pairs} pairs do not fit in {T} tokens")
+    keys = rng.choice(p.n_keys, pairs, replace=False) + KEY0
+    vals = rng.integers(0, p.n_values, pairs) + KEY0 + p.n_keys
+    ids = np.empty(T, dtype=np.int64)
+    ids[0] = BOS
+    ids[1:1 + 2 * pairs:2], ids[2:2 + 2 * pairs:2] = keys, vals
+    order = rng.permutation(pairs)
+    qpos = 1 + 2 * pairs + np.sort(rng.integers(0, filler + 1, pairs)) + 2 * np.arange(pairs)
+    ids[qpos], ids[qpos + 1] = keys[order], vals[order]
+    fill = np.ones(T, dtype=bool)
+    fill[:1 + 2 * pairs] = False
+    fill[qpos] = fill[qpos + 1] = False
+    ids[fill] = corpus.window(rng, filler, heldout)
+    tgt = np.full(T, IGNORE, dtype=np.int64)
+    tgt[qpos] = vals[order]
+    return ids, tgt
+
+
+class _Bytes:
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def passkey_row(rng, T: int, depth: float | None = None):
+    """training.tasks.passkey (the eval suite's definition), BOS first, exactly T tokens."""
+    import random
+
+    from training.tasks import passkey
+
+    s = passkey(random.Random(int(rng.integers(1 << 62))), _Bytes(), T - 1, depth=depth)
+    ids = np.asarray([BOS] + s.ids, dtype=np.int64)
+    tgt = np.full(T, IGNORE, dtype=np.int64)
+    a, e = s.spans[-1]
+    tgt[a:e] = ids[a + 1:e + 1]          # shifted by the BOS: answer token j of s is ids[j + 1]
+    return ids, tgt
+
+
+class Stream:
+    """Training batches: fixed numbers of text / passkey / MQAR rows per batch, MQAR
+    pairs uniform in ``pairs``. A pure function of (seed, step): LPT and StateX
+    get the identical stream."""
+
+    def __init__(self, corpus: Corpus, p: Preset, seq: int, batch: int, pairs: tuple, seed: int):
+        self.corpus, self.p, self.seq, self.batch, self.pairs, self.seed = corpus, p, seq, batch, pairs, seed
+        self.n_text = round(batch * p.frac_text)
+        self.n_pass = round(batch * p.frac_passkey) if seq >= 300 else 0   # the passkey template is ~260 bytes
+        self.step = 0
+
+    def next(self):
+        rng = np.random.default_rng([self.seed, self.step])
+        self.step += 1
+        rows, kinds = [], []
+        for i in range(self.batch):
+            if i < self.n_text:
+                rows.append(text_row(rng, self.corpus, self.seq))
+                kinds.append(0)
+            elif i < self.n_text + self.n_pass:
+                rows.append(passkey_row(rng, self.seq))
+                kinds.append(1)
+            else:
+                lo, hi = self.pairs
+                hi = min(hi, (self.seq - 1) // 4)
+                rows.append(mqar_row(rng, self.corpus, self.seq, int(rng.integers(lo, hi + 1)), self.p))
+                kinds.append(1)
+        return (np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), np.asarray(kinds))
+
+
+# --- evaluation set -----------------------------------------------------------------
+
+def eval_cells(p: Preset) -> list[dict]:
+    cells = [{"group": "gate", "task": "mqar", "length": p.gate_cell[0], "pairs": p.gate_cell[1]}]
+    cells += [{"group": "capacity", "task": "mqar", "length": p.capacity_len, "pairs": n} for n in p.capacity_pairs]
+    cells += [{"group": "length", "task": "mqar", "length": n, "pairs": p.length_pairs} for n in p.lengths]
+    cells += [{"group": "length", "task": "passkey", "length": n} for n in p.lengths]
+    for c in cells:
+        c["name"] = f"{c['task']}@{c['length']}" + (f"/{c['pairs']}p" if "pairs" in c else "")
+        # first rows: enough answers for a 1-point standard error if answers were independent;
+        # more are added (up to max_rows) while the measured standard error is above target_se
+        c["rows"] = (max(p.min_rows, math.ceil(p.mqar_answers / c["pairs"])) if c["task"] == "mqar"
+                     else p.passkey_rows)
+        c["max_rows"] = max(c["rows"], min(p.max_rows, p.max_cell_tokens // c["length"]))
+    return cells
+
+
+class EvalCell:
+    """Row i of a cell is a pure function of (seed, cell, i), built once per
+    process and shared by every arm: held-out filler, passkey depths cycling."""
+
+    DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, spec: dict, corpus: Corpus, p: Preset, seed: int):
+        self.spec, self.corpus, self.p, self.seed = spec, corpus, p, seed
+        self.ids: list[np.ndarray] = []
+        self.tgt: list[np.ndarray] = []
+
+    def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        c = self.spec
+        while len(self.ids) < b:
+            i = len(self.ids)
+            rng = np.random.default_rng([self.seed, zlib.crc32(c["name"].encode()), i])
+            if c["task"] == "mqar":
+                ids, tgt = mqar_row(rng, self.corpus, c["length"], c["pairs"], self.p, heldout=True)
+            elif c["task"] == "passkey":
+                ids, tgt = passkey_row(rng, c["length"], self.DEPTHS[i % len(self.DEPTHS)])
+            else:
+                ids, tgt = text_row(rng, self.corpus, c["length"], heldout=True)
+            self.ids.append(ids.astype(np.int32))
+            self.tgt.append(tgt.astype(np.int32))
+        return np.stack(self.ids[a:b]), np.stack(self.tgt[a:b])
+
+
+def build_eval_set(corpus: Corpus, p: Preset, seed: int = 1234) -> list[EvalCell]:
+    """The same rows for every arm and seed."""
+    bpb = {"group": "bpb", "task": "text", "name": "bpb", "length": min(2048, p.post_seq), "rows": p.bpb_windows,
+           "max_rows": p.bpb_windows}
+    return [EvalCell(c, corpus, p, seed) for c in [*eval_cells(p), bpb]]
+
+
+def _autocast(device):
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def evaluate(model, eval_set: list[EvalCell], p: Preset, device, first_rows_only: int | None = None,
+             grow_until: float | None = None) -> dict:
+    """Per cell: accuracy (MQAR per answer, passkey per row: every answer token
+    right) and its standard error over rows; bits per byte for the text cell.
+    A cell starts with its ``rows`` and grows (fixed rule, same rows for every
+    arm) until the standard error is at most ``target_se`` or ``max_rows``, and
+    not after the wall-clock time ``grow_until``."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    res = {}
+    t0 = time.perf_counter()
+
+    def score(cell: EvalCell, a: int, b: int, per_row: list, text: list) -> None:
+        T = cell.spec["length"]
+        bs = max(1, p.eval_tokens_per_batch // T)
+        for s in range(a, b, bs):
+            ids_np, tgt_np = cell.rows(s, min(b, s + bs))
+            ids = torch.as_tensor(ids_np, device=device).long()
+            tgt = torch.as_tensor(tgt_np, device=device).long()
+            with _autocast(device):
+                logits = model(ids).logits
+            m = tgt != IGNORE
+            if cell.spec["task"] == "text":
+                m &= tgt != EOS
+                ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.clamp_min(0).flatten(), reduction="none")
+                text[0] += float((ce.view_as(tgt) * m).sum())
+                text[1] += int(m.sum())
+                continue
+            ok = (logits.argmax(-1) == tgt) | ~m
+            if cell.spec["task"] == "passkey":
+                per_row += ok.all(-1).float().tolist()
+            else:
+                per_row += ((ok & m).sum(-1).float() / m.sum(-1).float()).tolist()
+
+    def se(rows: list) -> float:
+        return float(np.std(rows, ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else float("inf")
+
+    with torch.no_grad():
+        for cell in eval_set:
+            c = cell.spec
+            per_row, text = [], [0.0, 0]
+            n = c["rows"] if first_rows_only is None else min(c["rows"], first_rows_only)
+            score(cell, 0, n, per_row, text)
+            while first_rows_only is None and c["task"] != "text" and se(per_row) > p.target_se \
+                    and n < c["max_rows"] and (grow_until is None or time.time() < grow_until):
+                want = math.ceil(n * (se(per_row) / p.target_se) ** 2 * 1.1)   # n for the target, then some
+                new = min(c["max_rows"], max(want, n + c["rows"] // 4))
+                score(cell, n, new, per_row, text)
+                n = new
+            if c["task"] == "text":
+                res[c["name"]] = {"bits_per_byte": text[0] / text[1] / math.log(2), "bytes": text[1]}
+                continue
+            res[c["name"]] = {"group": c["group"], "task": c["task"], "length": c["length"],
+                              "pairs": c.get("pairs"), "accuracy": float(np.mean(per_row)), "rows": len(per_row),
+                              "se": se(per_row) if len(per_row) > 1 else None}
+    res["_seconds"] = time.perf_counter() - t0
+    model.train()
+    return res
+
+
+# --- models ------------------------------------------------------------------------------
+
+def model_config(family: str, p: Preset, expanded: bool = False):
+    from model_registry.configs import StateXGLAConfig, StateXMamba2Config
+
+    common = dict(vocab_size=p.vocab, hidden_size=p.d_model, num_hidden_layers=p.layers, bos_token_id=BOS,
+                  eos_token_id=EOS, pad_token_id=PAD)
+    if family == "gla":
+        heads = [1 if expanded and i in p.expand_layers else p.gla_heads for i in range(p.layers)]
+        return StateXGLAConfig(num_heads=p.gla_heads, layer_num_heads=heads, expand_k=0.5, expand_v=1.0,
+                               tie_word_embeddings=False, **common)
+    sizes = [p.mamba2_expanded_state if expanded and i in p.expand_layers else p.mamba2_state for i in range(p.layers)]
+    return StateXMamba2Config(state_size=p.mamba2_state, layer_state_size=sizes, head_dim=p.mamba2_head_dim, expand=2,
+                              n_groups=1, chunk_size=64, tie_word_embeddings=True, **common)
+
+
+def new_model(family: str, p: Preset, seed: int, expanded: bool = False):
+    import torch
+
+    from model_registry import StateXGLAForCausalLM, StateXMamba2ForCausalLM
+
+    torch.manual_seed(seed)
+    cls = StateXGLAForCausalLM if family == "gla" else StateXMamba2ForCausalLM
+    return cls(model_config(family, p, expanded))
+
+
+def expand(family: str, model, p: Preset, seed: int, alt: bool = False):
+    """StateX on a trained model (CPU copy): the preset's expansion (default reinit,
+    the paper's), or its alternative (default GLA inherit, Mamba2 merge_copy + dt inherit)."""
+    from training.expand import expand_gla_heads, expand_mamba2_state
+
+    cpu = copy.deepcopy(model).to("cpu")
+    if family == "gla":
+        exp = expand_gla_heads(cpu, list(p.expand_layers), 1, p.alt_gla_init if alt else p.gla_init, seed)
+    else:
+        exp = expand_mamba2_state(cpu, list(p.expand_layers), p.mamba2_expanded_state,
+                                  p.alt_mamba2_init if alt else p.mamba2_init, seed,
+                                  dt_init=p.alt_mamba2_dt_init if alt else p.mamba2_dt_init)
+    return exp.model, exp.record(cpu)
+
+
+def state_elements(model) -> int:
+    return model.state_spec().elements_per_sequence
+
+
+# --- training ------------------------------------------------------------------------------
+
+def kind_loss(logits, tgt, kinds):
+    """Mean token loss per kind (text; recall answers), averaged over the kinds present."""
+    import torch
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.clamp_min(0).flatten(), reduction="none").view_as(tgt)
+    m = (tgt != IGNORE).float()
+    parts = []
+    for k in (0, 1):
+        mk = m * (kinds == k).float()[:, None]
+        parts.append((ce * mk).sum() / mk.sum().clamp_min(1.0))
+    present = torch.stack([(kinds == k).any() for k in (0, 1)]).float()
+    loss = (torch.stack(parts) * present).sum() / present.sum()
+    return loss, parts
+
+
+def train(model, stream: Stream, steps: int, lr: float, warmup: int, device, p: Preset, label: str,
+          deadline: float | None = None) -> dict:
+    import torch
+
+    from training.train import TrainConfig, lr_at, param_groups
+
+    sched = TrainConfig(model="", out="", lr=lr, warmup_steps=warmup, min_lr_ratio=0.1)
+    model.to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    curve, pending = [], []
+    t0 = time.perf_counter()
+    done = 0
+    # the next batch is built on a CPU thread while the GPU runs this step
+    prefetch = ThreadPoolExecutor(1)
+    ahead = prefetch.submit(stream.next)
+    for step in range(steps):
+        if deadline is not None and time.time() > deadline:
+            log(f"{label}: deadline reached after {step} of {steps} steps")
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, sched, steps)
+        ids, tgt, kinds = ahead.result()
+        if step + 1 < steps:
+            ahead = prefetch.submit(stream.next)
+        ids, tgt = torch.as_tensor(ids, device=device), torch.as_tensor(tgt, device=device)
+        kinds = torch.as_tensor(kinds, device=device)
+        with _autocast(device):
+            logits = model(ids).logits
+        loss, parts = kind_loss(logits, tgt, kinds)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        pending.append(torch.stack([loss.detach(), *[x.detach() for x in parts]]))
+        if done % p.log_every == 0 or done == steps:
+            vals = torch.stack(pending).mean(0).tolist()      # one sync per log interval
+            pending = []
+            curve.append({"step": done, "loss": vals[0], "text": vals[1], "recall": vals[2],
+                          "elapsed_s": time.perf_counter() - t0})
+    prefetch.shutdown(wait=True, cancel_futures=True)
+    return {"steps": done, "planned_steps": steps, "seconds": time.perf_counter() - t0, "curve": curve,
+            "tokens": done * stream.batch * stream.seq, "lr": lr, "warmup": warmup, "seq": stream.seq,
+            "batch": stream.batch, "pairs": list(stream.pairs), "data_seed": stream.seed}
+
+
+class StepTimer:
+    """Training steps (forward, backward, AdamW) of a throw-away copy: ``run(n)``
+    once to compile the kernels, then again, timed, while every pipeline does
+    the same (the time then includes the sharing of the GPU)."""
+
+    def __init__(self, model, stream: Stream, device):
+        import torch
+
+        self.m = copy.deepcopy(model).to(device).train()
+        self.opt = torch.optim.AdamW(self.m.parameters(), lr=1e-5, fused=device.type == "cuda")
+        self.stream, self.device = stream, device
+
+    def run(self, n: int) -> float:
+        import torch
+
+        dev = self.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            ids, tgt, kinds = self.stream.next()
+            with _autocast(dev):
+                logits = self.m(torch.as_tensor(ids, device=dev)).logits
+            loss, _ = kind_loss(logits, torch.as_tensor(tgt, device=dev), torch.as_tensor(kinds, device=dev))
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
+
+
+# --- one pipeline (one process) ----------------------------------------------------------
+
+def worker(args) -> int:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    p = preset(args.preset, args.set)
+    out = Path(args.out)
+    fam, seed, kind = args.family, args.seed, args.kind
+    arm_dir = out / "arms" / fam / (f"seed{seed}" if kind == "main" else "scratch")
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    name = f"{fam}/{'seed' + str(seed) if kind == 'main' else 'scratch'}"
+    corpus = Corpus(Path(args.corpus))
+    deadline = args.deadline
+
+    def write(arm: str, rec: dict) -> None:
+        rec |= {"family": fam, "seed": seed, "arm": arm}
+        tmp = arm_dir / f".{arm}.json"
+        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.replace(arm_dir / f"{arm}.json")
+        log(f"{name}: wrote {arm}")
+
+    # 1. probe: build, compile, time; then wait for the coordinator's plan
+    t0 = time.perf_counter()
+    base = new_model(fam, p, seed, expanded=(kind == "scratch")).to(device)
+    pre = Stream(corpus, p, p.pre_seq, p.pre_batch, p.pre_pairs, seed=1000 + seed)
+    def post():   # a fresh copy of the one post-training stream: every arm sees the same batches
+        return Stream(corpus, p, p.post_seq, p.post_batch, p.post_pairs, seed=2000 + seed)
+    probe_pre = Stream(corpus, p, p.pre_seq, p.pre_batch, p.pre_pairs, seed=99)
+    probe_post = Stream(corpus, p, p.post_seq, p.post_batch, p.post_pairs, seed=99)
+    warm, timed = (1, 1) if args.preset == "tiny" else (3, 5)
+    timers = {"pre_step_s": StepTimer(base, probe_pre, device), "post_step_s": StepTimer(base, probe_post, device)}
+    if kind == "main":   # the expanded layers' kernels too
+        timers["post_step_expanded_s"] = StepTimer(expand(fam, base, p, seed)[0], probe_post, device)
+    eval_set = build_eval_set(corpus, p)
+    for t in timers.values():      # compile (and autotune) everything first ...
+        t.run(warm)
+    evaluate(base, eval_set, p, device, first_rows_only=2)
+    (out / "ready").mkdir(exist_ok=True)
+    (out / "ready" / f"{fam}_{kind}_{seed}").touch()
+    while not (out / "go").exists() and time.time() < deadline:   # ... then time together with the others
+        time.sleep(0.1)
+    probe = {k: t.run(timed) for k, t in timers.items()}
+    del timers
+    te = time.perf_counter()
+    evaluate(base, eval_set, p, device, first_rows_only=8)
+    te = time.perf_counter() - te
+    eval_tokens = sum(c.spec["rows"] * c.spec["length"] for c in eval_set)
+    probe["eval_s"] = te * eval_tokens / sum(min(8, c.spec["rows"]) * c.spec["length"] for c in eval_set)
+    probe["setup_s"] = time.perf_counter() - t0
+    n_alt = int(args.alt and kind == "main")
+    probe["evals_s"] = ((4 + n_alt) if kind == "main" else 1) * probe["eval_s"]
+    probe["train_s"] = p.pre_steps * probe["pre_step_s"] + p.post_steps * (
+        probe["post_step_s"] + (1 + n_alt) * probe.get("post_step_expanded_s", 0.0))
+    (out / "probes").mkdir(exist_ok=True)
+    (out / "probes" / f"{fam}_{kind}_{seed}.json").write_text(json.dumps(probe))
+    log(f"{name}: probe {json.dumps({k: round(v, 4) for k, v in probe.items()})}")
+    plan_path = out / "plan.json"
+    while not plan_path.exists():
+        if time.time() > deadline:
+            log(f"{name}: no plan before the deadline")
+            return 1
+        time.sleep(0.2)
+    plan = json.loads(plan_path.read_text())
+    if plan.get("stop"):
+        log(f"{name}: the plan says stop ({plan['reason']})")
+        return 0
+    pre_steps, post_steps = plan["pre_steps"], plan["post_steps"]
+
+    def run_eval(model, arm: str, extra: dict, evals_after: int = 0) -> None:
+        if time.time() > deadline:
+            log(f"{name}: no time left to evaluate {arm}")
+            return
+        r = evaluate(model, eval_set, p, device, grow_until=until(evals_after + 1))
+        write(arm, {"eval": r, "state_elements": state_elements(model),
+                    "parameters": sum(q.numel() for q in model.parameters()), **extra})
+        if args.save_checkpoints and arm in ("base", "lpt", "statex"):
+            save_checkpoint(model, arm, extra)
+
+    def save_checkpoint(model, arm: str, extra: dict) -> None:
+        """A servable checkpoint (our format, the byte tokenizer; key / value
+        tokens have no text) for the bench's recall suite through the server."""
+        from model_registry.checkpoint import save_checkpoint as save
+        from model_registry.tokenizer import save_byte_tokenizer
+
+        tok = out / "checkpoints" / ".byte-tokenizer"
+        if not (tok / "tokenizer.json").is_file():
+            save_byte_tokenizer(tok)
+        prov = {"kind": f"statex capacity experiment: {arm}", "family": fam, "seed": seed, "arm": arm,
+                **{k: v for k, v in extra.items() if k == "expansion"},
+                "training": [{k: v for k, v in t.items() if k != "curve"} for t in extra.get("train", [])]}
+        save(copy.deepcopy(model).to("cpu"), out / "checkpoints" / fam / arm, tokenizer_src=tok, provenance=prov,
+             overwrite=True)
+
+    def until(evals_left: int) -> float:
+        """Training stops in time for the evaluations still to come."""
+        return deadline - evals_left * 1.5 * probe["eval_s"] - 5
+
+    # 2. the arms
+    if kind == "scratch":
+        tr_pre = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} pre", until(1))
+        tr_post = train(base, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} post", until(1))
+        run_eval(base, "scratch", {"train": [tr_pre, tr_post]})
+        return 0
+    arms = [("statex", False)] + ([("statex_alt", True)] if args.alt else [])
+    tr = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} base", until(3 + len(arms)))
+    run_eval(base, "base", {"train": [tr]}, evals_after=2 + len(arms))
+    expanded = {}
+    for arm, alt in arms:
+        m, record = expand(fam, base, p, seed, alt)
+        expanded[arm] = (m.to(device), record)
+    run_eval(expanded["statex"][0], "statex0", {"expansion": expanded["statex"][1], "train": [tr]},
+             evals_after=1 + len(arms))
+    lpt = copy.deepcopy(base)
+    post_tr = train(lpt, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} lpt",
+                    until(1 + len(arms)))
+    run_eval(lpt, "lpt", {"train": [tr, post_tr]}, evals_after=len(arms))
+    del lpt
+    for i, (arm, _) in enumerate(arms):
+        m, record = expanded[arm]
+        post_tr = train(m, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} {arm}",
+                        until(len(arms) - i))
+        run_eval(m, arm, {"expansion": record, "train": [tr, post_tr]}, evals_after=len(arms) - i - 1)
+    return 0
+
+
+# --- the coordinator ------------------------------------------------------------------------
+
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("triton", "flash-linear-attention", "mamba_ssm", "transformers"):
+        try:   # metadata, not import: mamba_ssm's __init__ needs a CUDA extension we do not install
+            env[dist] = version(dist)
+        except PackageNotFoundError:
+            env[dist] = None
+    return env
+
+
+SCALES = (1.0, 0.75, 0.5, 0.35, 0.25)
+
+
+def plan_steps(p: Preset, probes: dict, elapsed: float, budget: float) -> dict:
+    """Steps x1 if every pipeline's projected work (training scaled, evaluation
+    not, +10%) fits in what is left of the budget; else the largest scale of
+    SCALES that fits; else stop."""
+    if not probes:
+        return {"stop": True, "reason": "no pipeline finished its probe"}
+    left = budget - elapsed
+    for scale in SCALES:
+        need = max(pr["train_s"] * scale + pr["evals_s"] for pr in probes.values())
+        if need * 1.1 <= left:
+            return {"stop": False, "scale": scale, "pre_steps": max(1, round(p.pre_steps * scale)),
+                    "post_steps": max(1, round(p.post_steps * scale)), "projected_s": elapsed + need,
+                    "left_s": left}
+    return {"stop": True, "reason": f"projected {need:.0f} s of work even at {SCALES[-1]} of the steps; "
+                                    f"{left:.0f} s left", "projected_s": elapsed + need}
+
+
+def run(args) -> int:
+    p = preset(args.preset, args.set)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"{out} exists and is not empty (pass --overwrite)")
+    if not Path(args.corpus).is_file():
+        raise SystemExit(f"no corpus at {args.corpus}: run `prepare` first")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    families = args.families.split(",")
+    if not seeds or any(f not in ("gla", "mamba2") for f in families):
+        raise SystemExit("--families must be gla and/or mamba2, --seeds a list of integers")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("plan.json", "meta.json", "go"):
+        (out / f).unlink(missing_ok=True)
+    for d in ("ready", "probes", "arms", "checkpoints"):
+        if (out / d).is_dir():
+            shutil.rmtree(out / d)
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    meta = {"command": " ".join(["python", "-m", "training.experiments.statex_capacity", *sys.argv[1:]]),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "preset_name": args.preset,
+            "preset": asdict(p), "overrides": args.set, "seeds": seeds, "families": families, "budget_s": args.budget_s,
+            "environment": environment(), "corpus": {"path": str(args.corpus), "sha": Corpus(Path(args.corpus)).sha},
+            "arms": list(ARMS) + (["statex_alt"] if args.alt else []) + ["scratch"]}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    jobs = [(f, s, "main") for f in families for s in seeds] + [(f, seeds[0], "scratch") for f in families]
+    (out / "logs").mkdir(exist_ok=True)
+    procs = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
+    for fam, seed, kind in jobs:
+        cmd = [sys.executable, "-m", "training.experiments.statex_capacity", "_worker", "--family", fam, "--seed",
+               str(seed), "--kind", kind, "--corpus", str(args.corpus), "--out", str(out), "--preset", args.preset,
+               "--deadline", str(deadline), "--threads", str(args.threads), "--device", args.device] + \
+              (["--alt"] if args.alt else []) + [f"--set={o}" for o in args.set] + \
+              (["--save-checkpoints"] if args.checkpoints and kind == "main" and seed == seeds[0] else [])
+        logf = (out / "logs" / f"{fam}_{kind}_{seed}.log").open("w")
+        procs[(fam, seed, kind)] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    log(f"started {len(procs)} pipelines: {', '.join(f'{f}/{k}/{s}' for f, s, k in jobs)}")
+    try:
+        return _coordinate(args, p, out, procs, meta, t_start, deadline)
+    finally:   # however the coordinator ends, no pipeline outlives it
+        for pr in procs.values():
+            if pr.poll() is None:
+                pr.kill()
+
+
+def _coordinate(args, p: Preset, out: Path, procs: dict, meta: dict, t_start: float, deadline: float) -> int:
+
+    # stage 1: every pipeline compiles; when all are ready (or the probe time is up) they time
+    # their steps together; then the plan
+    while time.time() < t_start + args.probe_s:
+        ready = len(list((out / "ready").glob("*"))) if (out / "ready").is_dir() else 0
+        if ready >= sum(pr.poll() is None for pr in procs.values()):
+            break
+        time.sleep(0.2)
+    (out / "go").touch()
+    log(f"all pipelines compiled after {time.time() - t_start:.0f} s; timing steps")
+    while True:
+        probes = {q.stem: json.loads(q.read_text()) for q in (out / "probes").glob("*.json")} \
+            if (out / "probes").is_dir() else {}
+        alive = [k for k, pr in procs.items() if pr.poll() is None]
+        if len(probes) >= len([k for k in procs if procs[k].poll() in (None, 0)]) or not alive \
+                or time.time() > t_start + args.probe_s:
+            break
+        time.sleep(0.5)
+    plan = plan_steps(p, probes, time.time() - t_start, args.budget_s - args.reserve_s)
+    plan["probes"] = probes
+    plan["elapsed_at_plan_s"] = time.time() - t_start
+    (out / ".plan.json").write_text(json.dumps(plan, indent=1))
+    (out / ".plan.json").replace(out / "plan.json")
+    log(f"plan: {json.dumps({k: v for k, v in plan.items() if k != 'probes'})}")
+
+    # stage 2: the pipelines run; kill any still running at the deadline
+    for key, pr in procs.items():
+        try:
+            pr.wait(timeout=max(1.0, deadline + 15 - time.time()))
+        except subprocess.TimeoutExpired:
+            pr.kill()
+            log(f"killed {key} at the deadline")
+    status = {"/".join(map(str, k)): pr.returncode for k, pr in procs.items()}
+    meta |= {"plan": {k: v for k, v in plan.items() if k != "probes"}, "exit_codes": status,
+             "elapsed_s": time.time() - t_start}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    log(f"done in {meta['elapsed_s']:.0f} s; exit codes {status}")
+    results = collect(out)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return 0 if all(c == 0 for c in status.values()) else 1
+
+
+def collect(out: Path) -> dict:
+    """meta.json plus every arm JSON, in one dict (what the report reads)."""
+    meta = json.loads((out / "meta.json").read_text())
+    arms = [json.loads(f.read_text()) for f in sorted((out / "arms").glob("*/*/*.json"))]
+    return {"meta": meta, "arms": arms}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.experiments.statex_capacity",
+                                 description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="write the text corpus (JSONL)")
+    pp.add_argument("--out", required=True)
+    pr = sub.add_parser("run", help="every pipeline, concurrently; results per arm as they finish")
+    pr.add_argument("--corpus", required=True)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--seeds", default="0,1,2")
+    pr.add_argument("--families", default="gla,mamba2")
+    pr.add_argument("--tiny", dest="preset", action="store_const", const="tiny", default="full",
+                    help="the toy size (CPU, under a minute)")
+    pr.add_argument("--alt", action="store_true", help="also the alternative expansion (default GLA inherit, "
+                                                       "Mamba2 merge_copy with dt inherited; --set alt_*_init=...)")
+    pr.add_argument("--budget-s", type=float, default=400, help="wall clock for the whole run, from its start")
+    pr.add_argument("--reserve-s", type=float, default=15, help="held back from the plan for writing results")
+    pr.add_argument("--probe-s", type=float, default=240, help="give up waiting for probes after this")
+    pr.add_argument("--threads", type=int, default=2, help="torch CPU threads per pipeline")
+    pr.add_argument("--device", default="auto", choices=("auto", "cpu"))
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--checkpoints", action="store_true",
+                    help="save the first seed's base, LPT and StateX as servable checkpoints (OUT/checkpoints/)")
+    pr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a preset field, e.g. --set pre_steps=3000 --set pre_lr=2e-3 (recorded in meta.json)")
+    pw = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    for a in ("--family", "--kind", "--corpus", "--out", "--preset", "--device"):
+        pw.add_argument(a, required=True)
+    pw.add_argument("--seed", type=int, required=True)
+    pw.add_argument("--deadline", type=float, required=True)
+    pw.add_argument("--threads", type=int, default=2)
+    pw.add_argument("--alt", action="store_true")
+    pw.add_argument("--set", action="append", default=[])
+    pw.add_argument("--save-checkpoints", action="store_true")
+    rp = sub.add_parser("report", help="results directory -> markdown with tables and plots")
+    rp.add_argument("--results", required=True, help="a run's --out (or its results.json)")
+    rp.add_argument("--out", required=True, help="the markdown file; plots and the raw JSON go beside it")
+    args = ap.parse_args(argv)
+    if args.cmd == "prepare":
+        prepare_corpus(Path(args.out))
+        return 0
+    if args.cmd == "_worker":
+        return worker(args)
+    if args.cmd == "report":
+        from training.experiments.capacity_report import write_report
+
+        write_report(Path(args.results), Path(args.out))
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
