@@ -38,10 +38,13 @@ FAULTS = """
 import sys, time
 from statex_serve.engine import native, sampler, scheduler, sequence
 
-_sample = sampler.sample
+_sample, _samples = sampler.sample, {}
 def sample(logits, rows):
-    if any(r.top_k == 77 for r in rows):
-        raise RuntimeError("injected sampler failure SECRET-INTERNAL")
+    for r in rows:          # from its third token on (in a decode batch with others)
+        if r.top_k == 77:
+            _samples[id(r.generator)] = _samples.get(id(r.generator), 0) + 1
+            if _samples[id(r.generator)] >= 3:
+                raise RuntimeError("injected sampler failure SECRET-INTERNAL")
     if any(r.top_k == 42 for r in rows):
         time.sleep(4)                                   # a hung step
     return _sample(logits, rows)
@@ -142,6 +145,7 @@ def wait_for(cond, timeout=20.0, what="condition"):
         time.sleep(0.1)
 
 
+INNOCENT_TOKENS = 300      # long enough to be decoding when the bad requests come
 INNOCENT = ["the first tenant", "a second prompt", "three little words", "and a fourth one"]
 
 
@@ -159,7 +163,7 @@ def run_innocents_beside(server, headers, bad_bodies, oracle, tok) -> list[httpx
     answer must equal the oracle's. Returns the bad requests' responses."""
     async def run():
         async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=120) as http:
-            innocents = [asyncio.create_task(http.post("/v1/completions", json=greedy_body(p, 48)))
+            innocents = [asyncio.create_task(http.post("/v1/completions", json=greedy_body(p, INNOCENT_TOKENS)))
                          for p in INNOCENT]
             await asyncio.sleep(0.3)             # they are decoding now
             bad = await asyncio.gather(*(http.post("/v1/completions", content=b if isinstance(b, bytes)
@@ -170,7 +174,7 @@ def run_innocents_beside(server, headers, bad_bodies, oracle, tok) -> list[httpx
     bad, good = asyncio.run(run())
     for prompt, r in zip(INNOCENT, good):
         assert r.status_code == 200, r.text
-        assert token_ids(r.json()) == oracle.greedy_generate(tok.encode(prompt), 48), prompt
+        assert token_ids(r.json()) == oracle.greedy_generate(tok.encode(prompt), INNOCENT_TOKENS), prompt
     return bad
 
 
@@ -212,7 +216,7 @@ def test_out_of_range_sampling_fields_are_400_and_hurt_nobody(srv, oracle, tok):
 def test_a_failure_inside_a_step_fails_only_its_request(faulty, oracle, tok):
     """The sampler fails on one row of a decode batch: that request gets a 500
     that names no internals; the others in the same batch finish exactly."""
-    bodies = [{"prompt": "boom", "max_tokens": 8, "temperature": 1.0, "top_k": 77}] * 2
+    bodies = [{"prompt": "boom", "max_tokens": 8, "temperature": 1.0, "top_k": 77, "ignore_eos": True}] * 2
     for r in run_innocents_beside(faulty, {}, bodies, oracle, tok):
         err = check_error(r, 500)
         assert "SECRET-INTERNAL" not in r.text and "RuntimeError" not in r.text, err
