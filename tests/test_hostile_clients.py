@@ -432,6 +432,8 @@ def test_lone_surrogates_are_400(srv):
         ("/tokenize", '{"prompt": "a\\ud800b"}'),
         ("/v1/completions", '{"prompt": "x", "model": "\\ud800"}'),
         ("/v1/completions", '{"prompt": "x", "stop": ["\\ud800"]}'),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], '
+                                 '"chat_template_kwargs": {"k": "\\ud800"}}'),
     ]
     for path, body in cases:
         r = httpx.post(srv.base_url + path, headers={**A, "content-type": "application/json"}, content=body)
@@ -485,3 +487,32 @@ def test_engine_death_fails_requests_and_exits_nonzero(ckpt):
         server.proc.wait(timeout=20)
         assert server.proc.returncode == 1, server.log_tail()
         assert "the engine has died" in server.log_tail()
+
+
+# --- the schema says what the server answers ------------------------------------------------
+
+def test_openapi_documents_the_error_bodies_not_422(srv):
+    schema = httpx.get(srv.base_url + "/openapi.json").json()
+    assert "422" not in json.dumps(schema["paths"])
+    for path, method, codes in (("/v1/completions", "post", {"400", "401", "404", "413", "503"}),
+                                ("/v1/chat/completions", "post", {"400", "401", "413", "503"}),
+                                ("/v1/prefixes/{prefix_id}", "delete", {"401", "404"}),
+                                ("/health", "get", {"503"})):
+        responses = schema["paths"][path][method]["responses"]
+        assert codes <= set(responses), (path, sorted(responses))
+        ref = responses["401" if "401" in codes else "503"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorResponse")
+    assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+
+
+def test_api_keys_come_from_flags_a_file_or_the_environment(tmp_path, monkeypatch):
+    from statex_serve.cli import build_parser, read_api_keys
+    monkeypatch.setenv("STATEX_API_KEY", "from-env")
+    assert read_api_keys(build_parser().parse_args([])) == ["from-env"]
+    assert read_api_keys(build_parser().parse_args(["--api-key", "a", "--api-key", "b"])) == ["a", "b"]
+    f = tmp_path / "keys"
+    f.write_text("# comment\nk1\n\nk2\n")
+    assert read_api_keys(build_parser().parse_args(["--api-key-file", str(f)])) == ["k1", "k2"]
+    f.write_text("# nothing\n")
+    with pytest.raises(SystemExit, match="no keys"):
+        read_api_keys(build_parser().parse_args(["--api-key-file", str(f)]))

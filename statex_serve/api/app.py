@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 
 from statex_serve import __version__
 from statex_serve.api.chat import ChatEndpoint, message_chars, render_chat
@@ -70,6 +72,48 @@ class _CountRequests:
             await self.app(scope, receive, send_and_note)
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, what every non-2xx answer carries."""
+    error: ErrorDetail
+
+
+_ERROR_DOCS = {
+    400: "Invalid request: a malformed body, a value out of range, a prompt too long for the context",
+    401: "Missing or wrong API key",
+    404: "Unknown model or prefix id",
+    413: "The request body is larger than --max-request-body",
+    500: "The engine failed while running this request (the message carries an id to find it in the log)",
+    503: "The server is at capacity (with Retry-After), the engine is not running, or it looks hung",
+}
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorResponse, "description": _ERROR_DOCS[c]} for c in codes}
+
+
+def _openapi_without_422(app: FastAPI):
+    """Validation errors answer 400 with the OpenAI error body (``errors.py``),
+    so the schema should not promise FastAPI's 422."""
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+    return openapi
 
 
 def key_namespace(key: str) -> str:
@@ -187,7 +231,7 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
     app.add_middleware(_Gate, keys={k.encode(): key_namespace(k) for k in keys}, max_body=max_request_body)
     app.add_middleware(_CountRequests, metrics=metrics)   # added last: the outermost, so it counts 401 and 413 too
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(503))
     async def health():
         if not engine.is_alive:
             raise APIError(503, "the engine is not running", code="engine_dead")
@@ -196,7 +240,7 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
             raise APIError(503, reason, code="engine_stalled")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -209,40 +253,40 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
                 "root": engine.model_path, "parent": None, "max_model_len": engine.max_model_len,
                 "permission": [], "statex": engine.describe()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401))
     async def list_models():
         return {"object": "list", "data": [model_card(n) for n in engine.served_model_names]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=_errors(401, 404))
     async def get_model(model: str):
         check_model(engine, model)
         return model_card(model)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_errors(400, 401, 404, 413, 500, 503))
     async def create_completion(body: CompletionRequest, request: Request):
         return await completions.create(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 500, 503))
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
 
-    @app.post("/v1/prefixes")
+    @app.post("/v1/prefixes", responses=_errors(400, 401, 404, 413, 500, 503))
     async def create_prefix(body: PrefixCreateRequest, request: Request):
         return await prefixes.create(body, request)
 
-    @app.get("/v1/prefixes")
+    @app.get("/v1/prefixes", responses=_errors(401))
     async def list_prefixes(request: Request):
         return prefixes.list(request)
 
-    @app.get("/v1/prefixes/{prefix_id}")
+    @app.get("/v1/prefixes/{prefix_id}", responses=_errors(401, 404))
     async def get_prefix(prefix_id: str, request: Request):
         return prefixes.get(prefix_id, request)
 
-    @app.delete("/v1/prefixes/{prefix_id}")
+    @app.delete("/v1/prefixes/{prefix_id}", responses=_errors(401, 404))
     async def delete_prefix(prefix_id: str, request: Request):
         return prefixes.delete(prefix_id, request)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_errors(400, 401, 404, 413))
     async def tokenize(body: TokenizeRequest):
         check_model(engine, body.model)
         tok = engine.tokenizer
@@ -256,7 +300,7 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
             raise APIError(400, "give either prompt or messages", "prompt", "invalid_value")
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_errors(400, 401, 404, 413))
     async def detokenize(body: DetokenizeRequest):
         check_model(engine, body.model)
         bad = next((t for t in body.tokens if not 0 <= t < engine.vocab_size), None)
@@ -264,6 +308,8 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {engine.vocab_size})", "tokens",
                            "invalid_token_id")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    app.openapi = _openapi_without_422(app)
 
     @app.get("/", include_in_schema=False)
     async def root():

@@ -13,6 +13,7 @@ a 400 that says so, rather than silently ignored.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
@@ -208,6 +209,15 @@ class ChatCompletionRequest(_GenerationFields):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs_text(cls, v):
+        try:     # the template renders these into the prompt: they must be valid Unicode too
+            json.dumps(v, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError, UnicodeEncodeError):
+            raise ValueError("chat_template_kwargs must be JSON with valid Unicode text") from None
+        return v
 
     def unsupported(self):
         if self.tools or self.functions:
