@@ -220,6 +220,7 @@ def test_a_failure_inside_a_step_fails_only_its_request(faulty, oracle, tok):
     for r in run_innocents_beside(faulty, {}, bodies, oracle, tok):
         err = check_error(r, 500)
         assert "SECRET-INTERNAL" not in r.text and "RuntimeError" not in r.text, err
+        assert "cmpl-" in err["message"], err          # the id to look the details up by in the log
     assert "SECRET-INTERNAL" in faulty.log_tail(200_000)       # the details are in the log
     wait_for(lambda: metric(faulty, "statex_state_pool_slots_used") == 0, what="slots to be freed")
 

@@ -112,10 +112,10 @@ class _OutputStream:
             self._engine.abort(self._request_id)
 
 
-def _failed() -> RequestFailedError:
+def _failed(request_id: str) -> RequestFailedError:
     # the client sees no internals; the log has the traceback under the request id
-    return RequestFailedError("the engine failed while running this request (the server log has the details "
-                              "under its request id)")
+    return RequestFailedError(f"the engine failed while running request {request_id} (the server log has the "
+                              "details under that id)")
 
 
 class NativeEngine(LoadedModelEngine):
@@ -368,7 +368,7 @@ class NativeEngine(LoadedModelEngine):
                 if req is not None:
                     self._fail_hard(req)
                 elif rid in self._streams:
-                    self._post([(rid, _failed())])
+                    self._post([(rid, _failed(rid))])
 
     def _fail_hard(self, req: RequestState) -> None:
         """Fail a request whose bookkeeping may be half done: take it out of
@@ -389,7 +389,7 @@ class NativeEngine(LoadedModelEngine):
             if self._pending.pop(req.request_id, None) is None and held:    # counted as using its slots
                 self._used_slots -= len(req.slots)
             self._paused.pop(req.request_id, None)
-        self._post([(req.request_id, _failed())])
+        self._post([(req.request_id, _failed(req.request_id))])
 
     def _abort_stalled(self) -> set[str]:
         """Abort streams paused longer than --stream-stall-timeout; the ids still paused."""
@@ -472,9 +472,10 @@ class NativeEngine(LoadedModelEngine):
             requests = list(requests)
             logger.exception("engine step failed; failing %d request(s): %s", len(requests),
                              ", ".join(r.request_id for r in requests))
-            self._fail(requests, _failed())
+            self._fail(requests)
 
-    def _fail(self, requests, err: Exception) -> None:
+    def _fail(self, requests, err: Exception | None = None) -> None:
+        """Fail requests with ``err`` (default: "the engine failed", naming each request)."""
         posts = []
         for req in requests:
             if req.finished:
@@ -482,7 +483,7 @@ class NativeEngine(LoadedModelEngine):
             with self._lock:
                 self._used_slots -= len(req.slots)
             self.scheduler.remove(req)
-            posts.append((req.request_id, err))
+            posts.append((req.request_id, err if err is not None else _failed(req.request_id)))
         self._post(posts)
 
     def _max_new_tokens(self, req: RequestState) -> int:
@@ -508,7 +509,7 @@ class NativeEngine(LoadedModelEngine):
                 bad[req.request_id] = req
                 continue
             yield req, seq, one.token_ids[0], one.logprobs[0]
-        self._fail(bad.values(), _failed())
+        self._fail(bad.values())
 
     def _run_decode(self, batch: list[tuple[RequestState, SequenceState]]) -> None:
         logits = self.runner.decode([s.last_token for _, s in batch], [s.slot for _, s in batch])

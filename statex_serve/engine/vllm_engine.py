@@ -135,8 +135,8 @@ class _Stream:
         except Exception as err:       # noqa: BLE001 - handed to the consumer
             logger.exception("request %s failed in vLLM", self._request.request_id)
             self._queue.put_nowait(RequestFailedError(      # the client sees no internals; the log has them
-                "the engine failed while running this request (the server log has the details under its "
-                "request id)"))
+                f"the engine failed while running request {self._request.request_id} (the server log has the "
+                "details under that id)"))
         finally:
             await gen.aclose()
             if all(t.done() or t is asyncio.current_task() for t in self._tasks):
