@@ -361,6 +361,13 @@ def test_stalled_readers_are_paused_then_aborted_and_others_go_on(srv, oracle, t
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     aborted = metric(srv, "statex_engine_requests_aborted_total")
+
+    def seconds_per_token():         # a well-behaved client's time per token (greedy, 200 tokens)
+        t0 = time.monotonic()
+        r = httpx.post(srv.base_url + "/v1/completions", headers=A, json=greedy_body("timing", 200), timeout=60)
+        assert len(token_ids(r.json())) == 200
+        return (time.monotonic() - t0) / 200
+    idle = min(seconds_per_token() for _ in range(2))
     socks = []
     try:
         for _ in range(4):
@@ -388,6 +395,8 @@ def test_stalled_readers_are_paused_then_aborted_and_others_go_on(srv, oracle, t
         # the echo, is what the server built before they stalled)
         rss0 = rss_bytes(srv)
         time.sleep(2)
+        during = min(seconds_per_token() for _ in range(2))
+        assert during < 2 * idle, (during, idle)
         # meanwhile others are served, exactly
         r = httpx.post(srv.base_url + "/v1/completions", headers=A, json=greedy_body("still served"), timeout=60)
         assert token_ids(r.json()) == oracle.greedy_generate(tok.encode("still served"), 24)

@@ -435,8 +435,8 @@ class NativeEngine(LoadedModelEngine):
             with self._lock:
                 self._pending.pop(req.request_id, None)
                 self._used_slots += req.params.n
-        if started:
-            self._guarded(started, self._start_requests, started)
+        for req in started:          # one at a time: a restore that fails costs only its request
+            self._guarded([req], self._start_requests, [req])
         paused = self._abort_stalled() if self._paused else set()
         plan = self.scheduler.schedule(skip=paused)
         if plan.empty:
