@@ -96,6 +96,11 @@ _ERROR_DOCS = {
 }
 
 
+# with "stream": true the answer is server-sent events
+_STREAM = {200: {"description": "The completion (JSON), or with stream: true its chunks as server-sent events",
+                 "content": {"text/event-stream": {}}}}
+
+
 def _errors(*codes: int) -> dict:
     return {c: {"model": ErrorResponse, "description": _ERROR_DOCS[c]} for c in codes}
 
@@ -262,11 +267,11 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
         check_model(engine, model)
         return model_card(model)
 
-    @app.post("/v1/completions", responses=_errors(400, 401, 404, 413, 500, 503))
+    @app.post("/v1/completions", responses={**_STREAM, **_errors(400, 401, 404, 413, 500, 503)})
     async def create_completion(body: CompletionRequest, request: Request):
         return await completions.create(body, request)
 
-    @app.post("/v1/chat/completions", responses=_errors(400, 401, 404, 413, 500, 503))
+    @app.post("/v1/chat/completions", responses={**_STREAM, **_errors(400, 401, 404, 413, 500, 503)})
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
 
