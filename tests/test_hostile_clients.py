@@ -367,7 +367,7 @@ def test_stalled_readers_are_paused_then_aborted_and_others_go_on(srv, oracle, t
         r = httpx.post(srv.base_url + "/v1/completions", headers=A, json=greedy_body("timing", 200), timeout=60)
         assert len(token_ids(r.json())) == 200
         return (time.monotonic() - t0) / 200
-    idle = min(seconds_per_token() for _ in range(2))
+    idle = min(seconds_per_token() for _ in range(3))
     socks = []
     try:
         for _ in range(4):
@@ -395,7 +395,7 @@ def test_stalled_readers_are_paused_then_aborted_and_others_go_on(srv, oracle, t
         # the echo, is what the server built before they stalled)
         rss0 = rss_bytes(srv)
         time.sleep(2)
-        during = min(seconds_per_token() for _ in range(2))
+        during = min(seconds_per_token() for _ in range(3))
         assert during < 2 * idle, (during, idle)
         # meanwhile others are served, exactly
         r = httpx.post(srv.base_url + "/v1/completions", headers=A, json=greedy_body("still served"), timeout=60)
