@@ -50,33 +50,63 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
         tmp.rename(out)
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from ``path``; ``CheckpointError`` naming the file otherwise."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def read_config_dict(src: str | Path) -> dict:
     path = Path(src) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{src}: no config.json (expected a checkpoint directory)")
+    return read_json(path)
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or (``*.bin``) a pickle of tensors only
+    (``weights_only``); ``CheckpointError`` naming the file when it is
+    truncated, corrupt or holds anything else."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as e:    # safetensors, pickle and zip errors have no common base
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path}: cannot read its tensors (truncated or corrupt?): {first}") from None
 
 
 def load_state_dict(src: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint dir: model.safetensors (or sharded *.safetensors),
-    else pytorch_model.bin."""
+    """Tensors of a checkpoint dir: model.safetensors (or sharded
+    model-*.safetensors / *.safetensors), else pytorch_model*.bin. A training
+    step directory's optimizer.safetensors is not the model's."""
     src = Path(src)
-    files = sorted(src.glob("*.safetensors"))
-    if files:
-        sd = {}
-        for f in files:
-            sd.update(load_file(str(f)))
-        return sd
-    bins = sorted(src.glob("pytorch_model*.bin"))
-    if bins:
-        sd = {}
-        for f in bins:
-            sd.update(torch.load(str(f), map_location="cpu", weights_only=True))
-        return sd
-    raise CheckpointError(f"{src}: no weights (model.safetensors or pytorch_model.bin)")
+    files = ([src / "model.safetensors"] if (src / "model.safetensors").is_file()
+             else sorted(f for f in src.glob("*.safetensors") if f.name != "optimizer.safetensors"))
+    if not files:
+        files = sorted(src.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{src}: no weights (model.safetensors or pytorch_model.bin)")
+    sd = {}
+    for f in files:
+        tensors = read_tensors(f)
+        if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+            raise CheckpointError(f"{f}: not a dictionary of tensors")
+        sd.update(tensors)
+    return sd
 
 
 def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], src: str | Path = "checkpoint",
@@ -95,6 +125,13 @@ def check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], src: str
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{src}: tensor {k} has shape {tuple(t.shape)}, "
                                   f"the config expects {tuple(expected[k].shape)}")
+        if expected[k].is_floating_point():
+            # an integer tensor would be cast silently, and a NaN model serves garbage
+            if not t.is_floating_point():
+                raise CheckpointError(f"{src}: tensor {k} is {str(t.dtype).removeprefix('torch.')}; weights must "
+                                      "be floating point")
+            if not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{src}: tensor {k} holds NaN or infinite values")
     model.load_state_dict(sd, strict=False)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()

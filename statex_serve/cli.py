@@ -73,8 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autotune", choices=("fast", "full"), default="fast",
                    help="CUDA: fla's and mamba-ssm's prefill kernels try a few launch configs (fast) or all of them "
                         "(full: the best kernels, minutes more on the first start; both are cached)")
-    p.add_argument("--api-key", default=os.environ.get("STATEX_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STATEX_API_KEY; none)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and /detokenize; repeat for "
+                        "several keys, each its own prefix-cache namespace (a key given here shows in ps: prefer "
+                        "--api-key-file or $STATEX_API_KEY) (default: $STATEX_API_KEY; none)")
+    p.add_argument("--api-key-file", default=None,
+                   help="a file of API keys, one per line (blank lines and lines starting with # are skipped)")
+    p.add_argument("--max-request-body", default="32MiB",
+                   help="largest request body accepted, e.g. 32MiB; larger ones get 413 before they are read")
+    p.add_argument("--default-max-tokens", type=int, default=8192,
+                   help="max_tokens of a request that gives none (chat, or completions with null): what is left "
+                        "of the context, at most this many tokens")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprob alternatives per position a request may ask for (logprobs, top_logprobs, "
+                        "echoed prompt logprobs)")
+    p.add_argument("--stream-stall-timeout", type=float, default=60.0,
+                   help="native engine: seconds a streaming client may read nothing while its output is pending "
+                        "(its sequence is paused meanwhile) before the request is aborted")
+    p.add_argument("--step-timeout", type=float, default=120.0,
+                   help="native engine: /health answers 503 while an engine step has run for longer than this "
+                        "many seconds (a hung engine)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"),
                    help="how much the server logs")
     p.add_argument("--version", action="version", version=f"statex-serve {__version__}")
@@ -111,6 +129,26 @@ def resolve_model(arg: str | None) -> tuple[str, str]:
                      + (" or bundled model" if bundled is not None else ""))
 
 
+def read_api_keys(args) -> list[str]:
+    """--api-key (repeated), --api-key-file, else $STATEX_API_KEY. Raises SystemExit."""
+    keys = [k for k in (args.api_key or []) if k]
+    if args.api_key_file is not None:
+        try:
+            text = Path(args.api_key_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"statex-serve: --api-key-file {args.api_key_file}: cannot read it ({e})") from None
+        from_file = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if not from_file:
+            raise SystemExit(f"statex-serve: --api-key-file {args.api_key_file}: no keys in it")
+        keys += from_file
+    if not keys and os.environ.get("STATEX_API_KEY"):
+        keys = [os.environ["STATEX_API_KEY"]]
+    bad = next((k for k in keys if any(c.isspace() for c in k) or not k.isprintable()), None)
+    if bad is not None:
+        raise SystemExit("statex-serve: an API key must be printable and contain no spaces")
+    return list(dict.fromkeys(keys))
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -126,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         state_memory = parse_memory_size(args.state_memory) if args.state_memory is not None else None
     except ValueError as e:
         raise SystemExit(f"statex-serve: --state-memory: {e}") from None
+    try:
+        max_body = parse_memory_size(args.max_request_body)
+    except ValueError as e:
+        raise SystemExit(f"statex-serve: --max-request-body: {e}") from None
+    if args.default_max_tokens < 1:
+        raise SystemExit(f"statex-serve: --default-max-tokens must be at least 1, got {args.default_max_tokens}")
+    api_keys = read_api_keys(args)
     budgets = {}
     for name in ("prefix_cache_memory", "prefix_cache_host_memory"):
         value = getattr(args, name)
@@ -149,16 +194,28 @@ def main(argv: list[str] | None = None) -> int:
             state_memory=state_memory,
             max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
             prefix_cache=args.prefix_cache, compile_cache_dir=args.compile_cache_dir,
-            autotune=args.autotune, **budgets)
+            autotune=args.autotune, max_logprobs=args.max_logprobs,
+            stream_stall_timeout=args.stream_stall_timeout, step_timeout=args.step_timeout, **budgets)
         engine = create_engine(engine_args, args.backend)
     except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:
         logger.error("cannot start: %s", e)
         return 2
     logger.info("serving %s as %s (backend %s) on http://%s:%d%s", model_dir, engine.model_name, args.backend,
-                args.host, args.port, " with API key auth" if args.api_key else "")
-    app = create_app(engine, api_key=args.api_key or None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
-                timeout_graceful_shutdown=5)
+                args.host, args.port, f" with {len(api_keys)} API key(s)" if api_keys else "")
+    died = []
+
+    def on_engine_death():    # stop serving and exit non-zero, so a supervisor restarts the server
+        died.append(True)
+        server.should_exit = True
+
+    app = create_app(engine, api_key=api_keys or None, max_request_body=max_body,
+                     default_max_tokens=args.default_max_tokens, on_engine_death=on_engine_death)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           log_config=None, timeout_graceful_shutdown=5))
+    server.run()
+    if died:
+        logger.error("exiting: the engine died")
+        return 1
     return 0
 
 

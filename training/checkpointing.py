@@ -15,9 +15,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from model_registry.checkpoint import atomic_output_dir, check_and_load, write_model_files
+from model_registry.checkpoint import (CheckpointError, atomic_output_dir, check_and_load, read_json, read_tensors,
+                                      write_model_files)
 
 STEP_PREFIX = "step_"
 
@@ -27,11 +28,28 @@ def step_dir(out: Path, step: int) -> Path:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    done = checkpoints(out)
+    return done[-1] if done else None
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete step directories, oldest first."""
     root = Path(out) / "checkpoints"
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "trainer_state.json").is_file())
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Step directories a killed save left half written (``.step_*.tmp-*``, and
+    ``.step_*.old-*`` from a replace): nothing reads them, so they only cost disk."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.startswith("." + STEP_PREFIX) and (".tmp-" in p.name or ".old-" in p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def rng_state() -> dict:
@@ -90,11 +108,20 @@ def save_train_checkpoint(out: Path, step: int, model, opt, trainer_state: dict,
 def load_train_checkpoint(path: Path, model, opt) -> dict:
     """Weights into ``model`` (same device), optimizer state into ``opt``; returns trainer_state."""
     path = Path(path)
-    sd = load_file(str(path / "model.safetensors"))
+    sd = read_tensors(path / "model.safetensors")
     tied = getattr(model.config, "tie_word_embeddings", False)
     device = next(model.parameters()).device
-    check_and_load(model, {k: v.to(device) for k, v in sd.items()}, path,
+    check_and_load(model, {k: v.to(device) for k, v in sd.items()}, path / "model.safetensors",
                    allow_missing=("lm_head.weight",) if tied else ())
-    opt.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")),
-                                         json.loads((path / "optimizer.json").read_text())))
-    return json.loads((path / "trainer_state.json").read_text())
+    state = read_json(path / "trainer_state.json")
+    missing = [k for k in ("step", "tokens", "max_steps", "world", "data", "rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path / 'trainer_state.json'}: no {missing[0]!r} (not a trainer state)")
+    try:
+        opt.load_state_dict(_optimizer_state(read_tensors(path / "optimizer.safetensors"),
+                                             read_json(path / "optimizer.json")))
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'optimizer.safetensors'}: does not fit this model's optimizer ({e})") from None
+    return state

@@ -10,6 +10,7 @@ torchrun, checkpoints every N steps with exact resume.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -21,11 +22,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpointing import (latest_checkpoint, load_train_checkpoint, rng_state, save_train_checkpoint,
-                                    set_rng_state)
+from model_registry.checkpoint import CheckpointError
+from training.checkpointing import (checkpoints, load_train_checkpoint, remove_stale_temporaries, rng_state,
+                                    save_train_checkpoint, set_rng_state)
 from training.data import TextCodec, build_stream
 from training.errors import UsageError
 from training.expand import count_parameters, read_provenance
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,6 +133,24 @@ def _gather(obj, d: _Dist) -> list:
     return out
 
 
+def _newest_loadable(out: Path, model, opt) -> tuple[Path | None, dict | None]:
+    """The newest step directory that loads (into ``model`` and ``opt``) and its
+    trainer state: a damaged newest one (a truncated file, a broken
+    trainer_state.json) falls back to the one before, with a warning."""
+    found = checkpoints(out)
+    first_error = None
+    for path in reversed(found):
+        try:
+            return path, load_train_checkpoint(path, model, opt)
+        except CheckpointError as e:
+            logger.warning("cannot resume from %s: %s; trying the checkpoint before it", path.name, e)
+            first_error = first_error or e
+    if found:
+        raise UsageError(f"--resume: none of the {len(found)} checkpoints under {out / 'checkpoints'} loads "
+                         f"(the newest: {first_error})")
+    return None, None
+
+
 def _truncate_log(log_path: Path, step: int) -> None:
     """After a resume, drop log lines the interrupted run wrote past the checkpoint."""
     if not log_path.is_file():
@@ -165,9 +187,11 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
     step, tokens, max_steps = 0, 0, cfg.max_steps
     if cfg.overwrite and not cfg.resume and d.main and out.exists():
         shutil.rmtree(out)
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if d.main:
+        for p in remove_stale_temporaries(out):
+            logger.info("removed %s (left by a save that was interrupted)", p)
+    ckpt, st = _newest_loadable(out, model, opt) if cfg.resume else (None, None)
     if ckpt is not None:
-        st = load_train_checkpoint(ckpt, model, opt)
         step, tokens, max_steps = st["step"], st["tokens"], st["max_steps"]
         if st["world"] != d.world:
             raise UsageError(f"{ckpt} was written by {st['world']} processes; resume with the same number")

@@ -12,6 +12,7 @@ messages are appended to the pinned prefix's tokens as they are;
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,13 +23,25 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from model_registry.tokenizer import DEFAULT_CHAT_TEMPLATE
 from statex_serve.api.errors import APIError, from_engine_error, sse_error
 from statex_serve.api.generation import (
-    check_model, check_prompt_ids, check_supported, logprob_value, merged, new_id, pin_count, prefix_length,
-    resolve_max_tokens, sampling_params, start_requests, unless_disconnected, usage,
+    cache_owner, check_model, check_prompt_chars, check_prompt_ids, check_supported, logprob_value, max_token_chars,
+    merged, new_id, pin_count, prefix_length, resolve_max_tokens, sampling_params, start_requests,
+    unless_disconnected, usage,
 )
 from statex_serve.api.metrics import Metrics, SequenceTimer
 from statex_serve.api.schemas import ChatCompletionRequest, ChatMessage
 from statex_serve.engine.base import Engine, EngineError, TokenLogprob
 from statex_serve.engine.detokenizer import TokenStrings
+
+
+def message_chars(messages: list[ChatMessage]) -> int:
+    """Characters of the messages' text (the template only adds to it)."""
+    total = 0
+    for m in messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content is not None:
+            total += sum(len(part.text or "") for part in m.content)
+    return total
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
@@ -66,27 +79,32 @@ class _Choice:
 
 
 class ChatEndpoint:
-    def __init__(self, engine: Engine, metrics: Metrics):
+    def __init__(self, engine: Engine, metrics: Metrics, default_max_tokens: int | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.default_max_tokens = default_max_tokens
         self.token_strings = TokenStrings(engine.tokenizer)
+        self.token_chars = max_token_chars(engine.tokenizer)
 
     async def create(self, body: ChatCompletionRequest, raw: Request):
         engine = self.engine
         check_model(engine, body.model)
         check_supported(body)
-        num_prefix = prefix_length(engine, body.prefix_id, body.pin_prefix is not None)
-        ids = render_chat(engine.tokenizer, body.messages, body.add_generation_prompt,
-                          body.continue_final_message, body.chat_template_kwargs)
+        owner = cache_owner(raw)
+        num_prefix = prefix_length(engine, body.prefix_id, body.pin_prefix is not None, owner)
+        check_prompt_chars(engine, self.token_chars, message_chars(body.messages), "messages")
+        # off the event loop (see completions)
+        ids = await asyncio.to_thread(render_chat, engine.tokenizer, body.messages, body.add_generation_prompt,
+                                      body.continue_final_message, body.chat_template_kwargs)
         check_prompt_ids(engine, ids, "messages")
         pin = pin_count(body, [ids])
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = resolve_max_tokens(engine, requested, num_prefix + len(ids), "messages")
+        max_tokens = resolve_max_tokens(engine, requested, num_prefix + len(ids), "messages", self.default_max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(engine, body, max_tokens, logprobs, None)
         request_id = new_id("chatcmpl")
         arrival = time.monotonic()
-        streams = start_requests(engine, request_id, [(ids, params)], body.prefix_id, pin)
+        streams = start_requests(engine, request_id, [(ids, params)], body.prefix_id, pin, owner, body.cache_salt)
         ctx = _Context(self, body, request_id, num_prefix + len(ids), arrival)
         if body.stream:
             return StreamingResponse(ctx.stream(streams), media_type="text/event-stream",

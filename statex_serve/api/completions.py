@@ -14,6 +14,7 @@ Prefix cache fields: ``prefix_id`` starts every prompt from a pinned prefix
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from statex_serve.api.errors import APIError, from_engine_error, sse_error
 from statex_serve.api.generation import (
-    check_model, check_prompt_ids, check_supported, logprob_value, merged, new_id, pin_count, prefix_length,
-    resolve_max_tokens, sampling_params, start_requests, unless_disconnected, usage,
+    cache_owner, check_model, check_prompt_chars, check_prompt_ids, check_supported, logprob_value, max_token_chars,
+    merged, new_id, pin_count, prefix_length, resolve_max_tokens, sampling_params, start_requests,
+    unless_disconnected, usage,
 )
 from statex_serve.api.metrics import Metrics, SequenceTimer
 from statex_serve.api.schemas import CompletionRequest
@@ -42,13 +44,15 @@ class _Choice:
 
 
 class CompletionsEndpoint:
-    def __init__(self, engine: Engine, metrics: Metrics):
+    def __init__(self, engine: Engine, metrics: Metrics, default_max_tokens: int | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.default_max_tokens = default_max_tokens
         self.token_strings = TokenStrings(engine.tokenizer)
+        self.token_chars = max_token_chars(engine.tokenizer)
 
     # --- request -> engine ------------------------------------------------------------
-    def _prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    async def _prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         tok = self.engine.tokenizer
         p = body.prompt
         if isinstance(p, str):
@@ -63,15 +67,20 @@ class CompletionsEndpoint:
             if t == "":
                 raise APIError(400, "The prompt is empty: it must contain at least one token.", "prompt",
                                "empty_prompt")
+            check_prompt_chars(self.engine, self.token_chars, len(t), "prompt")
         special = body.add_special_tokens and body.prefix_id is None   # a continuation gets no BOS
-        return [tok.encode(t, add_special_tokens=special) for t in texts], texts
+        # off the event loop: a long prompt takes a while to tokenize, and every
+        # other stream (and /health) would wait for it
+        ids = await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens=special) for t in texts])
+        return ids, texts
 
     async def create(self, body: CompletionRequest, raw: Request):
         engine = self.engine
         check_model(engine, body.model)
         check_supported(body)
-        num_prefix = prefix_length(engine, body.prefix_id, body.pin_prefix is not None)
-        prompts, texts = self._prompts(body)
+        owner = cache_owner(raw)
+        num_prefix = prefix_length(engine, body.prefix_id, body.pin_prefix is not None, owner)
+        prompts, texts = await self._prompts(body)
         pin = pin_count(body, prompts)
         if body.echo:
             texts = [t if t is not None else engine.tokenizer.decode(ids, skip_special_tokens=False)
@@ -79,7 +88,8 @@ class CompletionsEndpoint:
         jobs = []
         for ids in prompts:
             check_prompt_ids(engine, ids, "prompt")
-            max_tokens = resolve_max_tokens(engine, body.max_tokens, num_prefix + len(ids), "prompt")
+            max_tokens = resolve_max_tokens(engine, body.max_tokens, num_prefix + len(ids), "prompt",
+                                            self.default_max_tokens)
             prompt_logprobs = None
             if body.echo and body.logprobs is not None:
                 prompt_logprobs = body.logprobs
@@ -88,7 +98,7 @@ class CompletionsEndpoint:
             jobs.append((ids, sampling_params(engine, body, max_tokens, body.logprobs, prompt_logprobs)))
         request_id = new_id("cmpl")
         arrival = time.monotonic()
-        streams = start_requests(engine, request_id, jobs, body.prefix_id, pin)
+        streams = start_requests(engine, request_id, jobs, body.prefix_id, pin, owner, body.cache_salt)
         ctx = _Context(self, body, request_id, prompts, texts, arrival, num_prefix)
         if body.stream:
             return StreamingResponse(ctx.stream(streams), media_type="text/event-stream",

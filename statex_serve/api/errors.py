@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,7 +39,23 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return _ErrorResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _ErrorResponse(JSONResponse):
+    """ASCII JSON: an error body renders whatever text it quotes (even a lone
+    surrogate a client sent), where Starlette's UTF-8 rendering would raise."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _internal(e: BaseException, what: str = "internal server error") -> APIError:
+    """A 500 that tells the client an id to quote and nothing about our internals;
+    the details go to the log under that id."""
+    error_id = f"err-{uuid.uuid4().hex[:16]}"
+    logger.error("%s %s: %r", what, error_id, e, exc_info=e)
+    return APIError(500, f"{what} (error id {error_id}; the server log has the details)", code="internal_error")
 
 
 def from_engine_error(e: Exception) -> APIError:
@@ -53,9 +70,11 @@ def from_engine_error(e: Exception) -> APIError:
     if isinstance(e, PrefixNotFoundError):
         return APIError(404, str(e), "prefix_id", "prefix_not_found")
     if isinstance(e, RequestFailedError):
-        return APIError(500, str(e), code="internal_error")
-    logger.exception("unexpected error", exc_info=e)
-    return APIError(500, f"internal server error: {e!r}", code="internal_error")
+        return APIError(500, str(e), code="internal_error")   # says nothing internal (the engine logged it)
+    if isinstance(e, UnicodeError):     # text no tokenizer can take that slipped past the schemas
+        return APIError(400, "the request contains text that is not valid Unicode (e.g. a lone UTF-16 "
+                             "surrogate)", code="invalid_value")
+    return _internal(e)
 
 
 def _validation_message(err: dict) -> tuple[str, str | None]:

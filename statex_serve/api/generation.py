@@ -40,16 +40,43 @@ def check_supported(body: _GenerationFields) -> None:
         logger.warning("ignoring unknown request fields: %s", ", ".join(extra))
 
 
-def resolve_max_tokens(engine: Engine, requested: int | None, prompt_len: int, param: str) -> int:
-    """The request's max_tokens, or what is left of the context when it gave none.
-    Raises 400 (context_length_exceeded) when the prompt and the completion do not fit."""
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` stands for (its longest
+    vocabulary entry: a byte-level piece has one character per byte, a
+    SentencePiece piece one per character), so a text of c characters is at
+    least c / this many tokens."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:     # noqa: BLE001 - a tokenizer without a vocabulary list: no bound
+        return 0
+    return max((len(t) for t in vocab), default=0)
+
+
+def check_prompt_chars(engine: Engine, token_chars: int, num_chars: int, param: str) -> None:
+    """400 for a text prompt that is too long for the context whatever its
+    tokenization, before tokenizing it (which could take seconds for megabytes)."""
+    if token_chars <= 0:
+        return
+    at_least = -(-num_chars // token_chars)
+    if at_least > engine.max_model_len:
+        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, your "
+                            f"prompt has {num_chars} characters, which is at least {at_least} tokens (a token "
+                            f"of this model is at most {token_chars} characters). Please reduce the length of "
+                            "the prompt.", param, "context_length_exceeded")
+
+
+def resolve_max_tokens(engine: Engine, requested: int | None, prompt_len: int, param: str,
+                       default_cap: int | None = None) -> int:
+    """The request's max_tokens, or, when it gave none, what is left of the
+    context up to ``default_cap`` (--default-max-tokens). Raises 400
+    (context_length_exceeded) when the prompt and the completion do not fit."""
     limit = engine.max_model_len
     if requested is None:
         if prompt_len >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
                                 f"is {prompt_len} tokens, leaving no room for a completion. Please reduce the "
                                 "length of the prompt.", param, "context_length_exceeded")
-        return limit - prompt_len
+        return limit - prompt_len if default_cap is None else min(default_cap, limit - prompt_len)
     if prompt_len + requested > limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                             f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
@@ -73,11 +100,18 @@ def sampling_params(engine: Engine, body: _GenerationFields, max_tokens: int, lo
     if body.n > engine.max_n:
         raise APIError(400, f"n must be between 1 and {engine.max_n} on this server (each sequence holds one "
                             f"state slot), got {body.n}", "n", "invalid_value")
+    limit = engine.max_logprobs      # prompt_logprobs comes from the same field as logprobs
+    k = max((x for x in (logprobs, prompt_logprobs) if x is not None), default=None)
+    if k is not None and k > limit:
+        name = "top_logprobs" if hasattr(body, "top_logprobs") else "logprobs"   # chat's name, completions'
+        raise APIError(400, f"{name} must be at most {limit} on this server (--max-logprobs), got {k}", name,
+                       "invalid_value")
+    top_k = 0 if body.top_k is None else body.top_k
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=0 if body.top_k is None else body.top_k,
+        top_k=0 if top_k >= engine.vocab_size else top_k,      # keeping the whole vocabulary is no top-k
         min_tokens=body.min_tokens, seed=body.seed, n=body.n, stop=body.stop_list(),
         stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
@@ -85,13 +119,18 @@ def sampling_params(engine: Engine, body: _GenerationFields, max_tokens: int, lo
         logit_bias=tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()),
         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     try:
-        params.check(engine.vocab_size, max_n=engine.max_n)
+        params.check(engine.vocab_size, max_n=engine.max_n, max_logprobs=limit)
     except EngineError as e:
         raise from_engine_error(e) from None
     return params
 
 
-def prefix_length(engine: Engine, prefix_id: str | None, pinning: bool = False) -> int:
+def cache_owner(request: Request) -> str | None:
+    """The caller's prefix-cache namespace (its API key's; None without keys)."""
+    return getattr(request.state, "cache_owner", None)
+
+
+def prefix_length(engine: Engine, prefix_id: str | None, pinning: bool = False, owner: str | None = None) -> int:
     """Tokens of the pinned prefix a request starts from (0 without ``prefix_id``);
     400 when the engine has no prefix cache, 404 for an unknown id."""
     if prefix_id is None and not pinning:
@@ -103,7 +142,7 @@ def prefix_length(engine: Engine, prefix_id: str | None, pinning: bool = False) 
     if prefix_id is None:
         return 0
     try:
-        return engine.prefix_info(prefix_id).num_tokens
+        return engine.prefix_info(prefix_id, owner).num_tokens
     except EngineError as e:
         raise from_engine_error(e) from None
 
@@ -125,17 +164,19 @@ def pin_count(body, prompts: list[list[int]]) -> int | None:
 
 
 def start_requests(engine: Engine, request_id: str, jobs: list[tuple[list[int], SamplingParams]],
-                   prefix_id: str | None = None, pin_prefix: int | None = None
-                   ) -> list[AsyncIterator[RequestOutput]]:
+                   prefix_id: str | None = None, pin_prefix: int | None = None, owner: str | None = None,
+                   cache_salt: str | None = None) -> list[AsyncIterator[RequestOutput]]:
     """Queue one engine request per (prompt ids, params); all or none (a refusal
-    aborts the ones already queued). Each starts from ``prefix_id`` when given."""
+    aborts the ones already queued). Each starts from ``prefix_id`` when given;
+    ``owner`` and ``cache_salt`` scope its prefix-cache use."""
     streams: list[AsyncIterator[RequestOutput]] = []
     started: list[str] = []
     try:
         for i, (ids, params) in enumerate(jobs):
             rid = request_id if len(jobs) == 1 else f"{request_id}-{i}"
             streams.append(engine.generate(GenerationRequest(rid, ids, params, prefix_id=prefix_id,
-                                                             pin_prefix=pin_prefix)))
+                                                             pin_prefix=pin_prefix, cache_owner=owner,
+                                                             cache_salt=cache_salt)))
             started.append(rid)
     except EngineError as e:
         for rid, s in zip(started, streams):
@@ -165,7 +206,9 @@ async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         finally:
             await stream.aclose()
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # bounded: a client that stops reading stops the pumps, whose engine streams
+    # then fill up and pause their sequences (see NativeEngine)
+    queue: asyncio.Queue = asyncio.Queue(maxsize=16 * len(streams))
 
     async def pump(i: int, stream):
         try:

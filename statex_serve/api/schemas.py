@@ -6,17 +6,33 @@ Fields we accept beyond OpenAI's are vLLM's names for the same things (top_k,
 min_tokens, stop_token_ids, ignore_eos, skip_special_tokens,
 include_stop_str_in_output, add_special_tokens, return_tokens_as_token_ids), so clients written for vLLM
 work unchanged. Ours: ``pin_prefix`` and ``prefix_id`` (the prefix cache; see
-docs/prefix-cache.md), passed by OpenAI clients through ``extra_body``. Unknown fields are ignored with a log line, as vLLM does;
+docs/prefix-cache.md), passed by OpenAI clients through ``extra_body``; and
+vLLM's ``cache_salt`` (prefix-cache hits only among requests with the same salt). Unknown fields are ignored with a log line, as vLLM does;
 known fields we cannot honour (penalties, suffix, tools, ...) are refused with
 a 400 that says so, rather than silently ignored.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from statex_serve.engine.base import MAX_LOGPROBS
+from statex_serve.engine.base import MAX_TOP_K
+
+
+def _no_surrogates(v: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``); no tokenizer or
+    UTF-8 encoder takes them, so they are refused at the edge."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text contains a lone UTF-16 surrogate (not valid Unicode)") from None
+    return v
+
+
+# Every string a request carries: strict (no coercion) and valid Unicode.
+Text = Annotated[StrictStr, AfterValidator(_no_surrogates)]
 
 
 class StreamOptions(BaseModel):
@@ -30,22 +46,22 @@ class _GenerationFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: StrictStr | None = None
+    model: Text | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(None, ge=-1)
+    top_k: StrictInt | None = Field(None, ge=-1, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     n: StrictInt = Field(1, ge=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[StrictInt] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-2**63, lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
     skip_special_tokens: StrictBool = True
@@ -53,8 +69,11 @@ class _GenerationFields(BaseModel):
     return_tokens_as_token_ids: StrictBool = False   # logprobs name tokens "token_id:N" (vLLM's option)
     # prefix cache: start from a pinned prefix (the prompt continues it) / pin the
     # state after the prompt (true) or after its first k tokens (k) and return its id
-    prefix_id: StrictStr | None = None
+    prefix_id: Text | None = None
     pin_prefix: StrictBool | StrictInt | None = None
+    # vLLM's field: prefix-cache hits only among requests with the same salt
+    # (and the same API key)
+    cache_salt: Text | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("pin_prefix")
     @classmethod
@@ -107,10 +126,12 @@ def _check_prompt(v: Any):
     """str | list[str] | list[int] | list[list[int]], none of them empty."""
     shape = ("prompt must be a string, a list of strings, a list of token ids, or a list of lists of token ids")
     if isinstance(v, str):
-        return v
+        return _no_surrogates(v)
     if not isinstance(v, list) or not v:
         raise ValueError(shape if not isinstance(v, list) else "prompt must not be an empty list")
     if all(isinstance(x, str) for x in v):
+        for x in v:
+            _no_surrogates(x)
         return v
     if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         return v
@@ -128,8 +149,8 @@ class CompletionRequest(_GenerationFields):
     prompt: Any
     max_tokens: StrictInt | None = Field(16, ge=0)
     echo: StrictBool = False
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: StrictStr | None = None
+    logprobs: StrictInt | None = Field(None, ge=0)        # at most the server's --max-logprobs
+    suffix: Text | None = None
     best_of: StrictInt | None = Field(None, ge=1)
     add_special_tokens: StrictBool = True
 
@@ -148,15 +169,15 @@ class CompletionRequest(_GenerationFields):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: StrictStr
-    text: StrictStr | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: StrictStr | list[ContentPart] | None = None
-    name: StrictStr | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         """The message's text (a list of parts must be text parts)."""
@@ -172,7 +193,7 @@ class ChatMessage(BaseModel):
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: StrictStr
+    type: Text
 
 
 class ChatCompletionRequest(_GenerationFields):
@@ -180,7 +201,7 @@ class ChatCompletionRequest(_GenerationFields):
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: StrictInt | None = Field(None, ge=0)    # at most the server's --max-logprobs
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -188,6 +209,15 @@ class ChatCompletionRequest(_GenerationFields):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs_text(cls, v):
+        try:     # the template renders these into the prompt: they must be valid Unicode too
+            json.dumps(v, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError, UnicodeEncodeError):
+            raise ValueError("chat_template_kwargs must be JSON with valid Unicode text") from None
+        return v
 
     def unsupported(self):
         if self.tools or self.functions:
@@ -203,9 +233,10 @@ class PrefixCreateRequest(BaseModel):
     """POST /v1/prefixes: pin the state after a prompt without generating."""
 
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr | None = None
-    prompt: StrictStr | list[StrictInt]
-    prefix_id: StrictStr | None = None      # extend a pinned prefix
+    model: Text | None = None
+    prompt: Text | list[StrictInt]
+    prefix_id: Text | None = None      # extend a pinned prefix
+    cache_salt: Text | None = Field(None, min_length=1, max_length=256)
     add_special_tokens: StrictBool = True
 
     @field_validator("prompt")
@@ -220,8 +251,8 @@ class TokenizeRequest(BaseModel):
     """vLLM's /tokenize (vLLM's benchmark client uses it to align prompts)."""
 
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
@@ -229,5 +260,5 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr | None = None
+    model: Text | None = None
     tokens: list[StrictInt]

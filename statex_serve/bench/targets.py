@@ -193,7 +193,7 @@ class Target:
                 raise BenchError(f"target {self.label}: no tokenizer known; add ?tokenizer=DIR to its --target")
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, trust_remote_code=False)
         return self._tokenizer
 
     def describe(self) -> dict:

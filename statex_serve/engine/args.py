@@ -58,6 +58,13 @@ class EngineArgs:
     prefix_cache: bool = True
     prefix_cache_memory: int | str | None = None      # bytes on the device (None: 1 GiB)
     prefix_cache_host_memory: int | str | None = None  # bytes of host memory for spills (None: 4 GiB on CUDA, 0 on CPU)
+    max_logprobs: int = 20                       # logprob alternatives per position a request may ask for
+    # native engine: a stream whose client stops reading is paused (its sequence
+    # holds its slot and computes nothing); after this many seconds it is aborted
+    stream_stall_timeout: float = 60.0
+    # native engine: /health answers 503 while work is pending and no step has
+    # finished for this many seconds (a hung step)
+    step_timeout: float = 120.0
 
     DEFAULT_MAX_NUM_SEQS = 64
     DEFAULT_PREFIX_CACHE_MEMORY = 1 << 30
@@ -80,6 +87,12 @@ class EngineArgs:
             raise ValueError(f"--max-queue must be at least 0, got {self.max_queue}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"--max-logprobs must be at least 0, got {self.max_logprobs}")
+        if not self.stream_stall_timeout > 0:
+            raise ValueError(f"--stream-stall-timeout must be positive, got {self.stream_stall_timeout}")
+        if not self.step_timeout > 0:
+            raise ValueError(f"--step-timeout must be positive, got {self.step_timeout}")
         if self.state_memory is not None and self.state_memory <= 0:
             raise ValueError(f"--state-memory must be positive, got {self.state_memory}")
         for name in ("prefix_cache_memory", "prefix_cache_host_memory"):

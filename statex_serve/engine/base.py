@@ -31,10 +31,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Generated-token and prompt-token logprobs: at most this many alternatives per
-# position (OpenAI allows 20 for chat's top_logprobs; we use it everywhere).
+# position by default (OpenAI allows 20 for chat's top_logprobs; vLLM's
+# --max-logprobs default is 20 too); ``--max-logprobs`` changes it.
 MAX_LOGPROBS = 20
 # n above this is refused whatever the pool size (a guard against typos).
 MAX_N = 128
+# Stop strings are matched against the text after every token, and the text
+# that could start one is held back: their cost per token grows with their
+# number times their length, so both are bounded (OpenAI allows 4 strings).
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+# top_k beyond the vocabulary means "off"; a bound keeps it a machine integer.
+MAX_TOP_K = 2**31 - 1
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -102,7 +110,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
-    def check(self, vocab_size: int, max_n: int = MAX_N) -> None:
+    def check(self, vocab_size: int, max_n: int = MAX_N, max_logprobs: int = MAX_LOGPROBS) -> None:
         """The checks every engine makes; raises ``InvalidRequestError``."""
         if self.max_tokens < 0:
             raise InvalidRequestError(f"max_tokens must be at least 0, got {self.max_tokens}", "max_tokens")
@@ -116,16 +124,27 @@ class SamplingParams:
                                       "temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be -1, 0 (off) or positive, got {self.top_k}", "top_k")
+        if not -1 <= self.top_k <= MAX_TOP_K:
+            raise InvalidRequestError(f"top_k must be -1, 0 (off) or a positive number up to {MAX_TOP_K}, "
+                                      f"got {self.top_k}", "top_k")
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            raise InvalidRequestError(f"seed must be a 64-bit integer, got {self.seed}", "seed")
         if self.min_tokens < 0 or self.min_tokens > max(self.max_tokens, 0):
             raise InvalidRequestError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), "
                                       f"got {self.min_tokens}", "min_tokens")
         for name, k in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)):
-            if k is not None and not 0 <= k <= MAX_LOGPROBS:
-                raise InvalidRequestError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {k}", name)
+            if k is not None and not 0 <= k <= max_logprobs:
+                raise InvalidRequestError(f"{name} must be between 0 and {max_logprobs} (this server's "
+                                          f"--max-logprobs), got {k}", name)
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty", "stop")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}",
+                                      "stop", "too_many_stop_strings")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(f"stop strings may have at most {MAX_STOP_STRING_CHARS} characters, got "
+                                      f"one of {longest}", "stop", "stop_string_too_long")
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise InvalidRequestError(f"stop token id {t} is outside the vocabulary [0, {vocab_size})",
@@ -151,6 +170,13 @@ class GenerationRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     prefix_id: str | None = None
     pin_prefix: int | None = None
+    # Prefix-cache scope: a request only hits and cuts at prefixes stored for
+    # the same (cache_owner, cache_salt), so cached_tokens tell nothing about
+    # other scopes' prompts; pinned prefixes belong to ``cache_owner`` (the
+    # API key's namespace: other owners can neither see nor continue them).
+    # None, None: the shared, unscoped cache.
+    cache_owner: str | None = None
+    cache_salt: str | None = None
 
 
 # --- outputs --------------------------------------------------------------------------
@@ -271,6 +297,16 @@ class Engine(abc.ABC):
         """The largest n one request may ask for."""
         return MAX_N
 
+    @property
+    def max_logprobs(self) -> int:
+        """The most logprob alternatives per position a request may ask for."""
+        return MAX_LOGPROBS
+
+    def unhealthy_reason(self) -> str | None:
+        """Why /health should answer 503 while the engine is alive (e.g. a step
+        that has hung), or None."""
+        return None
+
     @abc.abstractmethod
     async def start(self) -> None:
         ...
@@ -307,15 +343,16 @@ class Engine(abc.ABC):
         """Whether requests may use ``prefix_id`` / ``pin_prefix`` and the methods below work."""
         return False
 
-    def prefix_info(self, prefix_id: str) -> PrefixInfo:
-        """A pinned prefix; raises ``PrefixNotFoundError``."""
+    def prefix_info(self, prefix_id: str, owner: str | None = None) -> PrefixInfo:
+        """A pinned prefix of ``owner`` (see ``GenerationRequest.cache_owner``);
+        raises ``PrefixNotFoundError``."""
         raise PrefixNotFoundError(f"this engine keeps no prefixes (no prefix {prefix_id!r})")
 
-    def list_prefixes(self) -> list[PrefixInfo]:
+    def list_prefixes(self, owner: str | None = None) -> list[PrefixInfo]:
         return []
 
-    def delete_prefix(self, prefix_id: str) -> PrefixInfo:
-        """Unpin and drop a prefix; raises ``PrefixNotFoundError``."""
+    def delete_prefix(self, prefix_id: str, owner: str | None = None) -> PrefixInfo:
+        """Unpin and drop a prefix of ``owner``; raises ``PrefixNotFoundError``."""
         raise PrefixNotFoundError(f"this engine keeps no prefixes (no prefix {prefix_id!r})")
 
 
@@ -352,4 +389,8 @@ class LoadedModelEngine(Engine):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def max_logprobs(self) -> int:
+        return self.args.max_logprobs
 

@@ -59,7 +59,9 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        # never run a checkpoint's own tokenizer code (an ``auto_map`` would make
+        # transformers ask for it, or run it)
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{model_dir}: cannot load a tokenizer ({e}); a checkpoint directory needs "
                          "tokenizer.json / tokenizer_config.json beside config.json") from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -53,6 +54,12 @@ logger = logging.getLogger(__name__)
 # --autotune fast: a cold start in about a minute instead of 5+ (kernels/autotune.py)
 FAST_AUTOTUNE_CONFIGS = 4
 
+# Outputs a stream holds that its consumer has not taken. At this many the
+# request is paused (the engine computes nothing more for it) until the
+# consumer has taken half of them: a client that stops reading costs its slot
+# and a bounded buffer, nothing else (it is aborted after --stream-stall-timeout).
+STREAM_BUFFER = 32
+
 
 class _OutputStream:
     """The async iterator ``generate`` returns. Leaving it early (``aclose``, a
@@ -63,6 +70,14 @@ class _OutputStream:
         self._request_id = request_id
         self._queue: asyncio.Queue = asyncio.Queue()
         self._done = False
+        self._paused = False
+
+    def _put(self, item) -> None:
+        """The event loop's side of delivery: queue, and pause when too far ahead."""
+        self._queue.put_nowait(item)
+        if not self._paused and self._queue.qsize() >= STREAM_BUFFER:
+            self._paused = True
+            self._engine._pause(self._request_id, True)
 
     def __aiter__(self):
         return self
@@ -75,6 +90,9 @@ class _OutputStream:
         except BaseException:            # cancelled: whoever was listening is gone
             self._close(abort=True)
             raise
+        if self._paused and self._queue.qsize() <= STREAM_BUFFER // 2:
+            self._paused = False
+            self._engine._pause(self._request_id, False)
         if isinstance(item, BaseException):
             self._close(abort=False)
             raise item
@@ -90,12 +108,20 @@ class _OutputStream:
             return
         self._done = True
         self._engine._streams.pop(self._request_id, None)
+        if self._paused:
+            self._engine._pause(self._request_id, False)
         if abort:
             self._engine.abort(self._request_id)
 
     def __del__(self):
         if not self._done:
             self._engine.abort(self._request_id)
+
+
+def _failed(request_id: str) -> RequestFailedError:
+    # the client sees no internals; the log has the traceback under the request id
+    return RequestFailedError(f"the engine failed while running request {request_id} (the server log has the "
+                              "details under that id)")
 
 
 class NativeEngine(LoadedModelEngine):
@@ -152,6 +178,9 @@ class NativeEngine(LoadedModelEngine):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: str | None = None
+        # paused streams (their consumers stopped reading): request id -> since when (monotonic)
+        self._paused: dict[str, float] = {}
+        self._step_began: float | None = None      # while a step runs (the /health watchdog)
         self._stats = EngineStats(slots_total=self.num_slots, state_bytes_per_sequence=self.spec.bytes_per_sequence,
                                   state_pool_bytes=self.runner.pools.nbytes)
 
@@ -163,6 +192,23 @@ class NativeEngine(LoadedModelEngine):
     @property
     def is_alive(self) -> bool:
         return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    def unhealthy_reason(self) -> str | None:
+        began = self._step_began
+        if began is not None and time.monotonic() - began > self.args.step_timeout:
+            return (f"an engine step has been running for {time.monotonic() - began:.0f}s (more than "
+                    f"--step-timeout {self.args.step_timeout:g}s): the engine looks hung")
+        return None
+
+    def _pause(self, request_id: str, paused: bool) -> None:
+        """From the event loop: a stream's consumer fell behind (or caught up)."""
+        with self._lock:
+            if paused:
+                self._paused[request_id] = time.monotonic()
+            else:
+                self._paused.pop(request_id, None)
+        if not paused:
+            self._wakeup.set()
 
     def describe(self) -> dict:
         return {
@@ -191,14 +237,14 @@ class NativeEngine(LoadedModelEngine):
                                       param, "prefix_cache_disabled")
         return self.prefix_cache
 
-    def prefix_info(self, prefix_id: str) -> PrefixInfo:
-        return self._cache("prefix_id").info(prefix_id)
+    def prefix_info(self, prefix_id: str, owner: str | None = None) -> PrefixInfo:
+        return self._cache("prefix_id").info(prefix_id, owner)
 
-    def list_prefixes(self) -> list[PrefixInfo]:
-        return [] if self.prefix_cache is None else self.prefix_cache.list_pinned()
+    def list_prefixes(self, owner: str | None = None) -> list[PrefixInfo]:
+        return [] if self.prefix_cache is None else self.prefix_cache.list_pinned(owner)
 
-    def delete_prefix(self, prefix_id: str) -> PrefixInfo:
-        return self._cache("prefix_id").delete(prefix_id)
+    def delete_prefix(self, prefix_id: str, owner: str | None = None) -> PrefixInfo:
+        return self._cache("prefix_id").delete(prefix_id, owner)
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -221,7 +267,7 @@ class NativeEngine(LoadedModelEngine):
             raise EngineDeadError(self._dead or "the engine has not been started")
         prefix, pin_reserved = None, False
         if request.prefix_id is not None:
-            prefix = self._cache("prefix_id").acquire_pinned(request.prefix_id)   # held until restored
+            prefix = self._cache("prefix_id").acquire_pinned(request.prefix_id, request.cache_owner)  # until restored
         try:
             num_prefix = prefix.num_tokens if prefix is not None else 0
             self._check(request, num_prefix)
@@ -295,7 +341,7 @@ class NativeEngine(LoadedModelEngine):
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
                                       "prompt")
-        p.check(self._vocab_size, max_n=self.max_n)
+        p.check(self._vocab_size, max_n=self.max_n, max_logprobs=self.max_logprobs)
         if request.pin_prefix is not None and not 1 <= request.pin_prefix <= len(prompt):
             raise InvalidRequestError(f"pin_prefix must be between 1 and the prompt's {len(prompt)} tokens, "
                                       f"got {request.pin_prefix}", "pin_prefix")
@@ -318,19 +364,65 @@ class NativeEngine(LoadedModelEngine):
                 if not self.scheduler.has_work():
                     self._wakeup.wait()
                     continue
-                self._step()
-        except BaseException as e:       # a bug in the loop itself: fail loudly, not silently
+                if not self._step():     # everything running is paused: wait for a reader (or a timeout)
+                    self._wakeup.wait(0.25)
+        except BaseException:       # a bug in the loop itself: fail every request, and say so
             logger.exception("the engine loop died")
-            self._dead = f"the engine loop died: {e!r}"
+            self._dead = "the engine loop died (the server log has the details)"
+            self._step_began = None
             self._post([(rid, EngineDeadError(self._dead)) for rid in list(self._streams)])
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             kind, item = self._inbox.popleft()
-            if kind == "add":
-                self.scheduler.add(item)
-            else:
-                self._abort_now(item)
+            try:
+                if kind == "add":
+                    self.scheduler.add(item)
+                else:
+                    self._abort_now(item)
+            except Exception:      # one bad case costs that request, not the engine
+                rid = item.request_id if kind == "add" else item
+                logger.exception("engine: %s of request %s failed", kind, rid)
+                req = item if kind == "add" else self.scheduler.get(rid)
+                if req is not None:
+                    self._fail_hard(req)
+                elif rid in self._streams:
+                    self._post([(rid, _failed(rid))])
+
+    def _fail_hard(self, req: RequestState) -> None:
+        """Fail a request whose bookkeeping may be half done: take it out of
+        every structure it may be in, whatever state that left it in."""
+        sched = self.scheduler
+        if any(r is req for r in sched.waiting):
+            sched.waiting = collections.deque(r for r in sched.waiting if r is not req)
+        held = sched.running.get(req.request_id) is req
+        if held:
+            del sched.running[req.request_id]
+            for slot in req.slots:
+                with contextlib.suppress(Exception):
+                    sched.slots.free(slot)
+        req.status = RequestStatus.FINISHED
+        with contextlib.suppress(Exception):
+            sched.release_prefixes(req)
+        with self._lock:
+            if self._pending.pop(req.request_id, None) is None and held:    # counted as using its slots
+                self._used_slots -= len(req.slots)
+            self._paused.pop(req.request_id, None)
+        self._post([(req.request_id, _failed(req.request_id))])
+
+    def _abort_stalled(self) -> set[str]:
+        """Abort streams paused longer than --stream-stall-timeout; the ids still paused."""
+        with self._lock:
+            paused = dict(self._paused)
+        now, limit = time.monotonic(), self.args.stream_stall_timeout
+        for rid, since in paused.items():
+            if now - since > limit:
+                logger.warning("request %s: its client has read nothing for %.0fs (--stream-stall-timeout); "
+                               "aborting it", rid, now - since)
+                with self._lock:
+                    self._paused.pop(rid, None)
+                self._abort_now(rid)
+        return {rid for rid, since in paused.items() if now - since <= limit}
 
     def _abort_now(self, request_id: str) -> None:
         req = self.scheduler.get(request_id)
@@ -348,17 +440,26 @@ class NativeEngine(LoadedModelEngine):
         if request_id in self._streams:   # aborted through the API while someone still listens
             self._post([(request_id, self._output(req, finished=True))])
 
-    def _step(self) -> None:
-        started = self.scheduler.admit()
+    def _step(self) -> bool:
+        """One step; False when there was nothing to run."""
+        self._step_began = time.monotonic()
+        try:
+            return self._run_step()
+        finally:
+            self._step_began = None
+
+    def _run_step(self) -> bool:
+        started = self.scheduler.admit(on_error=self._admission_failed)
         for req in started:
             with self._lock:
                 self._pending.pop(req.request_id, None)
                 self._used_slots += req.params.n
-        if started:
-            self._guarded(started, self._start_requests, started)
-        plan = self.scheduler.schedule()
+        for req in started:          # one at a time: a restore that fails costs only its request
+            self._guarded([req], self._start_requests, [req])
+        paused = self._abort_stalled() if self._paused else set()
+        plan = self.scheduler.schedule(skip=paused)
         if plan.empty and self._ahead is None:
-            return
+            return bool(started)
         self._stats.steps_total += 1
         self._stats.max_prefill_tokens_per_step = max(self._stats.max_prefill_tokens_per_step,
                                                       plan.num_prefill_tokens)
@@ -367,6 +468,11 @@ class NativeEngine(LoadedModelEngine):
             self._guarded({r.request_id: r for r, _ in decoding}.values(), self._run_decode, plan.decode)
         if plan.prefill:
             self._guarded([c.request for c in plan.prefill], self._run_prefill, plan.prefill)
+        return True
+
+    def _admission_failed(self, req: RequestState, err: Exception) -> None:
+        logger.error("engine: admitting request %s failed", req.request_id, exc_info=err)
+        self._fail_hard(req)
 
     def _start_requests(self, started: list[RequestState]) -> None:
         for req in started:
@@ -382,12 +488,14 @@ class NativeEngine(LoadedModelEngine):
         """Run one phase; if it raises, fail only the requests in it and go on."""
         try:
             fn(arg)
-        except Exception as e:
+        except Exception:
             requests = list(requests)
-            logger.exception("engine step failed; failing %d request(s)", len(requests))
-            self._fail(requests, RequestFailedError(f"the engine failed while running this request: {e!r}"))
+            logger.exception("engine step failed; failing %d request(s): %s", len(requests),
+                             ", ".join(r.request_id for r in requests))
+            self._fail(requests)
 
-    def _fail(self, requests, err: Exception) -> None:
+    def _fail(self, requests, err: Exception | None = None) -> None:
+        """Fail requests with ``err`` (default: "the engine failed", naming each request)."""
         posts = []
         for req in requests:
             if req.finished:
@@ -395,11 +503,33 @@ class NativeEngine(LoadedModelEngine):
             with self._lock:
                 self._used_slots -= len(req.slots)
             self.scheduler.remove(req)
-            posts.append((req.request_id, err))
+            posts.append((req.request_id, err if err is not None else _failed(req.request_id)))
         self._post(posts)
 
     def _max_new_tokens(self, req: RequestState) -> int:
         return min(req.params.max_tokens, self._max_model_len - req.num_prompt_tokens)
+
+    def _sample(self, logits: torch.Tensor, batch: list[tuple[RequestState, SequenceState]]):
+        """Sample every row; if the batch fails, each row alone, failing only the
+        requests whose rows fail. Yields (request, sequence, token, logprob)."""
+        try:
+            sampled = sampling.sample(logits, [s.sampling_row() for _, s in batch])
+            yield from ((r, s, t, lp) for (r, s), t, lp in zip(batch, sampled.token_ids, sampled.logprobs))
+            return
+        except Exception:
+            logger.exception("engine: sampling a batch of %d failed; sampling its rows one by one", len(batch))
+        bad: dict[str, RequestState] = {}
+        for i, (req, seq) in enumerate(batch):
+            if req.request_id in bad:
+                continue
+            try:
+                one = sampling.sample(logits[i:i + 1], [seq.sampling_row()])
+            except Exception:
+                logger.exception("engine: sampling for request %s failed", req.request_id)
+                bad[req.request_id] = req
+                continue
+            yield req, seq, one.token_ids[0], one.logprobs[0]
+        self._fail(bad.values())
 
     def _run_decode(self, batch: list[tuple[RequestState, SequenceState]]) -> None:
         """One token for every decoding sequence, in three steps:
@@ -425,11 +555,13 @@ class NativeEngine(LoadedModelEngine):
             if not batch:
                 return
             logits = self.runner.decode([s.last_token for _, s in batch], [s.slot for _, s in batch])
-        sampled = sampling.sample(logits, [s.sampling_row() for _, s in batch])
+        # (request, sequence, token, logprob) of the rows that sampled; a request whose
+        # row failed is failed alone (_sample)
+        rows = [row for row in self._sample(logits, batch) if not row[0].finished]
         recorded: set[int] = set()
         if self._may_run_ahead():
             go_on = []
-            for i, ((req, seq), tok, lp) in enumerate(zip(batch, sampled.token_ids, sampled.logprobs)):
+            for i, (req, seq, tok, lp) in enumerate(rows):
                 ends = seq.ends_with(tok, self._max_new_tokens(req))
                 if ends is None:          # stop strings: the text decides, so record it now
                     seq.append(tok, lp, self._max_new_tokens(req))
@@ -442,7 +574,7 @@ class NativeEngine(LoadedModelEngine):
                 self._ahead = ([rs for rs, _ in go_on],
                                self.runner.decode([t for _, t in go_on], [seq.slot for (_, seq), _ in go_on]))
         touched: dict[str, RequestState] = {}
-        for i, ((req, seq), tok, lp) in enumerate(zip(batch, sampled.token_ids, sampled.logprobs)):
+        for i, (req, seq, tok, lp) in enumerate(rows):
             if i not in recorded:
                 seq.append(tok, lp, self._max_new_tokens(req))
             touched[req.request_id] = req
@@ -452,7 +584,7 @@ class NativeEngine(LoadedModelEngine):
     def _may_run_ahead(self) -> bool:
         """Only in steady decoding: nothing waits, nothing is being prefilled, no
         request or abort is in the inbox (each would change the next batch)."""
-        if not self.args.run_ahead or self._inbox or self._stopping or self.scheduler.waiting:
+        if not self.args.run_ahead or self._inbox or self._stopping or self.scheduler.waiting or self._paused:
             return False
         return all(r.status is RequestStatus.DECODE for r in self.scheduler.running.values())
 
@@ -505,8 +637,9 @@ class NativeEngine(LoadedModelEngine):
                 rows.append(last_logits)
                 seqs.append((req, seq))
         if seqs:
-            sampled = sampling.sample(torch.stack(rows), [s.sampling_row() for _, s in seqs])
-            for (req, seq), tok, lp in zip(seqs, sampled.token_ids, sampled.logprobs):
+            for req, seq, tok, lp in self._sample(torch.stack(rows), seqs):
+                if req.finished:
+                    continue
                 seq.append(tok, lp, self._max_new_tokens(req))
             self._stats.generation_tokens_total += len(seqs)
         self._emit(req for req, _ in done)
@@ -516,9 +649,10 @@ class NativeEngine(LoadedModelEngine):
         pin. False only when a pin could not be kept."""
         req = c.request
         if req.hasher is None:
-            req.hasher = PrefixHasher(req.token_array)
+            req.hasher = PrefixHasher(req.token_array, req.scope)
         pin = req.pin_at == c.end
-        entry = self.prefix_cache.store(req.hasher.key(c.end), c.end, req.token_array, req.slots[0], pin=pin)
+        entry = self.prefix_cache.store(req.hasher.key(c.end), c.end, req.token_array, req.slots[0], pin=pin,
+                                        scope=req.scope, owner=req.request.cache_owner)
         if pin:
             req.pin_reserved = False
             if entry is None:
@@ -572,7 +706,7 @@ class NativeEngine(LoadedModelEngine):
         for request_id, item in items:
             stream = self._streams.get(request_id)
             if stream is not None:
-                stream._queue.put_nowait(item)
+                stream._put(item)
 
     def _warm_up(self) -> None:
         """Before serving: compile and autotune every kernel variant a request can

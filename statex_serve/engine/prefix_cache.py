@@ -34,6 +34,14 @@ copy records an event and lookups skip an entry until its event has fired (a
 spill to host makes the entry unready again until the copy lands), so nothing
 ever restores from a half-written snapshot; on CPU copies are synchronous.
 
+Scopes. Every key also hashes the request's scope (``cache_scope``: the API
+key's namespace and the request's ``cache_salt``), so a request only ever
+hits, cuts at branch points of, and continues prefixes of its own scope: the
+prefix cache (and ``cached_tokens``) tells nothing about another scope's
+prompts. Pinned prefixes belong to the API key's namespace (``owner``): other
+namespaces neither see, continue nor delete them (404, as for an unknown id).
+The unscoped scope (no key, no salt) hashes nothing extra.
+
 Threads. The engine thread stores, looks up and restores; the API's threads
 resolve pinned ids, list and delete. One lock guards the index and the byte
 counts; a reference count keeps an entry that a queued request will restore
@@ -70,14 +78,24 @@ def as_token_array(tokens) -> np.ndarray:
     return np.ascontiguousarray(tokens, dtype=np.int32)
 
 
+def scope_bytes(owner: str | None, salt: str | None) -> bytes:
+    """What a scope adds to every key it hashes (nothing for the unscoped one)."""
+    if owner is None and salt is None:
+        return b""
+    parts = [("" if x is None else "1" + x).encode("utf-8", "surrogatepass") for x in (owner, salt)]
+    return hashlib.blake2b(b"\0".join(parts), digest_size=16, person=b"statex-scope").digest()
+
+
 class PrefixHasher:
     """Keys of one token sequence's prefixes, left to right: ``key(n)`` is the
-    BLAKE2b digest of the first ``n`` tokens (as int32), and asking for many
-    increasing ``n`` costs one pass over the tokens."""
+    BLAKE2b digest of the scope and the first ``n`` tokens (as int32), and
+    asking for many increasing ``n`` costs one pass over the tokens."""
 
-    def __init__(self, tokens: np.ndarray):
+    def __init__(self, tokens: np.ndarray, scope: bytes = b""):
         self._bytes = memoryview(tokens).cast("B")
         self._h = hashlib.blake2b(digest_size=16)
+        if scope:
+            self._h.update(scope)
         self._pos = 0
 
     def key(self, n: int) -> bytes:
@@ -88,18 +106,18 @@ class PrefixHasher:
         return self._h.digest()
 
 
-def prefix_key(tokens) -> bytes:
+def prefix_key(tokens, scope: bytes = b"") -> bytes:
     arr = as_token_array(tokens)
-    return PrefixHasher(arr).key(len(arr))
+    return PrefixHasher(arr, scope).key(len(arr))
 
 
 def prefix_id(key: bytes) -> str:
     return ID_PREFIX + key.hex()
 
 
-def head_group(tokens: np.ndarray, n: int) -> bytes:
+def head_group(tokens: np.ndarray, n: int, scope: bytes = b"") -> bytes:
     """The group a prefix of ``n`` tokens of ``tokens`` is indexed under."""
-    return prefix_key(tokens[:HEAD_TOKENS]) if n >= HEAD_TOKENS else _SHORT
+    return prefix_key(tokens[:HEAD_TOKENS], scope) if n >= HEAD_TOKENS else _SHORT + scope
 
 
 @dataclass(eq=False)
@@ -118,6 +136,7 @@ class CacheEntry:
     hits: int = 0
     group: bytes = b""                 # its head group (the lookup index)
     host_slot: int | None = None       # its slot in the pinned host pool (host tier on a GPU)
+    owner: str | None = None           # the API key namespace it was stored for (pinned prefixes' visibility)
 
     @property
     def id(self) -> str:
@@ -167,7 +186,8 @@ class PrefixCache:
         self._pinned: dict[str, CacheEntry] = {}
         self._pins_reserved = 0
         self._zombies: set[CacheEntry] = set()       # dropped while a request still needs them
-        self._recent: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        # recently stored prompts (branch points are cut against those of the same scope)
+        self._recent: collections.OrderedDict[int, tuple[bytes, np.ndarray]] = collections.OrderedDict()
         self._lock = threading.RLock()
         # The host tier of a GPU cache is one pinned pool allocated here, a slot per
         # snapshot: allocating pinned memory per spill (cudaHostAlloc) stalled the
@@ -278,8 +298,8 @@ class PrefixCache:
         return None
 
     # --- the engine thread ------------------------------------------------------------------
-    def store(self, key: bytes, num_tokens: int, tokens: np.ndarray, slot: int, pin: bool = False
-              ) -> CacheEntry | None:
+    def store(self, key: bytes, num_tokens: int, tokens: np.ndarray, slot: int, pin: bool = False,
+              scope: bytes = b"", owner: str | None = None) -> CacheEntry | None:
         """Snapshot ``slot`` (the state after ``tokens[:num_tokens]``) unless that
         prefix is stored already; ``pin`` pins it and uses up one reservation.
         Returns the entry, or None when there is no room."""
@@ -305,13 +325,13 @@ class PrefixCache:
             else:
                 state = [{k: _to_host(t[slot]) for k, t in layer.items()} for layer in self.pools.pools]
             e = CacheEntry(key, num_tokens, tokens, state, tier, ready=_copy_done(self.device),
-                           group=head_group(tokens, num_tokens), host_slot=host_slot)
+                           group=head_group(tokens, num_tokens, scope), owner=owner, host_slot=host_slot)
             self.used[tier] += self.entry_bytes
             self._entries[key] = e
             self._lru[tier][key] = e
             self._lengths[e.group][num_tokens] += 1
             self.counts.stores += 1
-            self._recent[id(tokens)] = tokens
+            self._recent[id(tokens)] = (scope, tokens)
             self._recent.move_to_end(id(tokens))
             while len(self._recent) > RECENT_SOURCES:
                 self._recent.popitem(last=False)
@@ -335,18 +355,19 @@ class PrefixCache:
             self._pins_reserved = max(0, self._pins_reserved - 1)
             self._pin(e)
 
-    def lookup(self, tokens: np.ndarray, limit: int, floor: CacheEntry | None = None) -> CacheEntry | None:
+    def lookup(self, tokens: np.ndarray, limit: int, floor: CacheEntry | None = None, scope: bytes = b""
+               ) -> CacheEntry | None:
         """The longest stored, ready prefix of ``tokens`` with at most ``limit``
         tokens (longer than ``floor``'s, else ``floor`` itself: a pinned prefix
         the request starts from). The caller holds a reference on the result
         until it has restored it (``release``). Counts a hit or a miss."""
         at_least = floor.num_tokens if floor is not None else 0
-        groups = [_SHORT] + ([head_group(tokens, limit)] if limit >= HEAD_TOKENS else [])
+        groups = [_SHORT + scope] + ([head_group(tokens, limit, scope)] if limit >= HEAD_TOKENS else [])
         with self._lock:
             lengths = sorted(n for g in groups for n in self._lengths.get(g, ()) if at_least < n <= limit)
         keys = []
         if lengths:                            # one pass over the tokens, outside the lock
-            hasher = PrefixHasher(tokens)
+            hasher = PrefixHasher(tokens, scope)
             keys = [(n, hasher.key(n)) for n in lengths]
         with self._lock:
             found = None
@@ -367,11 +388,13 @@ class PrefixCache:
             self.counts.tokens_saved += found.num_tokens
             return found
 
-    def branch_point(self, tokens: np.ndarray, start: int, limit: int) -> int | None:
-        """Where ``tokens`` parts from the recently stored prompt it shares most
-        with (at most ``limit``), when that is past ``start`` and at least ``MIN_BRANCH_TOKENS`` in."""
+    def branch_point(self, tokens: np.ndarray, start: int, limit: int, scope: bytes = b"") -> int | None:
+        """Where ``tokens`` parts from the recently stored prompt of its scope it
+        shares most with (at most ``limit``), when that is past ``start`` and at
+        least ``MIN_BRANCH_TOKENS`` in. (Other scopes' prompts are never looked
+        at: a cut there would be stored, and its hit would reveal their length.)"""
         with self._lock:
-            sources = list(self._recent.values())
+            sources = [src for sc, src in self._recent.values() if sc == scope]
         best = 0
         for src in sources:
             n = min(len(src), len(tokens), limit)
@@ -395,32 +418,35 @@ class PrefixCache:
                 self._drop(e)
 
     # --- any thread: pinned prefixes ---------------------------------------------------------
-    def acquire_pinned(self, pid: str) -> CacheEntry:
+    def _pinned_of(self, pid: str, owner: str | None) -> CacheEntry:
+        """The pinned entry ``pid`` of namespace ``owner`` (lock held); another
+        namespace's pin is as unknown as a never-pinned id."""
+        e = self._pinned.get(pid)
+        if e is None or e.owner != owner:
+            raise PrefixNotFoundError(_not_found(pid))
+        return e
+
+    def acquire_pinned(self, pid: str, owner: str | None = None) -> CacheEntry:
         """A pinned entry a new request will start from (released after restore)."""
         with self._lock:
-            e = self._pinned.get(pid)
-            if e is None:
-                raise PrefixNotFoundError(_not_found(pid))
+            e = self._pinned_of(pid, owner)
             e.refs += 1
             return e
 
-    def info(self, pid: str) -> PrefixInfo:
+    def info(self, pid: str, owner: str | None = None) -> PrefixInfo:
         with self._lock:
-            e = self._pinned.get(pid)
-            if e is None:
-                raise PrefixNotFoundError(_not_found(pid))
-            return e.info(self.entry_bytes)
+            return self._pinned_of(pid, owner).info(self.entry_bytes)
 
-    def list_pinned(self) -> list[PrefixInfo]:
+    def list_pinned(self, owner: str | None = None) -> list[PrefixInfo]:
         with self._lock:
-            return sorted((e.info(self.entry_bytes) for e in self._pinned.values()), key=lambda i: i.created)
+            return sorted((e.info(self.entry_bytes) for e in self._pinned.values() if e.owner == owner),
+                          key=lambda i: i.created)
 
-    def delete(self, pid: str) -> PrefixInfo:
+    def delete(self, pid: str, owner: str | None = None) -> PrefixInfo:
         """Unpin and drop (its bytes are freed once no queued request needs them)."""
         with self._lock:
-            e = self._pinned.pop(pid, None)
-            if e is None:
-                raise PrefixNotFoundError(_not_found(pid))
+            e = self._pinned_of(pid, owner)
+            del self._pinned[pid]
             info = e.info(self.entry_bytes)
             e.pinned = False
             self._drop(e)

@@ -147,15 +147,23 @@ class Scheduler:
         return bool(self.running) or bool(self.waiting)
 
     # --- the step --------------------------------------------------------------------
-    def admit(self) -> list[RequestState]:
-        """Start waiting requests, in order, while their slots fit."""
+    def admit(self, on_error=None) -> list[RequestState]:
+        """Start waiting requests, in order, while their slots fit. A request
+        whose planning raises is handed to ``on_error(request, exception)``
+        (which must take it out) and the others go on; without it, it raises."""
         started = []
         while self.waiting and self.waiting[0].params.n <= self.slots.num_free:
             req = self.waiting.popleft()
             req.slots = self.slots.allocate(req.params.n)
             self.running[req.request_id] = req
-            if self.prefix_cache is not None:
-                self._plan_prefix(req)
+            try:
+                if self.prefix_cache is not None:
+                    self._plan_prefix(req)
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(req, e)
+                continue
             started.append(req)
         return started
 
@@ -169,15 +177,18 @@ class Scheduler:
             limit = req.num_prefix              # every other position's logits are needed
         if req.pin_at is not None:
             limit = min(limit, req.pin_at)
-        req.hit = cache.lookup(req.token_array, limit, floor=req.prefix)
+        req.hit = cache.lookup(req.token_array, limit, floor=req.prefix, scope=req.scope)
         req.num_computed = req.num_cached = req.hit.num_tokens if req.hit is not None else 0
-        cuts = {req.pin_at, cache.branch_point(req.token_array, req.num_computed, last)}
+        cuts = {req.pin_at, cache.branch_point(req.token_array, req.num_computed, last, req.scope)}
         req.cuts = sorted(c for c in cuts if c is not None and c > req.num_computed)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, skip: set[str] | frozenset[str] = frozenset()) -> StepPlan:
+        """The next step's work; requests in ``skip`` (paused) sit this one out."""
         plan = StepPlan()
         budget = self.prefill_chunk
         for req in self.running.values():
+            if req.request_id in skip:
+                continue
             if req.status is RequestStatus.DECODE:
                 plan.decode.extend((req, s) for s in req.sequences if not s.finished)
             elif req.status is RequestStatus.PREFILL and budget > 0:

@@ -15,6 +15,7 @@ import torch
 
 from statex_serve.engine.base import GenerationRequest, SamplingParams, SequenceDelta, TokenLogprob
 from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from statex_serve.engine.prefix_cache import scope_bytes
 from statex_serve.engine.sampler import SamplingRow, make_generator
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class RequestState:
     hasher: PrefixHasher | None = None
 
     def __post_init__(self):
+        self.scope = scope_bytes(self.request.cache_owner, self.request.cache_salt)   # mixed into its prefix keys
         own = list(self.request.prompt_token_ids)
         self.num_prefix = self.prefix.num_tokens if self.prefix is not None else 0
         self._prompt = self.prefix.prefix_tokens() + own if self.prefix is not None else own

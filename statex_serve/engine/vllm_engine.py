@@ -51,6 +51,7 @@ from statex_serve.engine.base import (
 from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from statex_serve.engine.loading import (checkpoint_dtype, eos_token_ids, load_tokenizer, resolve_device,
                                          resolve_dtype)
+from statex_serve.engine.prefix_cache import scope_bytes
 from statex_serve.engine.sequence import SequenceState
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,11 @@ class _Stream:
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMDeadError
 
         e = self._engine
-        gen = e._llm.generate({"prompt_token_ids": self._request.prompt_token_ids}, vllm_params, self.vllm_ids[i])
+        prompt = {"prompt_token_ids": self._request.prompt_token_ids}
+        salt = scope_bytes(self._request.cache_owner, self._request.cache_salt)
+        if salt:        # vLLM's own cache_salt: prefix-cache hits only within the scope
+            prompt["cache_salt"] = salt.hex()
+        gen = e._llm.generate(prompt, vllm_params, self.vllm_ids[i])
         try:
             async for out in gen:
                 self._on_output(i, out)
@@ -129,7 +134,9 @@ class _Stream:
             self._queue.put_nowait(EngineDeadError(e._dead))
         except Exception as err:       # noqa: BLE001 - handed to the consumer
             logger.exception("request %s failed in vLLM", self._request.request_id)
-            self._queue.put_nowait(RequestFailedError(f"{type(err).__name__}: {err}"))
+            self._queue.put_nowait(RequestFailedError(      # the client sees no internals; the log has them
+                f"the engine failed while running request {self._request.request_id} (the server log has the "
+                "details under that id)"))
         finally:
             await gen.aclose()
             if all(t.done() or t is asyncio.current_task() for t in self._tasks):
@@ -275,7 +282,7 @@ class VLLMEngine(LoadedModelEngine):
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_seqs + args.prefill_chunk_for(self.device.type),
             enable_prefix_caching=bool(args.prefix_cache), enable_chunked_prefill=True,
-            disable_log_stats=True, enable_log_requests=False,
+            disable_log_stats=True, enable_log_requests=False, max_logprobs=args.max_logprobs,
         )
         if args.state_dtype != "auto":
             kw["mamba_ssm_cache_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}.get(args.state_dtype,
@@ -398,7 +405,7 @@ class VLLMEngine(LoadedModelEngine):
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
                                       "prompt")
-        p.check(self._vocab_size, max_n=self.max_n)
+        p.check(self._vocab_size, max_n=self.max_n, max_logprobs=self.max_logprobs)
         if p.max_tokens == 0:
             raise InvalidRequestError("max_tokens=0 (prompt scoring) is not available with --backend vllm",
                                       "max_tokens")
