@@ -94,7 +94,17 @@ def resolve_model(arg: str | None) -> tuple[str, str]:
                              "pass a checkpoint directory, e.g. --model ./my-checkpoint") from None
         return str(path), path.name
     if Path(arg).is_dir():
-        return arg, arg
+        # a checkpoint, or a `statex-train train` run directory (its model is in model/)
+        from training.config import resolve_model_dir
+        from training.errors import UsageError
+
+        try:
+            found = resolve_model_dir(arg)
+        except UsageError as e:
+            raise SystemExit(f"statex-serve: {e}") from None
+        if found != Path(arg):
+            logger.info("--model %s is a training run directory: serving its model, %s", arg, found)
+        return str(found), arg
     if bundled is not None and hasattr(bundled, "model_path"):
         try:
             path = Path(bundled.model_path(arg))
@@ -128,13 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"statex-serve: --{name.replace('_', '-')}: {e}") from None
 
-    # heavy imports after argument parsing, so --help is instant
-    import uvicorn
-
-    from model_registry.checkpoint import CheckpointError
-    from model_registry.configs import ConfigError
-    from statex_serve.api import create_app
-    from statex_serve.engine import EngineArgs, create_engine
+    from statex_serve.engine.args import EngineArgs
 
     try:
         engine_args = EngineArgs(
@@ -143,6 +147,18 @@ def main(argv: list[str] | None = None) -> int:
             state_memory=state_memory,
             max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
             prefix_cache=args.prefix_cache, **budgets)
+    except ValueError as e:
+        raise SystemExit(f"statex-serve: {e}") from None
+
+    # heavy imports after the arguments are checked, so --help and mistakes are answered at once
+    import uvicorn
+
+    from model_registry.checkpoint import CheckpointError
+    from model_registry.configs import ConfigError
+    from statex_serve.api import create_app
+    from statex_serve.engine import create_engine
+
+    try:
         engine = create_engine(engine_args, args.backend)
     except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:
         logger.error("cannot start: %s", e)

@@ -1,0 +1,123 @@
+"""The command lines: defaults a user relies on (the served context length),
+training run directories taken where a checkpoint is, and bad arguments
+answered in one line before the heavy imports (torch, vLLM)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint(tmp_path: Path, provenance: dict | None = None, max_position_embeddings: int = 1 << 20) -> Path:
+    """A checkpoint directory with just the files the defaults are read from."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "statex_gla",
+                                                      "max_position_embeddings": max_position_embeddings}))
+    if provenance is not None:
+        (tmp_path / "statex.json").write_text(json.dumps(provenance))
+    return tmp_path
+
+
+def test_default_context_is_the_trained_length_else_capped(tmp_path):
+    from statex_serve.engine.args import DEFAULT_MAX_MODEL_LEN_CAP, EngineArgs, default_max_model_len
+
+    trained = _checkpoint(tmp_path / "trained", {"kind": "statex post-trained checkpoint",
+                                                 "post_training": {"seq_len": 3000}})
+    assert default_max_model_len(trained)[0] == 3000
+    # an expansion of a trained model: the newest training down the chain counts
+    expanded = _checkpoint(tmp_path / "expanded", {"kind": "statex expanded checkpoint", "base_provenance": {
+        "kind": "statex post-trained checkpoint", "post_training": {"seq_len": 1024}}})
+    assert default_max_model_len(expanded)[0] == 1024
+    fresh = _checkpoint(tmp_path / "fresh", {"kind": "random init"})
+    assert default_max_model_len(fresh)[0] == DEFAULT_MAX_MODEL_LEN_CAP
+    short = _checkpoint(tmp_path / "short", None, max_position_embeddings=2048)
+    assert default_max_model_len(short)[0] == 2048
+    # asked for: anything goes (a recurrent model has no position limit)
+    assert EngineArgs(model=str(fresh), max_model_len=1 << 21).with_default_max_model_len().max_model_len == 1 << 21
+    assert EngineArgs(model=str(trained)).with_default_max_model_len().max_model_len == 3000
+
+
+def _run(module: str, *args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    return proc, time.perf_counter() - t0
+
+
+# Each case is answered before torch is imported: well under the ~6 s an import
+# of torch + transformers takes here (2 s leaves room for a loaded CI machine).
+FAST = 2.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--max-num-seqs", "0"), "--max-num-seqs must be at least 1"),
+    (("--state-memory", "lots"), "--state-memory: cannot read 'lots'"),
+    (("--model", "/nonexistent/ckpt"), "--model /nonexistent/ckpt: no such checkpoint directory"),
+    (("--max-model-len", "1"), "--max-model-len must be at least 2"),
+])
+def test_statex_serve_answers_bad_arguments_at_once(args, message):
+    proc, took = _run("statex_serve.cli", *args)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert took < FAST and "torch" not in proc.stderr
+
+
+def test_statex_serve_takes_a_training_run_directory(tmp_path):
+    from statex_serve.cli import resolve_model
+
+    run = tmp_path / "run"
+    _checkpoint(run / "model")
+    assert resolve_model(str(run)) == (str(run / "model"), str(run))
+    # a run that has not exported yet: say where its newest checkpoint is
+    unfinished = tmp_path / "unfinished"
+    _checkpoint(unfinished / "checkpoints" / "step_0000002")
+    _checkpoint(unfinished / "checkpoints" / "step_0000004")
+    with pytest.raises(SystemExit, match=r"has not exported a model yet .*step_0000004"):
+        resolve_model(str(unfinished))
+    with pytest.raises(SystemExit, match="not a checkpoint directory"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("args,message", [
+    (("eval", "--model", "missing/", "--out", "o", "--tasks", "passkey,foo"),
+     "--tasks: 'foo' is not a recall task (one of passkey, niah, mqar)"),
+    (("eval", "--model", "missing/", "--out", "o"), "--model missing/: no such directory"),
+    (("train", "--model", "missing/", "--out", "o", "--data", "passkey"), "--model missing/: no such directory"),
+    (("train", "--model", "missing/", "--out", "o", "--data", "pk"), "--data pk: unknown kind 'pk'"),
+    (("train", "--model", "missing/", "--out", "o", "--data", "passkey", "--seq-len", "0"),
+     "--seq-len must be at least 1"),
+    (("expand", "--base", "missing/", "--out", "o", "--every", "2"), "--base missing/: no such directory"),
+    (("import", "--src", "missing/", "--out", "o"), "--src missing/: no such directory"),
+    (("init", "--out", "o"), "give --family gla|mamba2 (with --size) or --config FILE"),
+    (("init", "--config", "missing.json", "--out", "o"), "--config missing.json: no such file"),
+])
+def test_statex_train_blames_the_right_argument_at_once(args, message):
+    proc, took = _run("training.cli", *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"statex-train {args[0]}: error: ") and proc.stderr.count("\n") == 1
+    assert took < FAST
+
+
+def test_statex_train_help_shows_defaults_and_only_real_commands():
+    top, _ = _run("training.cli", "--help")
+    commands = {"init", "import", "expand", "train", "eval"}
+    listed = {line.split()[0] for line in top.stdout.split("positional arguments:")[1].split("options:")[0]
+              .splitlines()[2:] if line.startswith("    ") and not line.startswith("     ")}
+    assert listed == commands, listed
+    assert "export" not in top.stdout.replace("exported", "")
+    train, _ = _run("training.cli", "train", "--help")
+    entries = {}                                  # "--flag" -> its help text, wrapped lines joined
+    for line in train.stdout.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif entries:
+            entries[flag] += " " + line.strip()
+    for flag, default in (("--seq-len", 2048), ("--batch-size", 8), ("--max-steps", 1000), ("--lr", 0.0003)):
+        assert f"(default: {default})" in entries[flag], entries[flag]
