@@ -145,6 +145,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _trained_on(model: str) -> list[str] | None:
+    """What the model was trained on (statex.json), for the plot's notes; None: unknown."""
+    from training.report import trained_tasks
+
+    try:
+        return trained_tasks(resolve_model_dir(model))
+    except UsageError:
+        return None
+
+
 def evaluate_model(model, codec: TextCodec, cfg: EvalConfig, log=print) -> dict:
     """The numbers for one model (already loaded, in eval mode)."""
     device = next(model.parameters()).device
@@ -155,6 +165,7 @@ def evaluate_model(model, codec: TextCodec, cfg: EvalConfig, log=print) -> dict:
               "state_bytes_per_sequence": spec.bytes_per_sequence,
               "state_elements_per_sequence": spec.elements_per_sequence,
               "parameters": sum(p.numel() for p in model.parameters()),
+              "trained_on": _trained_on(cfg.model),
               "recall": recall_table(model, codec, cfg, autocast, log)}
     if cfg.heldout:
         result["heldout"] = heldout_perplexity(model, codec, cfg.heldout, cfg.ppl_seq_len, cfg.ppl_tokens,
