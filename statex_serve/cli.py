@@ -29,6 +29,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="statex-serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
@@ -36,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory, or the name of a bundled model (default: the bundled model)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in the 'model' field (default: --model as given)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--host", default=os.environ.get("STATEX_HOST") or "127.0.0.1",
+                   help="address to listen on, 0.0.0.0 for every interface (default: $STATEX_HOST, else "
+                        "127.0.0.1; the Docker image sets STATEX_HOST=0.0.0.0)")
+    p.add_argument("--port", type=_port, default=os.environ.get("STATEX_PORT") or "8000",
+                   help="TCP port to listen on (default: $STATEX_PORT, else 8000)")
     p.add_argument("--backend", choices=("native", "vllm"), default="native",
                    help="native: the built-in engine; vllm: vLLM's AsyncLLM with our model plugin")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -121,3 +121,23 @@ def test_statex_train_help_shows_defaults_and_only_real_commands():
             entries[flag] += " " + line.strip()
     for flag, default in (("--seq-len", 2048), ("--batch-size", 8), ("--max-steps", 1000), ("--lr", 0.0003)):
         assert f"(default: {default})" in entries[flag], entries[flag]
+
+
+def test_image_listens_on_every_interface_whatever_arguments_follow(monkeypatch):
+    """`docker run -p 8000:8000 statex-serve --model /model` must not fall back to
+    127.0.0.1 inside the container: the image sets STATEX_HOST=0.0.0.0 (read by
+    the CLI), the arguments go to the ENTRYPOINT, and no CMD carries --host."""
+    from statex_serve.cli import build_parser
+
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    env = " ".join(line for line in lines if line.startswith("ENV "))
+    assert "STATEX_HOST=0.0.0.0" in env and "STATEX_PORT=8000" in env
+    assert 'ENTRYPOINT ["statex-serve"]' in lines
+    assert not any(line.startswith("CMD [") and "--host" in line for line in lines)
+    monkeypatch.setenv("STATEX_HOST", "0.0.0.0")
+    monkeypatch.setenv("STATEX_PORT", "8000")
+    args = build_parser().parse_args(["--model", "/model", "--max-num-seqs", "4"])
+    assert (args.host, args.port) == ("0.0.0.0", 8000)
+    assert build_parser().parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"     # --host still wins
+    monkeypatch.delenv("STATEX_HOST")
+    assert build_parser().parse_args([]).host == "127.0.0.1"                          # outside the image
