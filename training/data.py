@@ -23,10 +23,14 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from training.errors import UsageError
 from training.tasks import TASKS
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 

@@ -106,9 +106,9 @@ def build_config(args: argparse.Namespace):
 
 
 def config_from_file(args: argparse.Namespace):
+    from model_registry.configs import StateXGLAConfig, StateXMamba2Config
     from model_registry.convert import (detect_format, gla_config_from_fla, mamba2_config_from_hf,
                                         mamba2_config_from_mamba_ssm)
-    from model_registry.configs import StateXGLAConfig, StateXMamba2Config
 
     cfg = json.loads(Path(args.config).read_text())
     fmt = detect_format(cfg)

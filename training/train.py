@@ -15,15 +15,15 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from training.config import TrainConfig, check_train_config, resolve_model_dir
 from training.checkpointing import (latest_checkpoint, load_train_checkpoint, rng_state, save_train_checkpoint,
                                     set_rng_state)
+from training.config import TrainConfig, check_train_config, resolve_model_dir
 from training.data import TextCodec, build_stream
 from training.errors import UsageError
 from training.expand import count_parameters, read_provenance
