@@ -167,7 +167,10 @@ def test_eval_cli_writes_json_markdown_and_plot(ckpts, corpus, tmp_path, capsys)
     assert cli(["eval", "--model", str(ckpts["mamba2"]), "--out", str(out), "--lengths", "48,96", "--samples", "2",
                 "--heldout", f"text:{corpus}?ext=.py", "--ppl-seq-len", "64", "--ppl-tokens", "640",
                 "--check-generate", "1", "--label", "tiny"]) == 0
+    err = capsys.readouterr().err
+    assert "recall: 100%" in err and "12/12" in err           # the progress bar: 3 tasks x 2 lengths x 2 samples
     res = json.loads((out / "eval.json").read_text())
+    assert res["trained_on"] == []                            # a random test model: trained on nothing
     assert {(r["task"], r["context"]) for r in res["recall"]} == {(t, n) for t in ("passkey", "niah", "mqar")
                                                                   for n in (48, 96)}
     assert all(0 <= r["accuracy"] <= 1 and r["generate_agreement"] == 1.0 for r in res["recall"])

@@ -19,8 +19,9 @@ def trained_tasks(model_dir: str | Path | None) -> list[str] | None:
         return None
     kinds: list[str] = []
     while isinstance(record, dict):
-        if "imported_from" in record or record.get("kind") not in (
-                "random init", "statex post-trained checkpoint", "statex expanded checkpoint"):
+        kind = str(record.get("kind", ""))
+        if "imported_from" in record or not (kind.startswith("random") or kind in (
+                "statex post-trained checkpoint", "statex expanded checkpoint")):
             return None
         for spec in (record.get("post_training") or {}).get("data") or []:
             kind = str(spec).split("?", 1)[0].split("@", 1)[0].split(":", 1)[0]
