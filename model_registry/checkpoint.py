@@ -1,7 +1,9 @@
 """Our checkpoint format: a directory with config.json, model.safetensors,
 tokenizer files and statex.json (provenance). Writes are atomic: everything goes
 to a temporary sibling directory that is renamed into place at the end, so a
-failure never leaves a half-written checkpoint.
+failure never leaves a half-written checkpoint. What lands there gets the modes
+the umask gives (not the temporary directory's owner-only 0700), so a checkpoint
+mounted into a container that runs as another user stays readable.
 """
 from __future__ import annotations
 
@@ -27,6 +29,36 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or converted; the message names the file or tensor."""
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask
+    both sets and returns, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(root: str | Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir`` / ``open``
+    would have: 0777 & ~umask for directories, 0666 & ~umask for files.
+    ``tempfile.mkdtemp`` makes owner-only directories, and some writers (e.g.
+    temp-file-then-rename ones) leave 0600 files."""
+    mask = current_umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, dir_mode)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
     """Yield a temporary directory next to ``out_dir``; on success it replaces
@@ -38,6 +70,7 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        apply_umask_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Build the statex-serve image from a local Debian base (no registry needed),
-# run it, and check a real /v1/completions answer from the bundled model.
+# run it, and check a real /v1/completions answer from the bundled model; then
+# run it as a user would with their own model, arguments after the image name
+# (`--model /model ...`) and a checkpoint written here by `statex-train` (init,
+# then expand) mounted read-only: the server must listen on 0.0.0.0 and read
+# the files as the image's non-root user.
 #
 #   scripts/docker_smoke_test.sh            (needs docker.io + debootstrap; run as root)
 #
@@ -58,7 +62,7 @@ DOCKER_BUILDKIT=1 $DOCKER build --progress=plain --build-arg BASE_IMAGE="$BASE_I
 name=statex-smoke-$$
 port=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
 cleanup() {
-    $DOCKER rm -f "$name" >/dev/null 2>&1 || true
+    $DOCKER rm -f "$name" "$name-mounted" >/dev/null 2>&1 || true
     [ "${KEEP_IMAGE:-0}" = 1 ] || $DOCKER rmi "$IMAGE" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -66,7 +70,20 @@ $DOCKER run -d --name "$name" -p "127.0.0.1:$port:8000" "$IMAGE" >/dev/null
 $PY scripts/check_served_model.py --base-url "http://127.0.0.1:$port" --wait 180 ${PASSKEY:+--passkey} || {
     $DOCKER logs "$name" 2>&1 | tail -40; exit 1; }
 
-# 6. the image runs as a non-root user and holds no build secret
+# 6. with arguments and a mounted checkpoint from statex-train (init -> expand), as a user runs it
+ckpt=$(mktemp -d /tmp/statex-smoke-ckpt.XXXXXX)
+trap 'cleanup; rm -rf "$ckpt"' EXIT
+$PY -m training.cli init --family gla --size tiny --out "$ckpt/init" >/dev/null
+$PY -m training.cli expand --base "$ckpt/init" --every 2 --out "$ckpt/model" >/dev/null
+port2=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
+$DOCKER run -d --name "$name-mounted" -p "127.0.0.1:$port2:8000" -v "$ckpt/model:/model:ro" "$IMAGE" \
+    --model /model --served-model-name mine --max-num-seqs 4 >/dev/null
+$PY scripts/check_served_model.py --base-url "http://127.0.0.1:$port2" --wait 180 || {
+    $DOCKER logs "$name-mounted" 2>&1 | tail -40; exit 1; }
+$DOCKER rm -f "$name-mounted" >/dev/null
+log "OK: the image serves a mounted statex-train checkpoint with extra arguments"
+
+# 7. the image runs as a non-root user and holds no build secret
 user=$($DOCKER inspect -f '{{.Config.User}}' "$IMAGE")
 [ "$user" = statex ] || { log "image user is '$user', expected statex"; exit 1; }
 if [ -n "$cert" ]; then

@@ -29,6 +29,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="statex-serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
@@ -36,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory, or the name of a bundled model (default: the bundled model)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in the 'model' field (default: --model as given)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--host", default=os.environ.get("STATEX_HOST") or "127.0.0.1",
+                   help="address to listen on, 0.0.0.0 for every interface (default: $STATEX_HOST, else "
+                        "127.0.0.1; the Docker image sets STATEX_HOST=0.0.0.0)")
+    p.add_argument("--port", type=_port, default=os.environ.get("STATEX_PORT") or "8000",
+                   help="TCP port to listen on (default: $STATEX_PORT, else 8000)")
     p.add_argument("--backend", choices=("native", "vllm"), default="native",
                    help="native: the built-in engine; vllm: vLLM's AsyncLLM with our model plugin")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -118,7 +131,17 @@ def resolve_model(arg: str | None) -> tuple[str, str]:
                              "pass a checkpoint directory, e.g. --model ./my-checkpoint") from None
         return str(path), path.name
     if Path(arg).is_dir():
-        return arg, arg
+        # a checkpoint, or a `statex-train train` run directory (its model is in model/)
+        from training.config import resolve_model_dir
+        from training.errors import UsageError
+
+        try:
+            found = resolve_model_dir(arg)
+        except UsageError as e:
+            raise SystemExit(f"statex-serve: {e}") from None
+        if found != Path(arg):
+            logger.info("--model %s is a training run directory: serving its model, %s", arg, found)
+        return str(found), arg
     if bundled is not None and hasattr(bundled, "model_path"):
         try:
             path = Path(bundled.model_path(arg))
@@ -179,13 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"statex-serve: --{name.replace('_', '-')}: {e}") from None
 
-    # heavy imports after argument parsing, so --help is instant
-    import uvicorn
-
-    from model_registry.checkpoint import CheckpointError
-    from model_registry.configs import ConfigError
-    from statex_serve.api import create_app
-    from statex_serve.engine import EngineArgs, create_engine
+    from statex_serve.engine.args import EngineArgs
 
     try:
         engine_args = EngineArgs(
@@ -196,6 +213,18 @@ def main(argv: list[str] | None = None) -> int:
             prefix_cache=args.prefix_cache, compile_cache_dir=args.compile_cache_dir,
             autotune=args.autotune, max_logprobs=args.max_logprobs,
             stream_stall_timeout=args.stream_stall_timeout, step_timeout=args.step_timeout, **budgets)
+    except ValueError as e:
+        raise SystemExit(f"statex-serve: {e}") from None
+
+    # heavy imports after the arguments are checked, so --help and mistakes are answered at once
+    import uvicorn
+
+    from model_registry.checkpoint import CheckpointError
+    from model_registry.configs import ConfigError
+    from statex_serve.api import create_app
+    from statex_serve.engine import create_engine
+
+    try:
         engine = create_engine(engine_args, args.backend)
     except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:
         logger.error("cannot start: %s", e)

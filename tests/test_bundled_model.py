@@ -71,3 +71,20 @@ def test_default_model_answers_passkeys_through_the_api(server):
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count(": ok") == 3, res.stdout
+
+
+def test_models_advertises_the_trained_context_not_a_million_tokens(server):
+    """Without --max-model-len the server offers the length the model was trained
+    at (statex.json), not the config's 2^20 that a recurrent model carries."""
+    from openai import OpenAI
+
+    provenance = json.loads((bundled.default_model_path() / "statex.json").read_text())
+    trained = provenance["post_training"]["seq_len"]
+    (model,) = OpenAI(base_url=server.base_url + "/v1", api_key="unused").models.list().data
+    assert model.model_extra["max_model_len"] == trained < 1 << 20
+    too_long = "x" * trained
+    import httpx
+
+    r = httpx.post(server.base_url + "/v1/completions", json={"model": bundled.DEFAULT_MODEL, "prompt": too_long,
+                                                               "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and "maximum context length is %d" % trained in r.text

@@ -156,5 +156,27 @@ def test_statex_train_import_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "training.cli", "import", "--src", str(tmp_path / "nope"), "--out",
                           str(tmp_path / "out2")], capture_output=True, text=True)
     assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "no config.json" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "--src " in bad.stderr and "no such directory" in bad.stderr
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_checkpoints_get_umask_modes_not_owner_only(umask, tmp_path):
+    """A checkpoint mounted into a container that runs as another user must be
+    readable: the atomic write's temporary directory (mkdtemp: 0700) must not
+    leave its mode on the result."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        ckpt = make_tiny_checkpoint(tmp_path / "tiny", "gla")
+        imported = import_checkpoint(ckpt, tmp_path / "imported")
+    finally:
+        os.umask(old)
+    for root in (ckpt, imported):
+        assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~umask, oct(root.stat().st_mode)
+        files = list(root.iterdir())
+        assert {"config.json", "model.safetensors", "tokenizer.json", "statex.json"} <= {f.name for f in files}
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (f, oct(f.stat().st_mode))

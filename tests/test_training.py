@@ -167,7 +167,10 @@ def test_eval_cli_writes_json_markdown_and_plot(ckpts, corpus, tmp_path, capsys)
     assert cli(["eval", "--model", str(ckpts["mamba2"]), "--out", str(out), "--lengths", "320,400", "--samples", "2",
                 "--heldout", f"text:{corpus}?ext=.py", "--ppl-seq-len", "64", "--ppl-tokens", "640",
                 "--check-generate", "1", "--label", "tiny"]) == 0
+    err = capsys.readouterr().err
+    assert "recall: 100%" in err and "12/12" in err           # the progress bar: 3 tasks x 2 lengths x 2 samples
     res = json.loads((out / "eval.json").read_text())
+    assert res["trained_on"] == []                            # a random test model: trained on nothing
     assert {(r["task"], r["context"]) for r in res["recall"]} == {(t, n) for t in ("passkey", "niah", "mqar")
                                                                   for n in (320, 400)}
     assert all(r["tokens_mean"] == r["context"] for r in res["recall"])     # the label is the length
@@ -195,3 +198,57 @@ def test_ddp_two_processes_on_cpu(ckpts, tmp_path):
     assert state["world"] == 2 and state["tokens"] == 3 * 2 * 64 * 2
     assert state["data"][0] != state["data"][1]
     assert (out / "model" / "model.safetensors").is_file() and len(_losses(out)) == 3
+
+
+def test_run_and_eval_outputs_are_readable_by_others(ckpts, tmp_path, capsys):
+    """Training checkpoints, the exported model and eval results get umask modes
+    (0755 dirs, 0644 files under umask 022), not the temp directory's 0700."""
+    import stat
+
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert cli(["train", "--model", str(ckpts["gla"]), "--out", str(out), "--data", "passkey?min_len=48&max_len=64",
+                    "--seq-len", "64", "--batch-size", "1", "--max-steps", "1", "--no-progress"]) == 0
+        assert cli(["eval", "--model", str(out), "--out", str(tmp_path / "eval"), "--tasks", "passkey",
+                    "--lengths", "300", "--samples", "1", "--check-generate", "0"]) == 0
+    finally:
+        os.umask(old)
+    written = [out / "model", next((out / "checkpoints").iterdir()), tmp_path / "eval"]
+    for d in written:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, (d, oct(d.stat().st_mode))
+        for f in d.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, (f, oct(f.stat().st_mode))
+
+
+def test_init_writes_a_fresh_model_that_the_training_route_takes(ckpts, tmp_path, capsys):
+    """`statex-train init`: a named size (with overrides) or a config; the result
+    loads, trains and reports its provenance."""
+    from model_registry.checkpoint import load_model
+
+    fresh = tmp_path / "fresh"
+    assert cli(["init", "--family", "mamba2", "--size", "tiny", "--hidden-size", "64", "--out", str(fresh),
+                "--seed", "3"]) == 0
+    assert "StateXMamba2ForCausalLM" in capsys.readouterr().out
+    model = load_model(fresh)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2 and model.config.vocab_size == 259
+    prov = json.loads((fresh / "statex.json").read_text())
+    assert prov["kind"] == "random init" and prov["size"] == "tiny" and prov["seed"] == 3
+    assert cli(["train", "--model", str(fresh), "--out", str(tmp_path / "run"), "--data", "mqar?min_len=32&max_len=64",
+                "--seq-len", "64", "--batch-size", "1", "--max-steps", "1", "--no-progress"]) == 0
+    # from a config: the same architecture as the checkpoint it names, fresh weights, its tokenizer
+    again = tmp_path / "again"
+    assert cli(["init", "--config", str(ckpts["gla"] / "config.json"), "--out", str(again), "--seed", "9"]) == 0
+    a, b = load_model(ckpts["gla"]), load_model(again)
+    assert a.config.layer_num_heads == b.config.layer_num_heads
+    assert all(x.shape == y.shape for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.model.embeddings.weight, b.model.embeddings.weight)
+    assert (again / "tokenizer.json").read_text() == (ckpts["gla"] / "tokenizer.json").read_text()
+    # a config of another vocabulary with no tokenizer beside it: said, nothing written
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "config.json").write_text(json.dumps({**json.loads((ckpts["gla"] / "config.json").read_text()),
+                                                  "vocab_size": 1000}))
+    capsys.readouterr()
+    assert cli(["init", "--config", str(lone / "config.json"), "--out", str(tmp_path / "bad")]) == 2
+    assert "no tokenizer files beside it" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -147,6 +147,31 @@ def test_text_and_jsonl_splits_are_disjoint_and_complete(codec, corpus, tmp_path
     assert windows and all(len(w) == 32 for w in windows)
 
 
+@pytest.mark.parametrize("n", [2, 16])
+def test_a_small_corpus_still_gets_a_heldout_document(n, codec, tmp_path):
+    """16 files at the default 5%: no file's hash falls in the held-out range, yet
+    split=heldout must not be empty (and train keeps the rest, disjoint)."""
+    import zlib
+
+    from training.data import build_source
+
+    for i in range(n):
+        (tmp_path / f"file{i}.txt").write_text(f"file {i} " + "words " * 40)
+    assert not any(zlib.crc32(f"file{i}.txt".encode()) % 10000 < 500 for i in range(n))   # the case in point
+
+    def docs(split):
+        return {codec.decode(d.ids) for d in build_source(parse_source_spec(f"text:{tmp_path}?split={split}"), codec,
+                                                           64, shuffle=False).documents_once()}
+
+    train, held = docs("train"), docs("heldout")
+    assert len(held) == 1 and len(train) == n - 1 and not train & held
+    assert list(heldout_windows(f"text:{tmp_path}?split=heldout", codec, 32, 10**6))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "only.txt").write_text("a single document")
+    with pytest.raises(UsageError, match="split=heldout leaves no documents of 1 .*needs at least 2"):
+        build_source(parse_source_spec(f"text:{tmp_path / 'one'}?split=heldout"), codec, 64)
+
+
 def test_ranks_read_disjoint_documents(codec, corpus):
     from training.data import build_source
 

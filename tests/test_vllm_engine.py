@@ -8,6 +8,7 @@ vLLM is a hard requirement (no skip).
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -22,10 +23,15 @@ NAME = "tiny-mamba2-vllm"
 PROMPTS = [[(31 * i + 7) % 256 for i in range(n)] for n in (1, 12, 90)]
 
 
+TRAINED_LEN = 1024     # what the checkpoint's statex.json says it was trained at: the default context
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("vllm_backend") / "mamba2", "mamba2", expanded=True,
-                                    seed=5))
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("vllm_backend") / "mamba2", "mamba2", expanded=True, seed=5)
+    provenance = json.loads((path / "statex.json").read_text())
+    (path / "statex.json").write_text(json.dumps({**provenance, "post_training": {"seq_len": TRAINED_LEN}}))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +46,10 @@ def tok(ckpt):
 
 @pytest.fixture(scope="module")
 def client(ckpt):
+    # no --max-model-len and no VLLM_CPU_KVCACHE_SPACE: the defaults a user gets
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     server = ServerProcess(ckpt, "--backend", "vllm", "--served-model-name", NAME, "--max-num-seqs", "8",
-                           "--prefill-chunk", "32", "--max-model-len", "1024",
-                           env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=300)
+                           "--prefill-chunk", "32", env=env, startup_timeout=300)
     server.launch().wait_ready()
     try:
         with httpx.Client(base_url=server.base_url, timeout=120) as c:
@@ -60,6 +67,14 @@ def complete(client, **body):
 def test_models_says_vllm_backend(client):
     (m,) = client.get("/v1/models").json()["data"]
     assert m["id"] == NAME and m["statex"]["backend"] == "vllm"
+
+
+def test_default_context_and_state_budget_are_the_checkpoints_not_vllms(client):
+    """The trained length, not the config's 2^20; vLLM's state memory sized from
+    --max-num-seqs (2 pages per sequence with prefix caching), not 90% of the machine."""
+    (m,) = client.get("/v1/models").json()["data"]
+    assert m["max_model_len"] == TRAINED_LEN
+    assert m["statex"]["max_num_seqs"] == 8 and m["statex"]["vllm_state_blocks"] == 2 * 8
 
 
 def test_greedy_tokens_and_text_equal_the_oracle(client, oracle, tok):

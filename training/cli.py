@@ -1,7 +1,9 @@
-"""``statex-train``: import upstream checkpoints, expand state, post-train, evaluate.
+"""``statex-train``: start from a fresh or an upstream checkpoint, expand state,
+post-train, evaluate.
 
 Every subcommand answers bad input with a one-line ``error: ...`` on stderr and
-exit code 2, and never leaves a partial output directory behind.
+exit code 2, and never leaves a partial output directory behind. Arguments are
+checked before torch is imported, so mistakes are answered at once.
 """
 from __future__ import annotations
 
@@ -9,12 +11,43 @@ import argparse
 import logging
 import sys
 
+from training.config import EvalConfig, TrainConfig, check_eval_config, check_train_config, resolve_model_dir
 from training.errors import UsageError  # re-exported: callers catch cli.UsageError
 
 log = logging.getLogger("statex.train")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" where an option has a default and its help does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    from pathlib import Path
+
+    if Path(out).exists() and not overwrite:
+        raise UsageError(f"{out} already exists (pass --overwrite to replace it)")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from training.init_model import run
+
+    print(run(args))
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if not Path(args.src).is_dir():
+        raise UsageError(f"--src {args.src}: no such directory")
+    _check_out(args.out, args.overwrite)
     from model_registry.convert import import_checkpoint
     from model_registry.checkpoint import load_model
 
@@ -28,6 +61,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
+    resolve_model_dir(args.base, "--base")
+    _check_out(args.out, args.overwrite)
     from training.expand import expand_checkpoint, summary_lines
 
     record = expand_checkpoint(args.base, args.out, every=args.every, layers=args.layers, heads=args.heads,
@@ -40,9 +75,15 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, run
-
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    check_train_config(cfg)
+    resolve_model_dir(cfg.model)
+    from pathlib import Path
+
+    if Path(cfg.out).exists() and not (cfg.resume or cfg.overwrite):
+        raise UsageError(f"{cfg.out} already exists (pass --resume to continue it or --overwrite to start over)")
+    from training.train import run
+
     summary = run(cfg)
     if summary.get("model"):
         print(f"trained {summary['steps']} steps ({summary['tokens']:,} tokens) -> {summary['model']}")
@@ -52,9 +93,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.eval import EvalConfig, run
-
     cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
+    check_eval_config(cfg)
+    resolve_model_dir(cfg.model)
+    _check_out(cfg.out, cfg.overwrite)
+    from training.eval import run
+
     run(cfg)
     print(f"wrote {args.out}/eval.json, eval.md, eval.png")
     return 0
@@ -73,6 +117,7 @@ def _str_list(text: str) -> list[str]:
 
 def add_expand(sub) -> None:
     p = sub.add_parser("expand", help="StateX: expand the recurrent state of chosen layers",
+                       formatter_class=_HelpFormatter,
                        description="Merge GLA heads (--heads, default 1) or grow Mamba2 d_state (--state-size, "
                                    "default 4x) in layers 0, P, 2P, ... (--every P) or --layers I,J,...; "
                                    "writes an expanded checkpoint with statex.json.")
@@ -94,10 +139,9 @@ def add_expand(sub) -> None:
 
 
 def add_train(sub) -> None:
-    from training.train import TrainConfig
-
     d = TrainConfig(model="", out="")
     p = sub.add_parser("train", help="long-context post-training (the same loop for LPT and StateX)",
+                       formatter_class=_HelpFormatter,
                        description="Train a checkpoint on packed sequences; writes OUT/model (final checkpoint), "
                                    "OUT/checkpoints/step_N (resumable), OUT/log.jsonl. Under torchrun it runs DDP.")
     p.add_argument("--model", required=True, help="checkpoint directory to start from")
@@ -105,20 +149,20 @@ def add_train(sub) -> None:
                    help="KIND[:PATH][?k=v&...][@WEIGHT], repeatable: text:DIR, jsonl:FILE, hf:NAME, "
                         "passkey, niah, mqar (see docs/training.md)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence (window)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor as a fraction of --lr")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up of the learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on >=2-D parameters only")
-    p.add_argument("--beta1", type=float, default=d.beta1)
-    p.add_argument("--beta2", type=float, default=d.beta2)
+    p.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2")
     p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="data order and initialisation")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="newest step checkpoints kept")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--precision", default=d.precision, help="auto (bf16 autocast on GPU) | bf16 | fp32")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
@@ -131,39 +175,51 @@ def add_train(sub) -> None:
 
 
 def add_eval(sub) -> None:
-    from training.eval import EvalConfig
-
     d = EvalConfig(model="", out="")
     p = sub.add_parser("eval", help="recall accuracy vs context length, held-out perplexity",
+                       formatter_class=_HelpFormatter,
                        description="Passkey, multi-key NIAH and MQAR exact-match accuracy at each context "
                                    "length, and perplexity on held-out text; writes OUT/eval.json, eval.md, eval.png.")
     p.add_argument("--model", required=True, help="checkpoint directory (or a training run directory)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--tasks", type=_str_list, default=d.tasks, help="comma-separated: passkey,niah,mqar "
+    p.add_argument("--tasks", type=_str_list, default=",".join(d.tasks), help="comma-separated: passkey,niah,mqar "
                    "(options like niah?needles=8)")
-    p.add_argument("--lengths", type=_int_list, default=d.lengths, help="context lengths in tokens")
+    p.add_argument("--lengths", type=_int_list, default=",".join(map(str, d.lengths)),
+                   help="context lengths in tokens")
     p.add_argument("--samples", type=int, default=d.samples, help="samples per task and length")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per forward pass")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the synthetic samples")
     p.add_argument("--heldout", help="text source for perplexity, e.g. text:DIR?split=heldout")
-    p.add_argument("--ppl-seq-len", type=int, default=d.ppl_seq_len)
+    p.add_argument("--ppl-seq-len", type=int, default=d.ppl_seq_len, help="window of the perplexity")
     p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens, help="at most this many held-out tokens")
     p.add_argument("--check-generate", type=int, default=d.check_generate,
                    help="samples per cell also generated through prefill/decode (0: none)")
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     p.add_argument("--precision", default=d.precision, help="auto (bf16 autocast on GPU) | bf16 | fp32")
     p.add_argument("--label", help="name of the model in the table and plot")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="statex-train",
-        description="StateX for GLA and Mamba2: import a checkpoint, expand the state of chosen layers, "
-                    "post-train, evaluate recall, export.")
+        description="StateX for GLA and Mamba2: start from a fresh (init) or an upstream (import) checkpoint, "
+                    "expand the state of chosen layers, post-train (train writes the servable model to "
+                    "OUT/model), evaluate recall. Serve the result with `statex-serve --model OUT`.")
     p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from training.init_model import add_arguments as add_init_arguments
+
+    init = sub.add_parser("init", help="a fresh randomly initialised model of a named size or from a config",
+                          formatter_class=_HelpFormatter,
+                          description="Write a randomly initialised GLA or Mamba2 (a named --size with "
+                                      "--family, or --config FILE) as a checkpoint that train, expand, eval "
+                                      "and statex-serve take; named sizes use the byte-level tokenizer.")
+    add_init_arguments(init)
+    init.set_defaults(func=cmd_init)
 
     imp = sub.add_parser("import", help="convert an fla GLA, transformers Mamba2 or mamba_ssm checkpoint to ours",
                          description="Convert an upstream checkpoint directory (fla GLA `model_type: gla`, "
@@ -180,16 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _input_error_types() -> tuple[type, ...]:
+    """UsageError, plus the checkpoint and config errors when model_registry has
+    been imported (imported here it would load torch before the arguments are
+    checked)."""
+    types: list[type] = [UsageError, FileNotFoundError]
+    if "model_registry.checkpoint" in sys.modules:
+        types.append(sys.modules["model_registry.checkpoint"].CheckpointError)
+    if "model_registry.configs" in sys.modules:
+        types.append(sys.modules["model_registry.configs"].ConfigError)
+    return tuple(types)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from model_registry.checkpoint import CheckpointError
-    from model_registry.configs import ConfigError
-
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except Exception as e:
+        if not isinstance(e, _input_error_types()):
+            raise
         print(f"statex-train {args.command}: error: {e}", file=sys.stderr)
         return 2
 

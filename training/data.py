@@ -23,12 +23,14 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
-
-import torch
 
 from training.errors import UsageError
 from training.tasks import TASKS, TaskLengthError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 
@@ -89,6 +91,7 @@ class SourceSpec:
     options: dict[str, str] = field(default_factory=dict)
     weight: float = 1.0
     text: str = ""
+    flag: str = "--data"                  # the option it came from, named in errors
 
     def opt(self, key: str, default=None, cast=str):
         if key not in self.options:
@@ -96,11 +99,11 @@ class SourceSpec:
         try:
             return cast(self.options[key])
         except ValueError:
-            raise UsageError(f"--data {self.text}: option {key}={self.options[key]!r} is not a valid "
+            raise UsageError(f"{self.flag} {self.text}: option {key}={self.options[key]!r} is not a valid "
                              f"{cast.__name__}") from None
 
 
-def parse_source_spec(text: str) -> SourceSpec:
+def parse_source_spec(text: str, flag: str = "--data") -> SourceSpec:
     """``KIND[:PATH][?k=v&...][@WEIGHT]`` -> SourceSpec (syntax only; files checked later)."""
     rest, weight = text, 1.0
     if "@" in rest:
@@ -108,19 +111,19 @@ def parse_source_spec(text: str) -> SourceSpec:
         try:
             weight = float(w)
         except ValueError:
-            raise UsageError(f"--data {text}: weight {w!r} after '@' is not a number") from None
+            raise UsageError(f"{flag} {text}: weight {w!r} after '@' is not a number") from None
         if weight <= 0:
-            raise UsageError(f"--data {text}: weight must be positive")
+            raise UsageError(f"{flag} {text}: weight must be positive")
     options: dict[str, str] = {}
     if "?" in rest:
         rest, q = rest.split("?", 1)
         options = dict(parse_qsl(q, keep_blank_values=True, strict_parsing=False))
     kind, _, path = rest.partition(":")
     if kind not in SOURCE_KINDS:
-        raise UsageError(f"--data {text}: unknown kind {kind!r} (one of {', '.join(SOURCE_KINDS)})")
+        raise UsageError(f"{flag} {text}: unknown kind {kind!r} (one of {', '.join(SOURCE_KINDS)})")
     if kind in ("text", "jsonl", "hf") and not path:
-        raise UsageError(f"--data {text}: {kind} needs a path or name, e.g. {kind}:/data/corpus")
-    return SourceSpec(kind, path or None, options, weight, text)
+        raise UsageError(f"{flag} {text}: {kind} needs a path or name, e.g. {kind}:/data/corpus")
+    return SourceSpec(kind, path or None, options, weight, text, flag)
 
 
 # --- documents and sources -------------------------------------------------------------
@@ -186,11 +189,19 @@ class SyntheticSource(Source):
         self.index = int(state["index"])
 
 
-def _in_split(key: str, split: str, heldout_pct: float) -> bool:
+def _split_mask(keys: list[str], split: str, heldout_pct: float) -> list[bool]:
+    """Which of a corpus's documents (by key: relative path or line number) are in
+    ``split``. A document is held out when a hash of its key falls in the first
+    ``heldout_pct`` percent; a corpus of 2 or more documents where none does
+    (likely below ~20 documents at 5%) holds out the one with the smallest hash,
+    so ``split=heldout`` is never empty while ``split=train`` keeps the rest."""
     if split == "all":
-        return True
-    held = zlib.crc32(key.encode()) % 10000 < heldout_pct * 100
-    return held if split == "heldout" else not held
+        return [True] * len(keys)
+    hashes = [zlib.crc32(k.encode()) % 10000 for k in keys]
+    held = [h < heldout_pct * 100 for h in hashes]
+    if not any(held) and len(keys) >= 2 and heldout_pct > 0:
+        held[min(range(len(keys)), key=lambda i: (hashes[i], keys[i]))] = True
+    return held if split == "heldout" else [not h for h in held]
 
 
 class ListSource(Source):
@@ -198,9 +209,9 @@ class ListSource(Source):
     of W takes every W-th document of each epoch's order."""
 
     def __init__(self, name: str, loaders: list, codec: TextCodec, seed: int, rank: int, world: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, flag: str = "--data"):
         if not loaders:
-            raise UsageError(f"--data {name}: no documents (check the path, ext= and split=)")
+            raise UsageError(f"{flag} {name}: no documents (check the path, ext= and split=)")
         self.name, self.loaders, self.codec = name, loaders, codec
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
         self.epoch, self.pos = 0, rank
@@ -233,33 +244,44 @@ class ListSource(Source):
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 
+def _check_split_nonempty(spec: SourceSpec, total: int, chosen: int) -> None:
+    if total and not chosen:
+        raise UsageError(f"{spec.flag} {spec.text}: split={spec.opt('split')} leaves no documents of {total} "
+                         "(a train/held-out split needs at least 2; use split=all)")
+
+
 def _text_loaders(spec: SourceSpec) -> list:
     root = Path(spec.path)
     if not root.exists():
-        raise UsageError(f"--data {spec.text}: data file not found: {root}")
+        raise UsageError(f"{spec.flag} {spec.text}: data file not found: {root}")
     exts = tuple(e if e.startswith(".") else "." + e for e in spec.opt("ext", ".txt,.md,.py").split(",") if e)
     split, pct = spec.opt("split", "all"), spec.opt("heldout_pct", 5.0, float)
     if split not in ("all", "train", "heldout"):
-        raise UsageError(f"--data {spec.text}: split must be all, train or heldout")
+        raise UsageError(f"{spec.flag} {spec.text}: split must be all, train or heldout")
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in exts)
-    chosen = [f for f in files if _in_split(str(f.relative_to(root) if root.is_dir() else f.name), split, pct)]
-    return [lambda f=f: f.read_text(encoding="utf-8", errors="replace") for f in chosen]
+    mask = _split_mask([str(f.relative_to(root) if root.is_dir() else f.name) for f in files], split, pct)
+    _check_split_nonempty(spec, len(files), sum(mask))
+    return [lambda f=f: f.read_text(encoding="utf-8", errors="replace") for f, keep in zip(files, mask) if keep]
 
 
 def _jsonl_loaders(spec: SourceSpec) -> list:
     path = Path(spec.path)
     if not path.is_file():
-        raise UsageError(f"--data {spec.text}: data file not found: {path}")
+        raise UsageError(f"{spec.flag} {spec.text}: data file not found: {path}")
     fld, split, pct = spec.opt("field", "text"), spec.opt("split", "all"), spec.opt("heldout_pct", 5.0, float)
-    texts = []
+    texts, keys = [], []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f):
-            if not line.strip() or not _in_split(str(n), split, pct):
+            if not line.strip():
                 continue
             try:
                 texts.append(str(json.loads(line)[fld]))
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UsageError(f"{path}:{n + 1}: not a JSON object with field {fld!r}") from None
+            keys.append(str(n))
+    mask = _split_mask(keys, split, pct)
+    _check_split_nonempty(spec, len(texts), sum(mask))
+    texts = [t for t, keep in zip(texts, mask) if keep]
     return [lambda t=t: t for t in texts]
 
 
@@ -270,7 +292,7 @@ class HFStreamSource(Source):
         try:
             import datasets
         except ImportError:
-            raise UsageError(f"--data {spec.text}: needs the `datasets` package (pip install datasets)") from None
+            raise UsageError(f"{spec.flag} {spec.text}: needs the `datasets` package (pip install datasets)") from None
         self.spec, self.codec, self.rank, self.world = spec, codec, rank, world
         self.field = spec.opt("field", "text")
         self._datasets = datasets
@@ -315,18 +337,18 @@ def build_source(spec: SourceSpec, codec: TextCodec, seq_len: int, seed: int = 0
             try:
                 task_options[k] = float(v) if "." in v else int(v)
             except ValueError:
-                raise UsageError(f"--data {spec.text}: option {k}={v!r} is not a number") from None
+                raise UsageError(f"{spec.flag} {spec.text}: option {k}={v!r} is not a number") from None
         src = SyntheticSource(spec.kind, codec, seed, rank, spec.opt("min_len", max(16, seq_len // 8), int),
                               spec.opt("max_len", seq_len, int), spec.opt("loss", "answers"), task_options)
         try:   # options the task does not take show up now, not in the middle of a run
             src.sample(0)
         except (TypeError, ValueError) as e:
-            raise UsageError(f"--data {spec.text}: {e}") from None
+            raise UsageError(f"{spec.flag} {spec.text}: {e}") from None
         return src
     if spec.kind == "text":
-        return ListSource(spec.text, _text_loaders(spec), codec, seed, rank, world, shuffle)
+        return ListSource(spec.text, _text_loaders(spec), codec, seed, rank, world, shuffle, spec.flag)
     if spec.kind == "jsonl":
-        return ListSource(spec.text, _jsonl_loaders(spec), codec, seed, rank, world, shuffle)
+        return ListSource(spec.text, _jsonl_loaders(spec), codec, seed, rank, world, shuffle, spec.flag)
     return HFStreamSource(spec, codec, rank, world)
 
 
@@ -376,6 +398,8 @@ class PackedStream:
         return ids, labels
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch   # here, so the CLIs parse and check --data without loading torch
+
         rows = [self.next_sequence() for _ in range(batch_size)]
         return (torch.tensor([r[0] for r in rows], dtype=torch.long),
                 torch.tensor([r[1] for r in rows], dtype=torch.long))
@@ -407,7 +431,7 @@ def build_stream(specs: list[str], codec: TextCodec, seq_len: int, seed: int = 0
 def heldout_windows(spec_text: str, codec: TextCodec, seq_len: int, max_tokens: int):
     """Fixed ``seq_len`` windows over a held-out corpus, in corpus order, each
     document once (EOS-joined), up to ``max_tokens``: for perplexity."""
-    spec = parse_source_spec(spec_text)
+    spec = parse_source_spec(spec_text, "--heldout")
     if spec.kind in TASKS:
         raise UsageError(f"--heldout {spec_text}: perplexity needs text, not a synthetic task")
     src = build_source(spec, codec, seq_len, shuffle=False)

@@ -14,11 +14,11 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from training.config import EvalConfig, check_eval_config, parse_task_spec, resolve_model_dir
 from training.data import TextCodec, build_source, heldout_windows, parse_source_spec
 from training.errors import UsageError
 from training.tasks import TASKS, Sample, TaskLengthError
@@ -26,42 +26,17 @@ from training.tasks import TASKS, Sample, TaskLengthError
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-@dataclass
-class EvalConfig:
-    model: str
-    out: str
-    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah", "mqar"])
-    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
-    samples: int = 32
-    batch_size: int = 8
-    seed: int = 1234
-    heldout: str | None = None
-    ppl_seq_len: int = 1024
-    ppl_tokens: int = 262144
-    check_generate: int = 1             # samples per (task, length) also run through prefill/decode
-    device: str = "auto"
-    precision: str = "auto"
-    label: str | None = None
-    overwrite: bool = False
-
-
 def make_samples(task_spec: str, codec: TextCodec, length: int, n: int, seed: int) -> list[Sample]:
     """``n`` samples of one task at one context length; depths cycle through DEPTHS."""
-    spec = parse_source_spec(task_spec)
-    if spec.kind not in TASKS:
-        raise UsageError(f"--tasks: {spec.kind!r} is not a recall task (one of {', '.join(TASKS)})")
-    try:
-        opts = {k: (float(v) if "." in v else int(v)) for k, v in spec.options.items()}
-    except ValueError:
-        raise UsageError(f"--tasks {task_spec}: task options must be numbers") from None
+    kind, opts = parse_task_spec(task_spec)
     out = []
     for i in range(n):
-        rng = random.Random(f"eval/{seed}/{spec.kind}/{length}/{i}")
+        rng = random.Random(f"eval/{seed}/{kind}/{length}/{i}")
         kw = dict(opts)
-        if spec.kind in ("passkey", "niah") and "depth" not in kw:
+        if kind in ("passkey", "niah") and "depth" not in kw:
             kw["depth"] = DEPTHS[i % len(DEPTHS)]
         try:
-            out.append(TASKS[spec.kind](rng, codec, length, **kw))
+            out.append(TASKS[kind](rng, codec, length, **kw))
         except TaskLengthError as e:
             raise UsageError(f"--tasks {task_spec} at --lengths {length}: {e}") from None
         except (TypeError, ValueError) as e:
@@ -70,7 +45,7 @@ def make_samples(task_spec: str, codec: TextCodec, length: int, n: int, seed: in
 
 
 @torch.no_grad()
-def score_samples(model, samples: list[Sample], batch_size: int, pad_id: int, autocast=None
+def score_samples(model, samples: list[Sample], batch_size: int, pad_id: int, autocast=None, bar=None
                   ) -> list[list[bool]]:
     """Per sample, per answer span: is every answer token the argmax? Right padding
     is safe: a causal model's logits at a position never see later tokens."""
@@ -87,6 +62,8 @@ def score_samples(model, samples: list[Sample], batch_size: int, pad_id: int, au
             pred = model(ids.to(device)).logits.argmax(-1).cpu()
         for i, s in enumerate(chunk):
             verdicts.append([bool((pred[i, a - 1:e - 1] == ids[i, a:e]).all()) for a, e in s.spans])
+        if bar is not None:
+            bar.update(len(chunk))
     return verdicts
 
 
@@ -100,29 +77,49 @@ def generation_agrees(model, sample: Sample, verdict: bool) -> bool:
 
 def recall_table(model, codec: TextCodec, cfg: EvalConfig, autocast=None, log=print) -> list[dict]:
     rows = []
-    for task_spec in cfg.tasks:
-        for length in cfg.lengths:
-            t0 = time.perf_counter()
-            samples = make_samples(task_spec, codec, length, cfg.samples, cfg.seed)
-            verdicts = score_samples(model, samples, cfg.batch_size, codec.eos_id, autocast)
-            spans = [v for vs in verdicts for v in vs]
-            row = {"task": task_spec, "context": length,
-                   "tokens_mean": sum(len(s.ids) for s in samples) / len(samples),
-                   "accuracy": sum(spans) / len(spans), "n_samples": len(samples), "n_answers": len(spans),
-                   "sample_accuracy": sum(all(v) for v in verdicts) / len(verdicts)}
-            if samples[0].meta.get("depth") is not None:
-                by_depth: dict[float, list[bool]] = {}
-                for s, v in zip(samples, verdicts):
-                    by_depth.setdefault(s.meta["depth"], []).extend(v)
-                row["by_depth"] = {f"{k:.2f}": sum(v) / len(v) for k, v in sorted(by_depth.items())}
-            if cfg.check_generate > 0:
-                checks = [generation_agrees(model, s, v[-1]) for s, v in
-                          list(zip(samples, verdicts))[:cfg.check_generate]]
-                row["generate_agreement"] = sum(checks) / len(checks)
-            row["seconds"] = time.perf_counter() - t0
-            log(f"{task_spec:>10} @ {length:>6}: accuracy {row['accuracy']:.3f} ({row['n_answers']} answers)")
-            rows.append(row)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        # in samples, on stderr: long contexts on CPU take minutes per cell
+        bar = tqdm(total=len(cfg.tasks) * len(cfg.lengths) * cfg.samples, unit="sample", dynamic_ncols=True,
+                   desc="recall")
+        log = bar.write if log is print else log
+    try:
+        for task_spec in cfg.tasks:
+            for length in cfg.lengths:
+                if bar is not None:
+                    bar.set_postfix_str(f"{task_spec} @ {length}", refresh=False)
+                rows.append(_recall_cell(model, codec, cfg, task_spec, length, autocast, bar, log))
+    finally:
+        if bar is not None:
+            bar.close()
     return rows
+
+
+def _recall_cell(model, codec: TextCodec, cfg: EvalConfig, task_spec: str, length: int, autocast, bar, log
+                 ) -> dict:
+    """One (task, length) cell of the table."""
+    t0 = time.perf_counter()
+    samples = make_samples(task_spec, codec, length, cfg.samples, cfg.seed)
+    verdicts = score_samples(model, samples, cfg.batch_size, codec.eos_id, autocast, bar)
+    spans = [v for vs in verdicts for v in vs]
+    row = {"task": task_spec, "context": length,
+           "tokens_mean": sum(len(s.ids) for s in samples) / len(samples),
+           "accuracy": sum(spans) / len(spans), "n_samples": len(samples), "n_answers": len(spans),
+           "sample_accuracy": sum(all(v) for v in verdicts) / len(verdicts)}
+    if samples[0].meta.get("depth") is not None:
+        by_depth: dict[float, list[bool]] = {}
+        for s, v in zip(samples, verdicts):
+            by_depth.setdefault(s.meta["depth"], []).extend(v)
+        row["by_depth"] = {f"{k:.2f}": sum(v) / len(v) for k, v in sorted(by_depth.items())}
+    if cfg.check_generate > 0:
+        checks = [generation_agrees(model, s, v[-1]) for s, v in
+                  list(zip(samples, verdicts))[:cfg.check_generate]]
+        row["generate_agreement"] = sum(checks) / len(checks)
+    row["seconds"] = time.perf_counter() - t0
+    log(f"{task_spec:>10} @ {length:>6}: accuracy {row['accuracy']:.3f} ({row['n_answers']} answers)")
+    return row
 
 
 @torch.no_grad()
@@ -153,6 +150,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _trained_on(model: str) -> list[str] | None:
+    """What the model was trained on (statex.json), for the plot's notes; None: unknown."""
+    from training.report import trained_tasks
+
+    try:
+        return trained_tasks(resolve_model_dir(model))
+    except UsageError:
+        return None
+
+
 def evaluate_model(model, codec: TextCodec, cfg: EvalConfig, log=print) -> dict:
     """The numbers for one model (already loaded, in eval mode)."""
     device = next(model.parameters()).device
@@ -163,6 +170,7 @@ def evaluate_model(model, codec: TextCodec, cfg: EvalConfig, log=print) -> dict:
               "state_bytes_per_sequence": spec.bytes_per_sequence,
               "state_elements_per_sequence": spec.elements_per_sequence,
               "parameters": sum(p.numel() for p in model.parameters()),
+              "trained_on": _trained_on(cfg.model),
               "recall": recall_table(model, codec, cfg, autocast, log)}
     if cfg.heldout:
         result["heldout"] = heldout_perplexity(model, codec, cfg.heldout, cfg.ppl_seq_len, cfg.ppl_tokens,
@@ -178,20 +186,14 @@ def run(cfg: EvalConfig, log=print) -> dict:
 
     from model_registry.checkpoint import atomic_output_dir, load_model
     from training import report
-    from training.train import resolve_model_dir
 
-    if not cfg.tasks or not cfg.lengths or cfg.samples < 1 or cfg.batch_size < 1:
-        raise UsageError("need at least one task, one length, --samples >= 1 and --batch-size >= 1")
-    if any(n < 16 for n in cfg.lengths):
-        raise UsageError(f"context lengths must be at least 16 tokens: {cfg.lengths}")
-    for t in cfg.tasks:
-        make_samples(t, None, 0, 0, 0)   # syntax and task name only, before any work
+    check_eval_config(cfg)
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise UsageError(f"{cfg.out} already exists (pass --overwrite to replace it)")
     model_dir = resolve_model_dir(cfg.model)
     codec = TextCodec.from_model_dir(model_dir)
     if cfg.heldout:   # the corpus exists and is text, before loading the model
-        spec = parse_source_spec(cfg.heldout)
+        spec = parse_source_spec(cfg.heldout, "--heldout")
         if spec.kind in TASKS:
             raise UsageError(f"--heldout {cfg.heldout}: perplexity needs text, not a synthetic task")
         build_source(spec, codec, cfg.ppl_seq_len, shuffle=False)

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,40 +25,12 @@ import torch.distributed as dist
 from model_registry.checkpoint import CheckpointError
 from training.checkpointing import (checkpoints, load_train_checkpoint, remove_stale_temporaries, rng_state,
                                     save_train_checkpoint, set_rng_state)
+from training.config import TrainConfig, check_train_config, resolve_model_dir
 from training.data import TextCodec, build_stream
 from training.errors import UsageError
 from training.expand import count_parameters, read_provenance
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    out: str
-    data: list[str] = field(default_factory=list)
-    seq_len: int = 2048
-    batch_size: int = 8                  # sequences per micro-batch per GPU
-    grad_accum: int = 1
-    max_steps: int = 1000                # optimizer steps
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1            # cosine floor, as a fraction of lr
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    clip: float = 1.0
-    seed: int = 0
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    grad_checkpointing: bool = False
-    precision: str = "auto"              # auto: bf16 autocast on CUDA, fp32 on CPU
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    halt_after_step: int | None = None   # stop early without exporting (job time limits, tests)
-    time_budget_s: float | None = None   # shrink max_steps to fit (decided during warm-up)
-    progress: bool = True
 
 
 def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
@@ -75,14 +47,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A checkpoint dir, or a training run dir whose exported model is in ``model/``."""
-    p = Path(path)
-    if not (p / "config.json").is_file() and (p / "model" / "config.json").is_file():
-        return p / "model"
-    return p
 
 
 @dataclass
@@ -113,16 +77,6 @@ def _device(cfg: TrainConfig, d: _Dist) -> torch.device:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg.device}: no CUDA device here")
     return torch.device(cfg.device if cfg.device != "cuda" else f"cuda:{d.local_rank}")
-
-
-def _check_config(cfg: TrainConfig) -> None:
-    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.warmup_steps < 0 or not 0 <= cfg.min_lr_ratio <= 1 or cfg.lr <= 0:
-        raise UsageError("need --lr > 0, --warmup-steps >= 0 and 0 <= --min-lr-ratio <= 1")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise UsageError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
 
 
 def _gather(obj, d: _Dist) -> list:
@@ -164,7 +118,7 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
     optimizer step (tests use it to interrupt a run like a kill would)."""
     from model_registry.checkpoint import load_model, save_checkpoint
 
-    _check_config(cfg)
+    check_train_config(cfg)
     d = _init_distributed(cfg.device)
     device = _device(cfg, d)
     out = Path(cfg.out)

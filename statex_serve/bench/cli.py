@@ -94,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mqar-queries", type=_positive, default=4, help="MQAR answers asked per sample")
     g.add_argument("--recall-concurrency", type=_positive, help="recall requests in flight (full 8, quick 4)")
     g = p.add_argument_group("memory")
-    g.add_argument("--memory-models", default=MEMORY_PRESETS,
-                   help="presets or checkpoint dirs besides the targets' models ('' for none)")
+    g.add_argument("--memory-models", default=None,
+                   help="presets or checkpoint dirs besides the targets' models, e.g. "
+                        f"{MEMORY_PRESETS} (default: none, or those presets when there is no target)")
     g.add_argument("--memory-contexts", type=_int_list, default=MEMORY_CONTEXTS, help="default 1K..128K")
-    g.add_argument("--memory-budget", default="64GiB", help="memory for state / KV cache, e.g. 64GiB")
+    g.add_argument("--memory-budget", default="auto",
+                   help="memory for state / KV cache, e.g. 64GiB; auto: the memory of the GPU the targets run "
+                        "on, else of this machine")
     g.add_argument("--kv-heads", type=_positive, default=None,
                    help="KV heads of the comparison Transformer (default: as many as query heads, MHA)")
     g.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the model's weight dtype)")
@@ -150,12 +153,13 @@ def resolve(args: argparse.Namespace) -> dict:
         check_tasks(tasks)
     try:
         bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else H200_BANDWIDTH
-        budget = parse_memory_size(args.memory_budget)
+        budget = None if args.memory_budget == "auto" else parse_memory_size(args.memory_budget)
         if args.kv_dtype:
             dtype_bytes(args.kv_dtype)
     except ValueError as e:
         raise BenchError(str(e)) from None
-    models = [m.strip() for m in args.memory_models.split(",") if m.strip()]
+    asked = args.memory_models if args.memory_models is not None else ("" if specs else MEMORY_PRESETS)
+    models = [m.strip() for m in asked.split(",") if m.strip()]
     for m in models:
         if m not in PRESETS and not (Path(m) / "config.json").is_file():
             raise BenchError(f"--memory-models: {m} is neither a preset ({', '.join(PRESETS)}) "
@@ -164,6 +168,35 @@ def resolve(args: argparse.Namespace) -> dict:
         raise BenchError("memory: nothing to measure (give --target or --memory-models)")
     return {"suites": [s for s in SUITES if s in suites], "specs": specs, "tasks": tasks, "bandwidth": bandwidth,
             "bandwidth_given": args.bandwidth is not None, "budget": budget, "memory_models": models, **d}
+
+
+def _machine_memory(targets) -> tuple[int, str]:
+    """--memory-budget auto: (bytes, what they are): the memory of the GPU a target
+    runs on (this process sees the same GPUs as a server it spawned), else this
+    machine's RAM."""
+    devices = [str((t.info.get("engine") or {}).get("device") or "") for t in targets]
+    if any(d.startswith("cuda") for d in devices):
+        import torch
+
+        if torch.cuda.is_available():
+            index = next((int(d.split(":")[1]) for d in devices if d.startswith("cuda:")), 0)
+            return torch.cuda.get_device_properties(index).total_memory, "the GPU's memory"
+    from statex_serve.bench.report import _mem_bytes
+
+    return _mem_bytes() or 64 << 30, "this machine's memory"
+
+
+def _name_targets(targets) -> None:
+    """A server given by URL without ?label= is named after the model it serves
+    (known once started), not its address; names stay unique."""
+    taken = {t.label for t in targets if t.kind != "url" or "label" in t.spec.options}
+    for t in targets:
+        if t.kind == "url" and "label" not in t.spec.options and t.info.get("model"):
+            name, k = t.info["model"], 2
+            while name in taken:
+                name, k = f"{t.info['model']}#{k}", k + 1
+            t.label = name
+            taken.add(name)
 
 
 def _bundled_target():
@@ -196,6 +229,7 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dic
     from statex_serve.bench.modelinfo import load_facts
     from statex_serve.bench.report import environment
     from statex_serve.bench.targets import make_target
+    from training.report import trained_tasks
 
     suites, show = cfg["suites"], not args.no_progress
     with contextlib.suppress(NotImplementedError, RuntimeError):   # SIGTERM: stop the spawned servers too
@@ -216,7 +250,10 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dic
             t1 = time.perf_counter()
             await asyncio.gather(*(t.start() for t in targets))
             timings["start_targets"] = time.perf_counter() - t1
+        _name_targets(targets)
         results["targets"] = [t.describe() for t in targets]
+        for t, d in zip(targets, results["targets"]):
+            d["trained_on"] = trained_tasks(t.model_dir)   # what the plots may call "never trained"
         facts = {}
         for t in targets:
             desc = t.info.get("engine") or {}
@@ -250,11 +287,16 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dic
                 timings[f"recall {t.label}"] = time.perf_counter() - t1
                 checkpoint()
         if "memory" in suites:
-            mc = memory_mod.MemoryConfig(cfg["memory_contexts"], cfg["budget"], cfg["memory_models"], args.kv_heads,
+            budget, source = cfg["budget"], None
+            if budget is None:
+                budget, source = _machine_memory(targets)
+            mc = memory_mod.MemoryConfig(cfg["memory_contexts"], budget, cfg["memory_models"], args.kv_heads,
                                          args.kv_dtype)
             served = [(t.label, t.model_dir, t.info.get("engine") or {}) for t in targets if t.model_dir]
             t1 = time.perf_counter()
             results["suites"]["memory"] = await asyncio.to_thread(memory_mod.run_memory, mc, served)
+            if source:
+                results["suites"]["memory"]["budget_source"] = source
             timings["memory"] = time.perf_counter() - t1
             checkpoint()
         if "prefix" in suites:

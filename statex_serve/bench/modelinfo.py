@@ -17,8 +17,10 @@ import math
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
 H200_BANDWIDTH = 4.25e12   # bytes/s: device-to-device copy measured on the H200 (docs: kernels-and-gpu)
@@ -77,6 +79,7 @@ def _safetensors_params(model_dir: Path) -> tuple[int | None, str | None]:
 
 
 def _meta_numel(config) -> int:
+    import torch   # here and below, not at the top: the bench checks its arguments without torch
     from transformers import AutoModelForCausalLM
 
     import model_registry  # noqa: F401  (registers our model types)
@@ -126,6 +129,8 @@ class ModelFacts:
 
 def statex_facts(config, name: str, source: str, params: int | None = None, weights_dtype: str = "bfloat16",
                  state_dtype: str = "float32") -> ModelFacts:
+    import torch
+
     sdt = getattr(torch, state_dtype)
     if config.model_type == "statex_mamba2":
         spec = config.state_spec(sdt, conv_dtype=getattr(torch, weights_dtype))
@@ -212,6 +217,8 @@ def matched_transformer(facts: ModelFacts, kv_heads: int | None = None, kv_dtype
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
     """Every K/V tensor a transformers cache holds (DynamicCache of transformers 4.5x-5.x)."""
+    import torch
+
     out = []
     for layer in getattr(cache, "layers", []):
         out += [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t)]
@@ -221,11 +228,11 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
     return out
 
 
-@torch.no_grad()
 def measure_llama_kv(contexts: list[int], batch: int = 2, dtype: str = "float32", seed: int = 0) -> list[dict]:
     """Run a tiny ``LlamaForCausalLM`` (GQA: 4 query heads, 2 KV heads) with
     ``use_cache=True`` on CPU and weigh the tensors its cache actually holds,
     next to the formula this module uses for big models."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -237,7 +244,8 @@ def measure_llama_kv(contexts: list[int], batch: int = 2, dtype: str = "float32"
     rows = []
     for ctx in contexts:
         ids = torch.randint(0, config.vocab_size, (batch, ctx))
-        cache = model(ids, use_cache=True).past_key_values
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
         measured = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
         rows.append({"context": ctx, "batch": batch, "measured_bytes": measured,
                      "formula_bytes": batch * per_token * ctx, "measured_bytes_per_sequence": measured // batch,

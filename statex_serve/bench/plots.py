@@ -1,4 +1,6 @@
-"""Small PNGs (about 800 x 300 px): latency, recall and memory vs context."""
+"""Small PNGs (about 900 x 300 px): latency, recall and memory vs context. Lines
+are named by target (its label, else the served model's name); one legend to
+the right of the panels serves them all; axes read 256, 512, 1K, not 2^8."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,17 +11,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from statex_serve.bench.report import show_floor
+from training.report import plain_log2_axis, plain_log10_formatter, task_kind
 
-SIZE = (10, 3.4)
+SIZE = (11.5, 3.4)        # wide: the shared legend sits to the right of the panels
 DPI = 80
 
 
 def _log2_x(ax, xs):
-    ax.set_xscale("log", base=2)
-    ticks = sorted(set(xs))
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{x // 1024}K" if x >= 1024 and x % 1024 == 0 else str(x) for x in ticks], fontsize=7)
-    ax.minorticks_off()
+    plain_log2_axis(ax, xs)
+    ax.tick_params(axis="x", labelsize=7)
+
+
+def _finish(fig, path: Path) -> Path:
+    """One legend for every panel, outside them on the right (lines of the same
+    name in several panels are listed once)."""
+    seen = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    right = 1.0
+    if seen:
+        legend = fig.legend(list(seen.values()), list(seen), loc="center right", fontsize=7, frameon=False)
+        fig.canvas.draw()            # the legend's size is known once drawn: the panels get the rest
+        width_in = legend.get_window_extent().width / fig.dpi
+        right = 1 - (width_in + 0.15) / fig.get_figwidth()
+    fig.tight_layout(rect=(0, 0, right, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def latency_plot(results: dict, path: Path) -> Path | None:
@@ -53,11 +72,7 @@ def latency_plot(results: dict, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in axes:
         ax.set_ylim(bottom=0)
-    axes[1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
 def recall_plot(results: dict, path: Path) -> Path | None:
@@ -65,25 +80,30 @@ def recall_plot(results: dict, path: Path) -> Path | None:
     tasks = list(dict.fromkeys(r["task"] for res in recall.values() for r in res["rows"]))
     if not tasks:
         return None
+    trained = {t["label"]: t.get("trained_on") for t in results.get("targets", [])}
+    colors = {label: f"C{i}" for i, label in enumerate(recall)}
     fig, axes = plt.subplots(1, len(tasks), figsize=SIZE, dpi=DPI, squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        xs = []
+        xs, untrained = [], []
         for label, res in recall.items():
             rows = [r for r in res["rows"] if r["task"] == task]
             x = [r["context"] for r in rows]
             xs += x
-            ax.plot(x, [r["accuracy"] for r in rows], marker="o", ms=3, label=label)
+            known = trained.get(label)
+            if known is not None and task_kind(task) not in known and not any(r["accuracy"] for r in rows):
+                untrained.append(label)   # a note, not a line along 0 that reads like a failed model
+                continue
+            ax.plot(x, [r["accuracy"] for r in rows], marker="o", ms=3, label=label, color=colors[label])
+        if untrained:
+            ax.text(0.5, 0.5, f"never trained on {task_kind(task)}:\n" + "\n".join(untrained),
+                    transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.35")
         ax.set_title(f"{task} accuracy", fontsize=9)
         _log2_x(ax, xs)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("context (tokens)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
 def memory_plot(results: dict, path: Path) -> Path | None:
@@ -108,18 +128,18 @@ def memory_plot(results: dict, path: Path) -> Path | None:
             axes[1].plot(x, [max(r["transformer_max_sequences"], 0.5) for r in e["rows"]], ls="--",
                          color=line.get_color(), lw=1, label=tf)
     axes[0].set_title("bytes per sequence (MiB)", fontsize=9)
-    axes[1].set_title(f"max sequences in {memory['budget_bytes'] / 2**30:.0f} GiB", fontsize=9)
+    budget = f"{memory['budget_bytes'] / 2**30:.3g} GiB"
+    if memory.get("budget_source"):
+        budget += f" ({memory['budget_source']})"
+    axes[1].set_title(f"max sequences in {budget}", fontsize=9)
     for ax in axes:
         _log2_x(ax, xs)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain_log10_formatter())
         ax.set_xlabel("context (tokens)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
 def write_plots(results: dict, out_dir: Path) -> list[str]:

@@ -108,9 +108,9 @@ class TargetSpec:
     def label(self) -> str:
         if "label" in self.options:
             return self.options["label"]
-        if self.kind == "url":
+        if self.kind == "url":        # until started: then the served model's name (bench cli)
             return self.location.split("://", 1)[-1].rstrip("/")
-        return f"{self.kind}:{Path(self.location).name}"
+        return Path(self.location.rstrip("/")).name or self.location
 
 
 def parse_target(text: str) -> TargetSpec:

@@ -14,7 +14,10 @@ BACKENDS = ("native", "vllm")
 
 def create_engine(args: EngineArgs, backend: str = "native") -> Engine:
     """Build (and load) an engine. Imports are lazy: the native engine does not
-    need vLLM, and the vLLM adapter lives in its own module."""
+    need vLLM, and the vLLM adapter lives in its own module. Without
+    ``max_model_len`` the checkpoint's default applies (``default_max_model_len``)."""
+    if backend in BACKENDS:
+        args = args.with_default_max_model_len()
     if backend == "native":
         from statex_serve.engine.native import NativeEngine
 

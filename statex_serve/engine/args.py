@@ -2,8 +2,21 @@
 every backend (each reads the fields that apply to it)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# The context a checkpoint is served with when neither --max-model-len nor its
+# statex.json says otherwise: max_position_embeddings, capped here. A recurrent
+# model has no position limit and its configs often say so with a huge number
+# (ours default to 2^20); vLLM sizes per-request buffers from max_model_len and
+# clients take /v1/models' max_model_len at its word.
+DEFAULT_MAX_MODEL_LEN_CAP = 32768
 
 _UNITS = {
     "": 1, "b": 1,
@@ -47,7 +60,7 @@ class EngineArgs:
     state_dtype: str = "auto"                    # auto (the model's default, fp32) | float32 | bfloat16
     max_num_seqs: int | None = None              # state-pool slots (None: from state_memory, else 64)
     state_memory: int | None = None              # bytes for the state pool; capacity = budget // bytes/seq
-    max_model_len: int | None = None             # None: the checkpoint's max_position_embeddings
+    max_model_len: int | None = None             # None: default_max_model_len(model)
     prefill_chunk: int | None = None             # prompt tokens per engine step, at most (None: per device)
     max_queue: int = 1024                        # requests allowed to wait for a slot; more -> 503
     compile_cache_dir: str | None = None         # compiled kernels + autotune results (None: compile_cache.py)
@@ -118,6 +131,51 @@ class EngineArgs:
             host = self.DEFAULT_PREFIX_CACHE_HOST_MEMORY if device_type == "cuda" else 0
         return device, host
 
+    def with_default_max_model_len(self) -> "EngineArgs":
+        """These arguments with ``max_model_len`` filled in from the checkpoint when
+        it is None (see ``default_max_model_len``); both engines are built from this."""
+        if self.max_model_len is not None:
+            return self
+        length, source = default_max_model_len(self.model)
+        logger.info("max_model_len %d (%s); a recurrent model runs longer when asked: --max-model-len N",
+                    length, source)
+        return dataclasses.replace(self, max_model_len=length)
+
     @property
     def served_name(self) -> str:
         return self.served_model_names[0] if self.served_model_names else self.model
+
+
+def trained_context_length(model_dir: str | Path) -> int | None:
+    """The sequence length of the newest post-training recorded in ``statex.json``
+    (``post_training.seq_len``, following ``base_provenance`` back through an
+    expansion, which does not train); None when no training is recorded."""
+    try:
+        record = json.loads((Path(model_dir) / "statex.json").read_text())
+    except (OSError, ValueError):
+        return None
+    while isinstance(record, dict):
+        seq_len = (record.get("post_training") or {}).get("seq_len")
+        if isinstance(seq_len, int) and seq_len > 1:
+            return seq_len
+        record = record.get("base_provenance")
+    return None
+
+
+def default_max_model_len(model_dir: str | Path) -> tuple[int, str]:
+    """(tokens, where the number comes from): the length the checkpoint was trained
+    at, else its ``max_position_embeddings`` capped at DEFAULT_MAX_MODEL_LEN_CAP."""
+    trained = trained_context_length(model_dir)
+    if trained is not None:
+        return trained, "the length it was trained at, statex.json post_training.seq_len"
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    n = config.get("max_position_embeddings")
+    if not isinstance(n, int) or n < 2:
+        return DEFAULT_MAX_MODEL_LEN_CAP, "no trained length or max_position_embeddings: the default cap"
+    if n > DEFAULT_MAX_MODEL_LEN_CAP:
+        return DEFAULT_MAX_MODEL_LEN_CAP, (f"config max_position_embeddings {n} capped at "
+                                           f"{DEFAULT_MAX_MODEL_LEN_CAP}")
+    return n, "config max_position_embeddings"

@@ -16,8 +16,13 @@ Mapping of the engine arguments:
 - state memory: vLLM's page per sequence is exactly the model's state (the
   plugin's state page; prefix caching's 'align' mode holds 2 pages per running
   sequence). ``--state-memory`` (else ``--max-num-seqs`` x bytes per sequence)
-  becomes the KV-cache budget: ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) on CPU,
-  ``kv_cache_memory_bytes`` on CUDA; ``--max-num-seqs`` caps running sequences.
+  becomes vLLM's KV-cache budget, ``kv_cache_memory_bytes``, on CPU and CUDA
+  alike (without it vLLM takes 90% of the machine's memory on CPU, or of the
+  GPU's); ``--max-num-seqs`` caps running sequences. A ``VLLM_CPU_KVCACHE_SPACE``
+  set by the user still wins on CPU (vLLM reads it last).
+- ``--max-model-len``: the checkpoint's default when not given
+  (``EngineArgs.with_default_max_model_len``: its trained length, else a cap);
+  vLLM sizes per-request buffers from it.
 - ``--prefill-chunk``: vLLM's per-step token budget is the decode batch plus
   one chunk (``max_num_batched_tokens = max_num_seqs + prefill_chunk``).
 - ``--prefix-cache``: vLLM's automatic prefix caching (pinned prefixes are a
@@ -33,7 +38,6 @@ import asyncio
 import gc
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -57,7 +61,6 @@ from statex_serve.engine.sequence import SequenceState
 logger = logging.getLogger(__name__)
 
 ENGINE_ARGS_ENV = "STATEX_VLLM_ENGINE_ARGS"
-_GIB = 1 << 30
 
 
 def _state_spec(config: dict, state_dtype: str, dtype: torch.dtype):
@@ -245,6 +248,7 @@ class _Stream:
 
 class VLLMEngine(LoadedModelEngine):
     def __init__(self, args: EngineArgs):
+        args = args.with_default_max_model_len()
         self.args = args
         t0 = time.perf_counter()
         import vllm  # noqa: F401  (a clear error when vLLM is missing)
@@ -259,7 +263,7 @@ class VLLMEngine(LoadedModelEngine):
         self._tokenizer = load_tokenizer(args.model)
         self.eos_token_ids = eos_token_ids(self.config, self._tokenizer)
         self._vocab_size = int(config["vocab_size"])
-        self._max_model_len = args.max_model_len or int(config.get("max_position_embeddings") or 8192)
+        self._max_model_len = args.max_model_len
 
         per_seq = self.spec.bytes_per_sequence
         pages_per_seq = 2 if args.prefix_cache else 1          # 'align' mode keeps a checkpoint page
@@ -287,12 +291,8 @@ class VLLMEngine(LoadedModelEngine):
         if args.state_dtype != "auto":
             kw["mamba_ssm_cache_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}.get(args.state_dtype,
                                                                                         args.state_dtype)
-        if self.device.type == "cpu":
-            # whole GiB only; running sequences are capped by max_num_seqs anyway
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(budget / _GIB))))
-        else:
-            kw["kv_cache_memory_bytes"] = budget
-        if args.max_model_len and args.max_model_len > int(config.get("max_position_embeddings") or 0):
+        kw["kv_cache_memory_bytes"] = budget
+        if args.max_model_len > int(config.get("max_position_embeddings") or 0):
             # recurrent models have no position limit; vLLM checks max_position_embeddings
             os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
         kw.update(extra)
