@@ -409,6 +409,14 @@ class VLLMEngine(LoadedModelEngine):
         if p.max_tokens == 0:
             raise InvalidRequestError("max_tokens=0 (prompt scoring) is not available with --backend vllm",
                                       "max_tokens")
+        step_tokens = self.vllm_kwargs["max_num_batched_tokens"] - self.max_num_seqs
+        if self.device.type == "cpu" and p.seed is not None and not p.greedy and len(prompt) > step_tokens:
+            # vLLM 0.32's CPU runner rewinds a seeded generator after a partial prefill with
+            # set_offset, which CPU generators lack: the engine core dies, failing everyone
+            raise InvalidRequestError(
+                f"a seed with a prompt longer than {step_tokens} tokens (one prefill step) is not available "
+                "with --backend vllm on CPU (vLLM's CPU sampler cannot resume a seeded generator across prefill "
+                "steps); omit the seed, raise --prefill-chunk, or use the native backend", "seed")
         if len(prompt) + p.max_tokens > self._max_model_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
