@@ -43,13 +43,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c 'import torch, triton, fla; print("torch", torch.__version__, "triton", triton.__version__, "fla", fla.__version__)' \
     | tee -a "$OUT/gpu.txt"
 
-stage() {  # NAME SECONDS COMMAND...: one capped stage, its log in $OUT/NAME.log
-    local name=$1 limit=$2
-    shift 2
-    local t0=$SECONDS
-    timeout --signal=TERM --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "$name: exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/status.txt"
-}
+STAGE_DIR=$OUT STAGE_KILL_AFTER=20
+source scripts/stage.sh     # the repository root is the working directory here
 
 ckpt() {  # SHAPE: a random bf16 checkpoint of a bench preset, made once per machine
     [ -f "$W/ckpt/$1/config.json" ] || $PY -m statex_serve.bench.make_checkpoint "$1" "$W/ckpt/$1" --overwrite \

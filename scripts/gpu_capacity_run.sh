@@ -24,13 +24,8 @@ rm -rf "$R" "$W/checkpoints"
 mkdir -p "$W" "$R" "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton-cache}
 
-stage() {  # NAME SECONDS COMMAND...: one capped stage, its log in $R/NAME.log
-    local name=$1 limit=$2
-    shift 2
-    local t0=$SECONDS
-    timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$R/$name.log" 2>&1
-    echo "$name: exit $? after $((SECONDS - t0)) s (at $SECONDS s)" | tee -a "$R/status.txt"
-}
+STAGE_DIR=$R STAGE_KILL_AFTER=15
+source scripts/stage.sh     # the repository root is the working directory here
 
 if [ -d .whl ] && [ ! -d "$W/site/fla" ]; then
     stage pip 120 $PY -m pip install -q --no-index --no-deps --target "$W/site" .whl/*.whl

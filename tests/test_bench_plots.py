@@ -129,3 +129,26 @@ def test_eval_plot_says_never_trained_and_plain_ticks(figures, tmp_path):
     assert not mqar.get_lines() and any("never trained on mqar" in t.get_text() for t in mqar.texts)
     assert [t.get_text() for t in passkey.get_xticklabels()] == ["256", "512", "1K", "2K"]
     assert _legend_texts(fig) == ["tiny"]
+
+
+def test_throughput_plot_against_concurrency_with_the_floor(figures, tmp_path):
+    """tok/s and ITL against concurrency, per (target, context), with the floor
+    dashed beside each line when the floor applies; nothing to draw with one
+    concurrency level."""
+    results = _results()
+    assert plots.throughput_plot(results, tmp_path / "t.png") is None          # concurrency 1 only
+    results["settings"]["bandwidth_given"] = True
+    cells = []
+    for c, tok in ((1, 400.0), (64, 2500.0), (256, 7800.0)):
+        cells.append({"context": 4096, "concurrency": c, "floor_out_tok_s": 1475.0 * c ** 0.8,
+                      "floor_tpot_ms": 0.7 + c / 30, "summary": {
+                          "ttft": {"p50_ms": 40.0}, "tpot": {"p50_ms": 2.0}, "itl": {"p50_ms": 1.5 + c / 20},
+                          "output_throughput_tok_s": tok}})
+    results["suites"]["latency"]["statex"]["cells"] += cells
+    assert plots.throughput_plot(results, tmp_path / "t.png").stat().st_size > 1000
+    (fig,) = figures
+    tok_ax, itl_ax = fig.axes
+    assert [line.get_label() for line in tok_ax.get_lines()] == ["statex 4K", "floor statex 4K"]
+    assert list(tok_ax.get_lines()[0].get_ydata()) == [400.0, 2500.0, 7800.0]
+    assert list(itl_ax.get_lines()[1].get_xdata()) == [1, 64, 256]
+    assert sorted(_legend_texts(fig)) == ["floor statex 4K", "statex 4K"]

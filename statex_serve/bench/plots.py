@@ -1,4 +1,5 @@
-"""Small PNGs (about 900 x 300 px): latency, recall and memory vs context. Lines
+"""Small PNGs (about 900 x 300 px): latency, recall and memory vs context, and
+throughput vs concurrency (with the bandwidth floor). Lines
 are named by target (its label, else the served model's name); one legend to
 the right of the panels serves them all; axes read 256, 512, 1K, not 2^8."""
 from __future__ import annotations
@@ -75,6 +76,50 @@ def latency_plot(results: dict, path: Path) -> Path | None:
     return _finish(fig, path)
 
 
+def throughput_plot(results: dict, path: Path) -> Path | None:
+    """Output tok/s and ITL p50 vs concurrency, one line per (target, context), the
+    memory-bandwidth floor dashed beside each: how close load gets to the floor,
+    and whether throughput keeps rising with concurrency."""
+    latency = results["suites"].get("latency") or {}
+    targets = {t["label"]: t for t in results.get("targets", [])}
+    bw_given = results["settings"]["bandwidth_given"]
+    series = []
+    for label, res in latency.items():
+        floor = show_floor(targets.get(label, {}), bw_given)
+        for ctx in sorted({cell["context"] for cell in res["cells"]}):
+            cells = sorted((c for c in res["cells"] if c["context"] == ctx), key=lambda c: c["concurrency"])
+            if len(cells) >= 2:
+                series.append((f"{label} {_ctx_label(ctx)}", cells, floor))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(SIZE[0] * 0.75, SIZE[1]), dpi=DPI)
+    xs = []
+    for name, cells, floor in series:
+        x = [c["concurrency"] for c in cells]
+        xs += x
+        tok = [c["summary"]["output_throughput_tok_s"] or float("nan") for c in cells]
+        itl = [c["summary"]["itl"]["p50_ms"] if c["summary"].get("itl") else float("nan") for c in cells]
+        line, = axes[0].plot(x, tok, marker="o", ms=3, label=name)
+        axes[1].plot(x, itl, marker="o", ms=3, color=line.get_color(), label=name)
+        if floor and all("floor_out_tok_s" in c for c in cells):
+            axes[0].plot(x, [c["floor_out_tok_s"] for c in cells], ls="--", lw=1, color=line.get_color(),
+                         label=f"floor {name}")
+            axes[1].plot(x, [c["floor_tpot_ms"] for c in cells], ls="--", lw=1, color=line.get_color(),
+                         label=f"floor {name}")
+    for ax, title in zip(axes, ("output tokens/s (whole run)", "ITL p50 (ms)")):
+        ax.set_title(title, fontsize=9)
+        _log2_x(ax, xs)
+        ax.set_xlabel("concurrent requests", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    return _finish(fig, path)
+
+
+def _ctx_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def recall_plot(results: dict, path: Path) -> Path | None:
     recall = results["suites"].get("recall") or {}
     tasks = list(dict.fromkeys(r["task"] for res in recall.values() for r in res["rows"]))
@@ -145,6 +190,7 @@ def memory_plot(results: dict, path: Path) -> Path | None:
 def write_plots(results: dict, out_dir: Path) -> list[str]:
     from statex_serve.bench.prefix import plot as prefix_plot
 
-    made = [latency_plot(results, out_dir / "latency.png"), recall_plot(results, out_dir / "recall.png"),
+    made = [latency_plot(results, out_dir / "latency.png"), throughput_plot(results, out_dir / "throughput.png"),
+            recall_plot(results, out_dir / "recall.png"),
             memory_plot(results, out_dir / "memory.png"), prefix_plot(results, out_dir / "prefix.png")]
     return [p.name for p in made if p is not None]

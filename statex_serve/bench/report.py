@@ -212,6 +212,8 @@ def _latency_md(results: dict, latency: dict) -> list[str]:
                        + f") / {bw / 1e12:.2f} TB/s")
         out.append("")
     out += ["![latency vs context](latency.png)", ""]
+    if "throughput.png" in results.get("plots", []):
+        out += ["![throughput vs concurrency](throughput.png)", ""]
     return out
 
 
