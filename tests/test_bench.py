@@ -69,7 +69,7 @@ def test_quick_run_writes_json_markdown_and_plots(quick_run):
     for heading in ("## Latency vs context", "## Recall vs context", "## Memory vs context", "## Compare"):
         assert heading in md
     assert md in stdout
-    assert sorted(res["plots"]) == ["latency.png", "memory.png", "recall.png"]
+    assert sorted(res["plots"]) == ["latency.png", "memory.png", "recall.png", "throughput.png"]
     for name in res["plots"]:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
