@@ -8,7 +8,7 @@ include_stop_str_in_output, add_special_tokens, return_tokens_as_token_ids), so 
 work unchanged. Ours: ``pin_prefix`` and ``prefix_id`` (the prefix cache; see
 docs/prefix-cache.md), passed by OpenAI clients through ``extra_body``; and
 vLLM's ``cache_salt`` (prefix-cache hits only among requests with the same salt). Unknown fields are ignored with a log line, as vLLM does;
-known fields we cannot honour (penalties, suffix, tools, ...) are refused with
+known fields we cannot honour (min_p, suffix, tools, ...) are refused with
 a 400 that says so, rather than silently ignored.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from statex_serve.engine.base import MAX_TOP_K
+from statex_serve.engine.base import MAX_REPETITION_PENALTY, MAX_TOP_K, MIN_REPETITION_PENALTY
 
 
 def _no_surrogates(v: str) -> str:
@@ -59,7 +59,7 @@ class _GenerationFields(BaseModel):
     seed: StrictInt | None = Field(None, ge=-2**63, lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
     ignore_eos: StrictBool = False
@@ -111,12 +111,6 @@ class _GenerationFields(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, why) for a field set to something this server cannot do."""
-        if self.presence_penalty:
-            return "presence_penalty", "presence_penalty is not supported by this server (use 0)"
-        if self.frequency_penalty:
-            return "frequency_penalty", "frequency_penalty is not supported by this server (use 0)"
-        if self.repetition_penalty not in (None, 1.0):
-            return "repetition_penalty", "repetition_penalty is not supported by this server (use 1)"
         if self.min_p:
             return "min_p", "min_p is not supported by this server (use 0)"
         return None

@@ -427,6 +427,8 @@ class VLLMEngine(LoadedModelEngine):
             min_tokens=p.min_tokens, max_tokens=p.max_tokens, seed=None if p.seed is None else p.seed + index,
             stop_token_ids=sorted(stop_ids) or None, ignore_eos=p.ignore_eos,
             logit_bias=dict(p.logit_bias) or None, logprobs=p.logprobs,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
             prompt_logprobs=p.prompt_logprobs if index == 0 else None,
             detokenize=False, output_kind=RequestOutputKind.DELTA)
 

@@ -1,0 +1,221 @@
+"""What a vLLM user brings, against the real server (issue 18): the metrics a
+vLLM dashboard reads (scraped and parsed with prometheus_client's parser), the
+sampling options users send (penalties against a direct implementation of
+vLLM's definitions on the oracle model), /docs without a network, and vLLM's
+CLI names.
+"""
+from __future__ import annotations
+
+import re
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_registry.checkpoint import load_model
+from model_registry.testing import make_tiny_checkpoint
+from statex_serve.testing import ServerProcess
+
+NAME = "tiny-gla"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+MAX_LEN = 4096
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("compat") / "gla", family="gla", seed=3))
+
+
+@pytest.fixture(scope="module")
+def oracle(ckpt):
+    torch.set_num_threads(1)
+    return load_model(ckpt)
+
+
+@pytest.fixture(scope="module")
+def srv(ckpt):
+    with ServerProcess(ckpt, "--served-model-name", NAME, "--max-num-seqs", "8", "--max-model-len", str(MAX_LEN),
+                       env=ONE_THREAD) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def scrape(server) -> dict[str, dict]:
+    """{family name: {(sample name, sorted labels): value}} from /metrics, through prometheus_client's parser."""
+    text = httpx.get(server.base_url + "/metrics").text
+    out: dict[str, dict] = {}
+    for fam in text_string_to_metric_families(text):
+        out[fam.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in fam.samples}
+        out[fam.name]["__type__"] = fam.type
+    return out
+
+
+def value(families, family: str, sample: str, **labels) -> float:
+    want = {"model_name": NAME, "engine": "0", **labels}
+    for (name, lab), v in families[family].items():
+        if name == sample and dict(lab) == want:
+            return v
+    raise AssertionError(f"{sample}{want} not in {family}: {families[family]}")
+
+
+# --- item 7: metrics ----------------------------------------------------------------------------------
+
+VLLM_HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                   "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+                   "vllm:request_prompt_tokens", "vllm:request_generation_tokens")
+
+
+def test_vllm_metrics_a_dashboard_reads(srv, client):
+    before = scrape(srv)
+    # four sequences that end by length (a completion with n=2, a chat, c), one by a stop string (d)
+    a = client.completions.create(model=NAME, prompt="hello metrics", max_tokens=7, n=2, temperature=0.0,
+                                  extra_body={"ignore_eos": True})
+    b = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                       extra_body={"ignore_eos": True})
+    c = client.completions.create(model=NAME, prompt="stop me", max_tokens=40, temperature=0.0,
+                                  extra_body={"ignore_eos": True, "min_tokens": 3})
+    text_c = c.choices[0].text
+    assert len(text_c) >= 3
+    d = client.completions.create(model=NAME, prompt="stop me", max_tokens=40, temperature=0.0,
+                                  stop=[text_c[1:3]], extra_body={"ignore_eos": True})
+    assert d.choices[0].finish_reason == "stop"
+    after = scrape(srv)
+
+    for fam in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert after[fam]["__type__"] == "gauge"
+    assert value(after, "vllm:num_requests_running", "vllm:num_requests_running") == 0
+    assert value(after, "vllm:num_requests_waiting", "vllm:num_requests_waiting") == 0
+    assert value(after, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc") == 0.0
+    for fam in VLLM_HISTOGRAMS:
+        assert after[fam]["__type__"] == "histogram", fam
+
+    def delta(fam, sample, **labels):
+        return value(after, fam, sample, **labels) - (value(before, fam, sample, **labels) if fam in before else 0)
+
+    seqs = 5     # vLLM fans n out into n requests: each sequence counts
+    assert delta("vllm:request_success", "vllm:request_success_total", finished_reason="length") == 4
+    assert delta("vllm:request_success", "vllm:request_success_total", finished_reason="stop") == 1
+    for reason in ("abort", "error", "repetition"):      # exported at 0, as vLLM does
+        value(after, "vllm:request_success", "vllm:request_success_total", finished_reason=reason)
+    # usage counts a's prompt once; the histogram once for each of its two sequences
+    prompt_tokens = 2 * a.usage.prompt_tokens + b.usage.prompt_tokens + c.usage.prompt_tokens + d.usage.prompt_tokens
+    gen_tokens = sum(r.usage.completion_tokens for r in (a, b, c, d))
+    assert delta("vllm:request_prompt_tokens", "vllm:request_prompt_tokens_sum") == prompt_tokens
+    assert delta("vllm:request_generation_tokens", "vllm:request_generation_tokens_sum") == gen_tokens
+    for fam in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds",
+                "vllm:request_queue_time_seconds", "vllm:request_prompt_tokens"):
+        assert delta(fam, fam + "_count") == seqs, fam
+    # one gap per token after the first (each output of the native engine brings one token)
+    assert delta("vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_count") == gen_tokens - seqs
+    assert 0 < delta("vllm:e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds_sum") < 120
+    assert value(after, "vllm:generation_tokens", "vllm:generation_tokens_total") >= gen_tokens
+    # vLLM's buckets, so the dashboard's quantiles mean the same
+    buckets = pytest.importorskip("vllm.v1.metrics.buckets")
+
+    def bounds(fam):
+        return sorted(float(dict(key[1])["le"]) for key in after[fam] if key[0] == fam + "_bucket")
+
+    assert bounds("vllm:time_to_first_token_seconds") == [*buckets.TIME_TO_FIRST_TOKEN_BUCKETS, float("inf")]
+    assert bounds("vllm:inter_token_latency_seconds") == [*buckets.INTER_TOKEN_LATENCY_BUCKETS, float("inf")]
+    assert bounds("vllm:e2e_request_latency_seconds") == [*buckets.REQUEST_LATENCY_BUCKETS, float("inf")]
+    assert bounds("vllm:request_prompt_tokens") == [*buckets.build_1_2_5_buckets(MAX_LEN), float("inf")]
+    # ours stay, and the process metrics are there
+    assert "statex_requests_running" in after and "statex_time_to_first_token_seconds" in after
+    assert after["process_cpu_seconds"]["__type__"] == "counter"
+    assert "process_resident_memory_bytes" in after
+
+
+def test_kv_cache_usage_is_the_state_pool_in_use(srv):
+    """While a long generation holds one of the 8 slots, usage is 1/8."""
+    import threading
+
+    done = threading.Event()
+
+    def long_request():
+        httpx.post(srv.base_url + "/v1/completions", timeout=120,
+                   json={"prompt": "long", "max_tokens": 3000, "ignore_eos": True, "stream": False})
+        done.set()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    seen = set()
+    for _ in range(400):
+        fams = scrape(srv)
+        seen.add(value(fams, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc"))
+        if 0.125 in seen or done.is_set():
+            break
+    t.join(120)
+    assert 0.125 in seen, seen
+
+
+# --- item 6: sampling options -------------------------------------------------------------------------
+
+def penalized_greedy(model, prompt: list[int], max_tokens: int, presence=0.0, frequency=0.0, repetition=1.0):
+    """Greedy decoding with vLLM's penalties written out per token (the oracle)."""
+    dev = model.device
+    pools = model.allocate_state_pools(1)
+    slots = torch.tensor([0], device=dev, dtype=torch.int32)
+    logits = model.prefill(torch.tensor(prompt, device=dev), torch.tensor([0, len(prompt)], device=dev,
+                                                                           dtype=torch.int32),
+                           slots, torch.tensor([False], device=dev), pools)
+    out: list[int] = []
+    while True:
+        row = logits[0].double().tolist()
+        for t in range(len(row)):
+            if t in prompt or t in out:
+                row[t] = row[t] / repetition if row[t] > 0 else row[t] * repetition
+            row[t] -= frequency * out.count(t) + presence * (t in out)
+        out.append(max(range(len(row)), key=row.__getitem__))
+        if len(out) == max_tokens:
+            return out
+        logits = model.decode(torch.tensor([out[-1]], device=dev), slots, pools)
+
+
+def token_ids(choice) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+
+
+PROMPT = [72, 101, 108, 108, 111, 32, 97, 98, 97, 98, 97, 98]
+
+
+@pytest.mark.parametrize("penalties", [
+    {"presence_penalty": 1.5}, {"frequency_penalty": 2.0}, {"repetition_penalty": 3.0},
+    {"presence_penalty": -0.5, "frequency_penalty": 0.7, "repetition_penalty": 1.3}], ids=str)
+def test_penalties_follow_vllms_definitions(client, oracle, penalties):
+    plain = penalized_greedy(oracle, PROMPT, 24)
+    want = penalized_greedy(oracle, PROMPT, 24, penalties.get("presence_penalty", 0.0),
+                            penalties.get("frequency_penalty", 0.0), penalties.get("repetition_penalty", 1.0))
+    assert want != plain, "the penalty does not change this greedy output: a useless case"
+    extra = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    if "repetition_penalty" in penalties:
+        extra["repetition_penalty"] = penalties["repetition_penalty"]
+    r = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0.0, logprobs=0,
+                                  presence_penalty=penalties.get("presence_penalty"),
+                                  frequency_penalty=penalties.get("frequency_penalty"), extra_body=extra)
+    assert token_ids(r.choices[0]) == want
+
+
+def test_a_large_repetition_penalty_stops_greedy_repeats(client, oracle, srv):
+    plain = penalized_greedy(oracle, PROMPT, 30)
+    assert len(set(plain)) < len(plain), "greedy does not repeat here: the test shows nothing"
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "abab"}], max_tokens=30,
+                                       temperature=0.0, logprobs=True,
+                                       extra_body={"repetition_penalty": 1e6, "ignore_eos": True,
+                                                   "return_tokens_as_token_ids": True})
+    ids = [int(c.token.removeprefix("token_id:")) for c in r.choices[0].logprobs.content]
+    assert len(ids) == 30 and len(set(ids)) == 30, ids
+    prompt = httpx.post(srv.base_url + "/tokenize", json={"messages": [{"role": "user", "content": "abab"}]}).json()
+    assert not set(ids) & set(prompt["tokens"]), "repetition counts the prompt too"
+
+
+def test_unknown_fields_are_accepted_with_a_warning(client, srv):
+    r = client.completions.create(model=NAME, prompt="x", max_tokens=2,
+                                  extra_body={"guided_nonsense": 1, "priority": 0})
+    assert len(r.choices) == 1
+    assert re.search(r"ignoring unknown request fields: guided_nonsense, priority", srv.log_tail(100_000))
