@@ -219,3 +219,25 @@ def test_unknown_fields_are_accepted_with_a_warning(client, srv):
                                   extra_body={"guided_nonsense": 1, "priority": 0})
     assert len(r.choices) == 1
     assert re.search(r"ignoring unknown request fields: guided_nonsense, priority", srv.log_tail(100_000))
+
+
+# --- item 11: /docs without the internet ----------------------------------------------------------------
+
+def test_docs_load_only_local_files_and_document_every_field(srv):
+    for page in ("/docs", "/redoc"):
+        r = httpx.get(srv.base_url + page)
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", r.text) + re.findall(r"""url: *["']([^"']+)["']""",
+                                                                                     r.text)
+        urls += re.findall(r"""spec-url=["']([^"']+)["']""", r.text)
+        assert len(urls) >= 2, r.text
+        for url in urls:
+            assert url.startswith("/") and not url.startswith("//"), f"{page} loads {url} from elsewhere"
+            got = httpx.get(srv.base_url + url)
+            assert got.status_code == 200 and len(got.content) > 100, (page, url, got.status_code)
+        assert not re.search(r"https?://", r.text.replace(srv.base_url, "")), f"{page} names another host"
+    schema = httpx.get(srv.base_url + "/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ChatMessage", "TokenizeRequest"):
+        undocumented = [f for f, prop in components[name]["properties"].items() if not prop.get("description")]
+        assert not undocumented, f"{name}: no description for {undocumented}"

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
@@ -229,7 +230,9 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
             watcher.cancel()
             await engine.shutdown()
 
-    app = FastAPI(title="statex-serve", version=__version__, lifespan=lifespan)
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the package
+    # (FastAPI's default loads them from a CDN: a blank page without the internet)
+    app = FastAPIOffline(title="statex-serve", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
     install_error_handlers(app)
