@@ -6,7 +6,10 @@ CLI names.
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -241,3 +244,76 @@ def test_docs_load_only_local_files_and_document_every_field(srv):
     for name in ("CompletionRequest", "ChatCompletionRequest", "ChatMessage", "TokenizeRequest"):
         undocumented = [f for f, prop in components[name]["properties"].items() if not prop.get("description")]
         assert not undocumented, f"{name}: no description for {undocumented}"
+
+
+# --- item 5: vLLM's CLI names ------------------------------------------------------------------------
+
+class ServeForm(ServerProcess):
+    """``statex-serve serve MODEL ...``: vLLM's form, the model positional."""
+
+    def launch(self):
+        cmd = [sys.executable, "-m", "statex_serve", "serve", self.model_dir, "--host", "127.0.0.1", "--port",
+               str(self.port), *self.args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+
+def test_vllm_cli_names_through_the_server(ckpt, tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    env = {**ONE_THREAD, "VLLM_API_KEY": "vllm-key"}
+    env.pop("STATEX_API_KEY", None)
+    with ServeForm(ckpt, "--served-model-name", NAME, "--max-num-seqs", "2", "--max-num-batched-tokens", "48",
+                   "--no-enable-prefix-caching", "--allowed-origins", '["https://app.example"]',
+                   "--chat-template", str(template), "--seed", "7", "--disable-log-requests",
+                   "--uvicorn-log-level", "warning", env=env) as server:
+        url = server.base_url
+        auth = {"Authorization": "Bearer vllm-key"}
+        # --seed: requests without a seed sample reproducibly from server start (the
+        # first requests of a restart below sample the same)
+        body = {"prompt": "seeded", "max_tokens": 12, "temperature": 1.0, "ignore_eos": True}
+        first = [httpx.post(url + "/v1/completions", headers=auth, json=body).json()["choices"][0]["text"]
+                 for _ in range(2)]
+        assert first[0] != first[1]
+        assert httpx.get(url + "/v1/models").status_code == 401          # VLLM_API_KEY is the key
+        card = httpx.get(url + "/v1/models", headers=auth).json()["data"][0]
+        assert card["statex"]["prefill_chunk"] == 48                      # --max-num-batched-tokens
+        assert card["statex"]["prefix_cache"] is None                     # --no-enable-prefix-caching
+        # a browser's CORS preflight: no key, answered for the allowed origin only
+        pre = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization,content-type"}
+        r = httpx.options(url + "/v1/chat/completions", headers=pre)
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        r = httpx.options(url + "/v1/chat/completions", headers={**pre, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.post(url + "/v1/completions", headers={**auth, "Origin": "https://app.example"},
+                       json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        # --chat-template FILE renders the chat
+        tokens = httpx.post(url + "/tokenize", headers=auth,
+                            json={"messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+        direct = httpx.post(url + "/tokenize", headers=auth, json={"prompt": "<<hi>>", "add_special_tokens": False})
+        assert tokens == direct.json()["tokens"]
+        assert '"POST /v1/completions HTTP/1.1"' not in server.log_tail(100_000)   # --disable-log-requests
+    with ServeForm(ckpt, "--served-model-name", NAME, "--max-num-seqs", "2", "--seed", "7", env=env) as server:
+        again = [httpx.post(server.base_url + "/v1/completions", headers=auth, json=body).json()["choices"][0]["text"]
+                 for _ in range(2)]
+        assert '"POST /v1/completions HTTP/1.1"' in server.log_tail(100_000)       # logged by default
+    assert again == first
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tensor-parallel-size", "2"], "needs --backend vllm"),
+    (["--chat-template", "no/such/file.jinja"], "no such file"),
+    (["--allowed-origins", "[1, 2]"], "JSON list of strings"),
+    (["--gpu-memory-utilization", "1.5"], "(0, 1]"),
+    (["--gpu-memory-utilization", "0.5", "--state-memory", "1GiB"], "not both"),
+])
+def test_vllm_cli_names_refuse_bad_values(ckpt, args, message):
+    r = subprocess.run([sys.executable, "-m", "statex_serve", "serve", ckpt, *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and message in r.stderr, r.stderr

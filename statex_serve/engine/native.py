@@ -140,7 +140,8 @@ class NativeEngine(LoadedModelEngine):
         self.state_dtype = resolve_state_dtype(args.state_dtype)
         self.model = load_model(args.model, device=self.device, dtype=self.dtype)
         self.model.fuse_projections_()
-        self._tokenizer = load_tokenizer(args.model)
+        self._tokenizer = load_tokenizer(args.tokenizer or args.model)
+        sampling.set_server_seed(args.seed)
         self.config = self.model.config
         self.spec = self.model.state_spec(self.state_dtype)
         self.num_slots = pool_slots(args, self.spec)

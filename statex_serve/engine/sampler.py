@@ -85,9 +85,22 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
+# --seed: the seeds of sequences that ask for none are drawn from this (a run
+# with the same requests in the same order samples the same); None: OS entropy
+_server_seeds: torch.Generator | None = None
+
+
+def set_server_seed(seed: int | None) -> None:
+    global _server_seeds
+    _server_seeds = None if seed is None else torch.Generator().manual_seed(seed % (1 << 63))
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
-    """A generator for one sequence: seeded when asked, else from fresh OS entropy."""
+    """A generator for one sequence: seeded when asked, else from the server's
+    seed (--seed) or fresh OS entropy."""
     g = torch.Generator(device=device)
+    if seed is None and _server_seeds is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=_server_seeds))
     if seed is None:
         g.seed()
     else:
