@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
+import time
 import subprocess
 import sys
 
@@ -317,3 +319,34 @@ def test_vllm_cli_names_refuse_bad_values(ckpt, args, message):
     r = subprocess.run([sys.executable, "-m", "statex_serve", "serve", ckpt, *args], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+def test_https_and_root_path(ckpt, tmp_path):
+    """--ssl-keyfile/--ssl-certfile serve HTTPS; --root-path prefixes the URLs /docs hands out."""
+    if subprocess.run(["openssl", "version"], capture_output=True).returncode != 0:
+        pytest.skip("no openssl to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    server = ServeForm(ckpt, "--max-num-seqs", "2", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
+                       "--root-path", "/llm", env=ONE_THREAD).launch()
+    url = f"https://127.0.0.1:{server.port}"
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=10) as https:
+            for _ in range(600):
+                assert server.proc.poll() is None, server.log_tail()
+                try:
+                    if https.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            r = https.post(url + "/v1/completions", json={"prompt": "tls", "max_tokens": 2})
+            assert r.status_code == 200 and len(r.json()["choices"]) == 1
+            docs = https.get(url + "/docs").text
+            assert "/llm/openapi.json" in docs and "/llm/static-offline-docs/swagger-ui-bundle.js" in docs
+        with pytest.raises(httpx.TransportError):        # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=5)
+    finally:
+        server.stop()
