@@ -3,13 +3,15 @@ built as plain dicts in ``completions.py`` / ``chat.py`` (their shapes follow
 OpenAI's, field for field).
 
 Fields we accept beyond OpenAI's are vLLM's names for the same things (top_k,
-min_tokens, stop_token_ids, ignore_eos, skip_special_tokens,
-include_stop_str_in_output, add_special_tokens, return_tokens_as_token_ids), so clients written for vLLM
-work unchanged. Ours: ``pin_prefix`` and ``prefix_id`` (the prefix cache; see
-docs/prefix-cache.md), passed by OpenAI clients through ``extra_body``; and
-vLLM's ``cache_salt`` (prefix-cache hits only among requests with the same salt). Unknown fields are ignored with a log line, as vLLM does;
-known fields we cannot honour (min_p, suffix, tools, ...) are refused with
-a 400 that says so, rather than silently ignored.
+min_tokens, repetition_penalty, stop_token_ids, ignore_eos, skip_special_tokens,
+include_stop_str_in_output, add_special_tokens, return_tokens_as_token_ids), so
+clients written for vLLM work unchanged. Ours: ``pin_prefix`` and ``prefix_id``
+(the prefix cache; see docs/prefix-cache.md), passed by OpenAI clients through
+``extra_body``; and vLLM's ``cache_salt`` (prefix-cache hits only among requests
+with the same salt). Unknown fields are ignored with a log line, as vLLM does;
+known fields we cannot honour (min_p, suffix, tools, ...) are refused with a 400
+that says so, rather than silently ignored. ``FIELD_DOCS`` describes every field
+in the OpenAPI schema (/docs).
 """
 from __future__ import annotations
 
