@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model_registry.checkpoint import load_model
 from model_registry.testing import make_tiny_checkpoint
-from statex_serve.testing import ServerProcess
+from statex_serve.testing import ServerProcess, penalized_greedy
 
 NAME = "tiny-gla"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -160,27 +160,6 @@ def test_kv_cache_usage_is_the_state_pool_in_use(srv):
 
 
 # --- item 6: sampling options -------------------------------------------------------------------------
-
-def penalized_greedy(model, prompt: list[int], max_tokens: int, presence=0.0, frequency=0.0, repetition=1.0):
-    """Greedy decoding with vLLM's penalties written out per token (the oracle)."""
-    dev = model.device
-    pools = model.allocate_state_pools(1)
-    slots = torch.tensor([0], device=dev, dtype=torch.int32)
-    logits = model.prefill(torch.tensor(prompt, device=dev), torch.tensor([0, len(prompt)], device=dev,
-                                                                           dtype=torch.int32),
-                           slots, torch.tensor([False], device=dev), pools)
-    out: list[int] = []
-    while True:
-        row = logits[0].double().tolist()
-        for t in range(len(row)):
-            if t in prompt or t in out:
-                row[t] = row[t] / repetition if row[t] > 0 else row[t] * repetition
-            row[t] -= frequency * out.count(t) + presence * (t in out)
-        out.append(max(range(len(row)), key=row.__getitem__))
-        if len(out) == max_tokens:
-            return out
-        logits = model.decode(torch.tensor([out[-1]], device=dev), slots, pools)
-
 
 def token_ids(choice) -> list[int]:
     return [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
