@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         if state_memory is not None:
             raise SystemExit("statex-serve: give --state-memory or --gpu-memory-utilization, not both")
         state_memory = state_memory_from_utilization(args.gpu_memory_utilization, args.device)
+        logger.info("--gpu-memory-utilization %g: %d bytes for the state pool", args.gpu_memory_utilization,
+                    state_memory)
     budgets = {}
     for name in ("prefix_cache_memory", "prefix_cache_host_memory"):
         value = getattr(args, name)

@@ -287,6 +287,17 @@ def test_vllm_cli_names_through_the_server(ckpt, tmp_path):
     assert again == first
 
 
+def test_gpu_memory_utilization_sizes_the_state_pool(ckpt, oracle):
+    """On CPU the fraction is of free host memory: ask for about 5.5 sequences' worth."""
+    per_seq = oracle.state_spec().bytes_per_sequence
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    fraction = 5.5 * per_seq / free
+    with ServeForm(ckpt, "--device", "cpu", "--gpu-memory-utilization", repr(fraction), env=ONE_THREAD) as server:
+        card = httpx.get(server.base_url + "/v1/models").json()["data"][0]
+    # free memory moves a little between here and the server's start
+    assert 3 <= card["statex"]["state_pool_slots"] <= 8, card["statex"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tensor-parallel-size", "2"], "needs --backend vllm"),
     (["--chat-template", "no/such/file.jinja"], "no such file"),
