@@ -1,6 +1,7 @@
 """``statex-serve``: serve a checkpoint over the OpenAI-compatible HTTP API.
 
     statex-serve --model DIR [--backend native|vllm] [--port 8000] ...
+    statex-serve serve DIR [...]          (vLLM's form; vLLM's option names work too)
 
 Without --model it serves the bundled model (``statex_serve.bundled``) when
 this build has one.
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and /detokenize; repeat for "
                         "several keys, each its own prefix-cache namespace (a key given here shows in ps: prefer "
-                        "--api-key-file or $STATEX_API_KEY) (default: $STATEX_API_KEY; none)")
+                        "--api-key-file or $STATEX_API_KEY) (default: $STATEX_API_KEY and $VLLM_API_KEY; none)")
     p.add_argument("--api-key-file", default=None,
                    help="a file of API keys, one per line (blank lines and lines starting with # are skipped)")
     p.add_argument("--max-request-body", default="32MiB",
@@ -109,7 +110,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"),
                    help="how much the server logs")
     p.add_argument("--version", action="version", version=f"statex-serve {__version__}")
+    add_vllm_names(p)
     return p
+
+
+def add_vllm_names(p: argparse.ArgumentParser) -> None:
+    """The options a vLLM user types (``vllm serve --help``), beside ours."""
+    g = p.add_argument_group("vLLM's names", "what `vllm serve` calls these; mapped onto this server's options")
+    g.add_argument("--max-num-batched-tokens", dest="prefill_chunk", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="= --prefill-chunk: prompt tokens per engine step at most")
+    g.add_argument("--enable-prefix-caching", dest="prefix_cache", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS, help="keep state snapshots of prompt prefixes (default: on; "
+                   "--no-enable-prefix-caching = --no-prefix-cache)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="the fraction (0, 1] of the device's free memory (host memory on CPU) given to the "
+                        "state pool, measured at start-up (instead of --state-memory)")
+    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=None,
+                   help="--backend vllm: GPUs per model replica (vLLM's tensor parallelism)")
+    g.add_argument("--pipeline-parallel-size", type=int, default=None,
+                   help="--backend vllm: pipeline stages (vLLM's pipeline parallelism)")
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template: a file, or the template itself (default: the tokenizer's)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed for requests that give none, so a run of the same requests samples the same "
+                        "(default: fresh randomness)")
+    g.add_argument("--allowed-origins", default=None,
+                   help="CORS: origins allowed to call the API from a browser, as a JSON list "
+                        "('[\"https://app.example\"]', '[\"*\"]') or comma-separated (default: none)")
+    g.add_argument("--root-path", default=None, help="the path prefix a proxy serves this server under")
+    g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+    g.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    g.add_argument("--uvicorn-log-level", default=None,
+                   choices=("debug", "info", "warning", "error", "critical", "trace"),
+                   help="uvicorn's log level (default: --log-level)")
+    g.add_argument("--disable-log-requests", action="store_true", help="no access-log line per request")
+
+
+def serve_form(argv: list[str]) -> list[str]:
+    """``serve MODEL ...`` (vLLM's form) -> ``--model MODEL ...``. Raises SystemExit."""
+    if not argv or argv[0] != "serve":
+        return argv
+    argv = argv[1:]
+    if argv and not argv[0].startswith("-"):
+        if "--model" in argv or any(a.startswith("--model=") for a in argv):
+            raise SystemExit(f"statex-serve: serve {argv[0]}: the model is given twice (positional and --model)")
+        argv = ["--model", argv[0], *argv[1:]]
+    return argv
+
+
+def parse_origins(text: str) -> list[str]:
+    """--allowed-origins: a JSON list of strings (vLLM's form) or comma-separated."""
+    import json
+
+    if text.strip().startswith("["):
+        try:
+            origins = json.loads(text)
+        except ValueError as e:
+            raise SystemExit(f"statex-serve: --allowed-origins: not a JSON list ({e})") from None
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise SystemExit("statex-serve: --allowed-origins: a JSON list of strings is expected")
+    else:
+        origins = [o.strip() for o in text.split(",") if o.strip()]
+    if not origins:
+        raise SystemExit("statex-serve: --allowed-origins: no origin given")
+    return origins
+
+
+def read_chat_template(arg: str) -> str:
+    """--chat-template: a file's text, or the argument itself when it is a Jinja template."""
+    path = Path(arg)
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"statex-serve: --chat-template {arg}: cannot read it ({e})") from None
+    if "{{" in arg or "{%" in arg:
+        return arg
+    raise SystemExit(f"statex-serve: --chat-template {arg}: no such file (nor an inline Jinja template)")
+
+
+def state_memory_from_utilization(fraction: float, device: str) -> int:
+    """--gpu-memory-utilization: bytes for the state pool, a fraction of the free memory of the device."""
+    if not 0.0 < fraction <= 1.0:
+        raise SystemExit(f"statex-serve: --gpu-memory-utilization must be in (0, 1], got {fraction}")
+    from statex_serve.engine.loading import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(dev)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, int(free * fraction))
 
 
 def resolve_model(arg: str | None) -> tuple[str, str]:
@@ -153,7 +247,7 @@ def resolve_model(arg: str | None) -> tuple[str, str]:
 
 
 def read_api_keys(args) -> list[str]:
-    """--api-key (repeated), --api-key-file, else $STATEX_API_KEY. Raises SystemExit."""
+    """--api-key (repeated), --api-key-file, else $STATEX_API_KEY and $VLLM_API_KEY. Raises SystemExit."""
     keys = [k for k in (args.api_key or []) if k]
     if args.api_key_file is not None:
         try:
@@ -164,8 +258,8 @@ def read_api_keys(args) -> list[str]:
         if not from_file:
             raise SystemExit(f"statex-serve: --api-key-file {args.api_key_file}: no keys in it")
         keys += from_file
-    if not keys and os.environ.get("STATEX_API_KEY"):
-        keys = [os.environ["STATEX_API_KEY"]]
+    if not keys:     # vLLM's variable too, so a vLLM deployment's environment works unchanged
+        keys = [os.environ[v] for v in ("STATEX_API_KEY", "VLLM_API_KEY") if os.environ.get(v)]
     bad = next((k for k in keys if any(c.isspace() for c in k) or not k.isprintable()), None)
     if bad is not None:
         raise SystemExit("statex-serve: an API key must be printable and contain no spaces")
@@ -178,7 +272,7 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(serve_form(list(sys.argv[1:] if argv is None else argv)))
     configure_logging(args.log_level)
     model_dir, default_name = resolve_model(args.model)
     from statex_serve.engine.args import parse_budget, parse_memory_size   # light: fail fast on a bad size
@@ -194,6 +288,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.default_max_tokens < 1:
         raise SystemExit(f"statex-serve: --default-max-tokens must be at least 1, got {args.default_max_tokens}")
     api_keys = read_api_keys(args)
+    vllm_args = {k: v for k, v in (("tensor_parallel_size", args.tensor_parallel_size),
+                                   ("pipeline_parallel_size", args.pipeline_parallel_size)) if v is not None}
+    for name, v in vllm_args.items():
+        if v < 1:
+            raise SystemExit(f"statex-serve: --{name.replace('_', '-')} must be at least 1, got {v}")
+        if v > 1 and args.backend != "vllm":
+            raise SystemExit(f"statex-serve: --{name.replace('_', '-')} {v} needs --backend vllm (the native "
+                             "engine runs on one device)")
+    origins = parse_origins(args.allowed_origins) if args.allowed_origins is not None else None
+    chat_template = read_chat_template(args.chat_template) if args.chat_template is not None else None
+    if args.gpu_memory_utilization is not None:
+        if state_memory is not None:
+            raise SystemExit("statex-serve: give --state-memory or --gpu-memory-utilization, not both")
+        state_memory = state_memory_from_utilization(args.gpu_memory_utilization, args.device)
+        logger.info("--gpu-memory-utilization %g: %d bytes for the state pool", args.gpu_memory_utilization,
+                    state_memory)
     budgets = {}
     for name in ("prefix_cache_memory", "prefix_cache_host_memory"):
         value = getattr(args, name)
@@ -212,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
             prefix_cache=args.prefix_cache, compile_cache_dir=args.compile_cache_dir,
             autotune=args.autotune, max_logprobs=args.max_logprobs,
-            stream_stall_timeout=args.stream_stall_timeout, step_timeout=args.step_timeout, **budgets)
+            stream_stall_timeout=args.stream_stall_timeout, step_timeout=args.step_timeout,
+            tokenizer=args.tokenizer, seed=args.seed, vllm_args=vllm_args, **budgets)
     except ValueError as e:
         raise SystemExit(f"statex-serve: {e}") from None
 
@@ -229,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, ConfigError, RuntimeError, OSError) as e:
         logger.error("cannot start: %s", e)
         return 2
+    if chat_template is not None:
+        engine.tokenizer.chat_template = chat_template
     logger.info("serving %s as %s (backend %s) on http://%s:%d%s", model_dir, engine.model_name, args.backend,
                 args.host, args.port, f" with {len(api_keys)} API key(s)" if api_keys else "")
     died = []
@@ -238,9 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     app = create_app(engine, api_key=api_keys or None, max_request_body=max_body,
-                     default_max_tokens=args.default_max_tokens, on_engine_death=on_engine_death)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           log_config=None, timeout_graceful_shutdown=5))
+                     default_max_tokens=args.default_max_tokens, on_engine_death=on_engine_death,
+                     allowed_origins=origins)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level, log_config=None,
+        timeout_graceful_shutdown=5, root_path=args.root_path or "", ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile, access_log=not args.disable_log_requests))
     server.run()
     if died:
         logger.error("exiting: the engine died")

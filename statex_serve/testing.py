@@ -5,7 +5,8 @@ the bench, examples)::
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none")
 
 Several servers start faster together: ``start_all([a, b])`` launches all,
-then waits for each.
+then waits for each. ``penalized_greedy`` is the oracle of vLLM's sampling
+penalties that both engines are tested against.
 """
 from __future__ import annotations
 
@@ -98,3 +99,26 @@ def start_all(servers: list[ServerProcess]) -> list[ServerProcess]:
             s.stop()
         raise
     return servers
+
+
+def penalized_greedy(model, prompt: list[int], max_tokens: int, presence=0.0, frequency=0.0, repetition=1.0):
+    """Greedy decoding with vLLM's penalties written out per token (the oracle)."""
+    import torch
+
+    dev = model.device
+    pools = model.allocate_state_pools(1)
+    slots = torch.tensor([0], device=dev, dtype=torch.int32)
+    logits = model.prefill(torch.tensor(prompt, device=dev), torch.tensor([0, len(prompt)], device=dev,
+                                                                           dtype=torch.int32),
+                           slots, torch.tensor([False], device=dev), pools)
+    out: list[int] = []
+    while True:
+        row = logits[0].double().tolist()
+        for t in range(len(row)):
+            if t in prompt or t in out:
+                row[t] = row[t] / repetition if row[t] > 0 else row[t] * repetition
+            row[t] -= frequency * out.count(t) + presence * (t in out)
+        out.append(max(range(len(row)), key=row.__getitem__))
+        if len(out) == max_tokens:
+            return out
+        logits = model.decode(torch.tensor([out[-1]], device=dev), slots, pools)

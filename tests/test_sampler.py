@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from statex_serve.engine.sampler import SamplingRow, make_generator, prompt_logprobs, sample
+from statex_serve.engine.sampler import PenaltyHistory, SamplingRow, make_generator, prompt_logprobs, sample
 
 V = 50
 
@@ -95,3 +95,49 @@ def test_prompt_logprobs_score_each_target():
     for t, e in enumerate(entries):
         assert math.isclose(e.logprob, float(lp[t, targets[t]]), rel_tol=1e-6)
         assert [i for i, _ in e.top] == lp[t].topk(2).indices.tolist()
+
+
+def _penalized_reference(logits: list[float], prompt: list[int], output: list[int], presence: float,
+                         frequency: float, repetition: float) -> list[float]:
+    """vLLM's definitions, one token at a time: repetition over prompt + output
+    (divide a positive logit, multiply a negative one), frequency per output
+    occurrence, presence once per output token."""
+    out = list(logits)
+    for t in range(len(out)):
+        if t in prompt or t in output:
+            out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+        out[t] -= frequency * output.count(t) + presence * (t in output)
+    return out
+
+
+def test_penalties_follow_vllms_definitions_in_a_mixed_batch():
+    g = torch.Generator().manual_seed(5)
+    logits = _logits(8, seed=5)
+    cases = [(0.0, 0.0, 1.0), (1.5, 0.0, 1.0), (0.0, 2.0, 1.0), (0.0, 0.0, 3.0), (-1.0, 0.5, 0.5),
+             (2.0, -2.0, 1.7), (0.0, 0.0, 1.0), (0.3, 0.7, 1.2)]
+    rows, expected = [], []
+    for i, (pres, freq, rep) in enumerate(cases):
+        prompt = torch.randint(0, V, (6,), generator=g).tolist()
+        output: list[int] = [int(logits[i].argmax())] * 2     # penalize the favourite, so the choice moves
+        history = PenaltyHistory(prompt, output)
+        row = SamplingRow(presence_penalty=pres, frequency_penalty=freq, repetition_penalty=rep,
+                          history=history if (pres or freq or rep != 1.0) else None)
+        # the history is read twice, as outputs grow between steps
+        for step in range(2):
+            if row.history is not None:
+                row.history.output_counts(V, "cpu")
+            output.extend(torch.randint(0, V, (3 + step,), generator=g).tolist())
+        rows.append(row)
+        expected.append(_penalized_reference(logits[i].tolist(), prompt, output, pres, freq, rep))
+    got = sample(logits, rows).token_ids      # greedy rows: the argmax of the penalized logits
+    want = [max(range(V), key=row.__getitem__) for row in expected]
+    assert got == want
+    assert got[0] == int(logits[0].argmax()) and got[6] == int(logits[6].argmax())
+    assert sum(t != int(a) for t, a in zip(got, logits.argmax(-1))) >= 4, "the penalties changed nothing"
+    # sampled rows see the same penalized logits: a huge repetition penalty on a row
+    # whose prompt holds all but one token leaves only that one
+    free = 17
+    history = PenaltyHistory([t for t in range(V) if t != free], [])
+    rows = [SamplingRow(temperature=1.0, repetition_penalty=1e6, history=history, generator=make_generator(i, "cpu"))
+            for i in range(50)]
+    assert set(sample(torch.randn(50, V).abs() + 20, rows).token_ids) == {free}

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from model_registry.checkpoint import load_model
 from model_registry.testing import make_tiny_checkpoint
-from statex_serve.testing import ServerProcess
+from statex_serve.testing import ServerProcess, penalized_greedy
 
 NAME = "tiny-mamba2-vllm"
 PROMPTS = [[(31 * i + 7) % 256 for i in range(n)] for n in (1, 12, 90)]
@@ -85,6 +85,18 @@ def test_greedy_tokens_and_text_equal_the_oracle(client, oracle, tok):
         assert choice["text"] == tok.decode(exp, skip_special_tokens=True), f"prompt len {len(p)}"
         assert len(choice["logprobs"]["token_logprobs"]) == 10
         assert r["usage"] == {**r["usage"], "prompt_tokens": len(p), "completion_tokens": 10}
+
+
+@pytest.mark.parametrize("penalties", [{"presence_penalty": 1.5, "frequency_penalty": 0.5},
+                                       {"repetition_penalty": 2.5}], ids=str)
+def test_penalties_reach_vllm(client, oracle, penalties):
+    p = PROMPTS[1]
+    exp = penalized_greedy(oracle, p, 16, penalties.get("presence_penalty", 0.0),
+                           penalties.get("frequency_penalty", 0.0), penalties.get("repetition_penalty", 1.0))
+    assert exp != oracle.greedy_generate(p, 16), "the penalties change nothing here: a useless case"
+    r = complete(client, prompt=p, max_tokens=16, temperature=0, ignore_eos=True, logprobs=0,
+                 return_tokens_as_token_ids=True, **penalties)
+    assert [int(t.removeprefix("token_id:")) for t in r["choices"][0]["logprobs"]["tokens"]] == exp
 
 
 def test_streaming_equals_non_streaming(client):

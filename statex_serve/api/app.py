@@ -2,7 +2,8 @@
 /metrics, vLLM's /tokenize and /detokenize (vLLM's benchmark client uses them),
 and /v1/prefixes (pinned prefixes of the prefix cache).
 
-``create_app(engine, api_key=None)``; the app starts the engine in its lifespan
+``create_app(engine, api_key=None, allowed_origins=None)`` (CORS for those
+origins); the app starts the engine in its lifespan
 (in uvicorn's event loop) and shuts it down with it. ``api_key`` may be one key
 or several: each key is its own prefix-cache namespace. The key is checked, and
 the body's size bounded (``max_request_body``, 413), before the body is read.
@@ -20,8 +21,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from statex_serve import __version__
@@ -202,7 +205,8 @@ class _Gate:
 
 def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
                max_request_body: int = DEFAULT_MAX_REQUEST_BODY, default_max_tokens: int | None = None,
-               on_engine_death: Callable[[], None] | None = None) -> FastAPI:
+               on_engine_death: Callable[[], None] | None = None,
+               allowed_origins: Sequence[str] | None = None) -> FastAPI:
     keys = [api_key] if isinstance(api_key, str) else [k for k in (api_key or ()) if k]
     metrics = Metrics(engine)
     completions = CompletionsEndpoint(engine, metrics, default_max_tokens)
@@ -229,11 +233,17 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
             watcher.cancel()
             await engine.shutdown()
 
-    app = FastAPI(title="statex-serve", version=__version__, lifespan=lifespan)
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the package
+    # (FastAPI's default loads them from a CDN: a blank page without the internet)
+    app = FastAPIOffline(title="statex-serve", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(_Gate, keys={k.encode(): key_namespace(k) for k in keys}, max_body=max_request_body)
+    if allowed_origins:
+        # outside the key check: a browser's preflight (OPTIONS) carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in allowed_origins)
     app.add_middleware(_CountRequests, metrics=metrics)   # added last: the outermost, so it counts 401 and 413 too
 
     @app.get("/health", responses=_errors(503))

@@ -122,7 +122,7 @@ class _Context:
         self.created = int(time.time())
         self.model = endpoint.engine.model_name
         self.choices = [_Choice() for _ in range(body.n)]
-        self.timers = [SequenceTimer(endpoint.metrics, arrival) for _ in self.choices]
+        self.timers = [SequenceTimer(endpoint.metrics, arrival, num_prompt) for _ in self.choices]
         self.cached = 0
         self.prefix_id: str | None = None          # pinned for this request
 
@@ -153,10 +153,11 @@ class _Context:
             c.num_tokens += len(d.token_ids)
             if d.logprobs is not None:
                 c.entries.extend(zip(d.token_ids, d.logprobs))
+            self.timers[d.index].queued(out.queue_time)
             self.timers[d.index].tokens_arrived(len(d.token_ids))
             if d.finish_reason is not None:
                 c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-                self.timers[d.index].finished()
+                self.timers[d.index].finished(d.finish_reason)
         return out.outputs
 
     async def collect(self, streams) -> dict:

@@ -120,7 +120,8 @@ class _Context:
         self.created = int(time.time())
         self.model = endpoint.engine.model_name
         self.choices = [_Choice() for _ in range(len(prompts) * self.n)]
-        self.timers = [SequenceTimer(endpoint.metrics, arrival) for _ in self.choices]
+        self.timers = [SequenceTimer(endpoint.metrics, arrival, num_prefix + len(prompts[k // self.n]))
+                       for k in range(len(self.choices))]
         self.prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(prompts)
         self.num_prefix = num_prefix
         self.cached = [0] * len(prompts)
@@ -170,10 +171,11 @@ class _Context:
             c.num_tokens += len(d.token_ids)
             if d.logprobs is not None:
                 c.entries.extend(zip(d.token_ids, d.logprobs))
+            self.timers[k].queued(out.queue_time)
             self.timers[k].tokens_arrived(len(d.token_ids))
             if d.finish_reason is not None:
                 c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-                self.timers[k].finished()
+                self.timers[k].finished(d.finish_reason)
             deltas.append((k, d))
         return deltas
 

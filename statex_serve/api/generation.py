@@ -117,6 +117,8 @@ def sampling_params(engine: Engine, body: _GenerationFields, max_tokens: int, lo
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
         logit_bias=tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()),
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     try:
         params.check(engine.vocab_size, max_n=engine.max_n, max_logprobs=limit)

@@ -5,12 +5,21 @@ Latencies are measured here, at the HTTP layer, because that is what a client
 sees and it is the same for every engine. Engine figures (running/waiting,
 state-pool slots and bytes, token counters) are read from ``engine.stats()`` at
 scrape time, so they are never stale.
+
+Beside our ``statex_*`` series, the quantities vLLM also reports carry vLLM's
+names, labels (``model_name``, ``engine``) and histogram buckets
+(``vllm/v1/metrics/loggers.py``, ``buckets.py``), so a vLLM dashboard reads this
+server unchanged; state-pool usage stands in for ``vllm:kv_cache_usage_perc``.
+The process metrics (``process_*``, ``python_*``) are prometheus_client's.
 """
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Histogram,
+    disable_created_metrics, generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from statex_serve.engine.base import Engine
@@ -19,6 +28,28 @@ PREFIX = "statex"
 disable_created_metrics()   # the *_created series double the output and no dashboard reads them
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+# vLLM's buckets (vllm/v1/metrics/buckets.py), so its dashboard's quantiles mean the same here
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                    40.0, 80.0)
+VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM's FinishReason strings: every one is exported from the start, at 0
+VLLM_FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+
+
+def request_tokens_buckets(max_model_len: int) -> list[int]:
+    """vLLM's 1-2-5 series up to the context length (``build_1_2_5_buckets``)."""
+    buckets, exponent = [], 0
+    while True:
+        for m in (1, 2, 5):
+            value = m * 10 ** exponent
+            if value > max_model_len:
+                return buckets
+            buckets.append(value)
+        exponent += 1
 
 
 class _EngineCollector:
@@ -52,9 +83,30 @@ class _EngineCollector:
             c = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
             c.add_metric([model], value)
             yield c
+        yield from _vllm_engine_metrics(model, s)
         cache = s.extra.get("prefix_cache")
         if cache:
             yield from _prefix_cache_metrics(model, cache)
+
+
+def _vllm_engine_metrics(model: str, s):
+    """vLLM's names for the engine figures (labels model_name, engine="0": one engine)."""
+    labels, values = ["model_name", "engine"], [model, "0"]
+    usage = s.slots_used / s.slots_total if s.slots_total else 0.0
+    for name, doc, value in (
+            ("num_requests_running", "Number of requests in model execution batches.", s.running_requests),
+            ("num_requests_waiting", "Number of requests waiting to be processed.", s.waiting_requests),
+            ("kv_cache_usage_perc", "KV-cache usage (here: state-pool slots in use). 1 means 100 percent usage.",
+             usage)):
+        g = GaugeMetricFamily(f"vllm:{name}", doc, labels=labels)
+        g.add_metric(values, value)
+        yield g
+    for name, doc, value in (("prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total),
+                             ("generation_tokens", "Number of generation tokens processed.",
+                              s.generation_tokens_total)):
+        c = CounterMetricFamily(f"vllm:{name}", doc, labels=labels)
+        c.add_metric(values, value)
+        yield c
 
 
 _PREFIX_CACHE_COUNTERS = [
@@ -100,20 +152,63 @@ class Metrics:
         self.e2e = Histogram(f"{PREFIX}_request_latency_seconds", "From request arrival to its last token.",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(engine))
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        self.vllm = _VLLMHistograms(self.registry, engine.model_name, engine.max_model_len)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class SequenceTimer:
-    """TTFT / TPOT of one generated sequence, observed when it ends."""
+class _VLLMHistograms:
+    """The per-request series vLLM reports, under its names, labels and buckets.
+    vLLM fans n > 1 out into n requests, so here each sequence counts as one."""
 
-    def __init__(self, metrics: Metrics, arrival: float):
+    def __init__(self, registry: CollectorRegistry, model: str, max_model_len: int):
+        labels, values = ["model_name", "engine"], (model, "0")
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"vllm:{name}", doc, labels, buckets=buckets, registry=registry).labels(*values)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              VLLM_TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             VLLM_ITL_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.", VLLM_ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             VLLM_REQUEST_LATENCY_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds",
+                               "Histogram of time spent in WAITING phase for request.", VLLM_REQUEST_LATENCY_BUCKETS)
+        token_buckets = request_tokens_buckets(max_model_len)
+        self.prompt_tokens = histogram("request_prompt_tokens", "Number of prefill tokens processed.",
+                                       token_buckets)
+        self.generation_tokens = histogram("request_generation_tokens", "Number of generation tokens processed.",
+                                           token_buckets)
+        success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                          labels + ["finished_reason"], registry=registry)
+        self.success = {reason: success.labels(*values, reason) for reason in VLLM_FINISH_REASONS}
+
+
+class SequenceTimer:
+    """The latencies and counts of one generated sequence: TTFT and
+    inter-token gaps as tokens arrive, the rest when it ends."""
+
+    def __init__(self, metrics: Metrics, arrival: float, prompt_tokens: int = 0):
         self.metrics = metrics
         self.arrival = arrival
+        self.prompt_tokens = prompt_tokens
         self.first: float | None = None
         self.last: float | None = None
         self.tokens = 0
+        self.queue_noted = False
+
+    def queued(self, seconds: float | None) -> None:
+        """The engine's time from arrival to a state slot (once; None: the engine does not say)."""
+        if seconds is None or self.queue_noted:
+            return
+        self.queue_noted = True
+        self.metrics.vllm.queue.observe(max(seconds, 0.0))
 
     def tokens_arrived(self, count: int) -> None:
         if count <= 0:
@@ -122,12 +217,24 @@ class SequenceTimer:
         if self.first is None:
             self.first = now
             self.metrics.ttft.observe(now - self.arrival)
+            self.metrics.vllm.ttft.observe(now - self.arrival)
+        else:       # vLLM observes the gap once per output that brought tokens
+            self.metrics.vllm.itl.observe(now - self.last)
         self.last = now
         self.tokens += count
 
-    def finished(self) -> None:
+    def finished(self, reason: str | None = None) -> None:
+        vllm = self.metrics.vllm
+        if reason in vllm.success:
+            vllm.success[reason].inc()
+        vllm.prompt_tokens.observe(self.prompt_tokens)
+        vllm.generation_tokens.observe(self.tokens)
+        end = self.last if self.last is not None else time.monotonic()
+        vllm.e2e.observe(end - self.arrival)
         if self.first is None:
             return
         self.metrics.e2e.observe(self.last - self.arrival)
         if self.tokens > 1:
-            self.metrics.tpot.observe((self.last - self.first) / (self.tokens - 1))
+            tpot = (self.last - self.first) / (self.tokens - 1)
+            self.metrics.tpot.observe(tpot)
+            vllm.tpot.observe(tpot)

@@ -3,13 +3,15 @@ built as plain dicts in ``completions.py`` / ``chat.py`` (their shapes follow
 OpenAI's, field for field).
 
 Fields we accept beyond OpenAI's are vLLM's names for the same things (top_k,
-min_tokens, stop_token_ids, ignore_eos, skip_special_tokens,
-include_stop_str_in_output, add_special_tokens, return_tokens_as_token_ids), so clients written for vLLM
-work unchanged. Ours: ``pin_prefix`` and ``prefix_id`` (the prefix cache; see
-docs/prefix-cache.md), passed by OpenAI clients through ``extra_body``; and
-vLLM's ``cache_salt`` (prefix-cache hits only among requests with the same salt). Unknown fields are ignored with a log line, as vLLM does;
-known fields we cannot honour (penalties, suffix, tools, ...) are refused with
-a 400 that says so, rather than silently ignored.
+min_tokens, repetition_penalty, stop_token_ids, ignore_eos, skip_special_tokens,
+include_stop_str_in_output, add_special_tokens, return_tokens_as_token_ids), so
+clients written for vLLM work unchanged. Ours: ``pin_prefix`` and ``prefix_id``
+(the prefix cache; see docs/prefix-cache.md), passed by OpenAI clients through
+``extra_body``; and vLLM's ``cache_salt`` (prefix-cache hits only among requests
+with the same salt). Unknown fields are ignored with a log line, as vLLM does;
+known fields we cannot honour (min_p, suffix, tools, ...) are refused with a 400
+that says so, rather than silently ignored. ``FIELD_DOCS`` describes every field
+in the OpenAPI schema (/docs).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from statex_serve.engine.base import MAX_TOP_K
+from statex_serve.engine.base import MAX_REPETITION_PENALTY, MAX_TOP_K, MIN_REPETITION_PENALTY
 
 
 def _no_surrogates(v: str) -> str:
@@ -35,8 +37,75 @@ def _no_surrogates(v: str) -> str:
 Text = Annotated[StrictStr, AfterValidator(_no_surrogates)]
 
 
+# What each request field does, for the OpenAPI schema (/docs): one line each,
+# added to the properties of every model that has the field.
+FIELD_DOCS = {
+    "model": "The served model name (GET /v1/models lists them); omitted: the server's model.",
+    "prompt": "A string, a list of strings, a list of token ids, or a list of lists of token ids "
+              "(one completion per prompt).",
+    "messages": "The conversation, rendered into a prompt by the model's chat template.",
+    "max_tokens": "The most tokens to generate per sequence (prompt + max_tokens must fit the context).",
+    "max_completion_tokens": "OpenAI's newer name for max_tokens (wins when both are given).",
+    "temperature": "Sampling temperature in [0, 2]; 0 is greedy (argmax).",
+    "top_p": "Nucleus sampling: keep the most likely tokens whose mass reaches top_p, in (0, 1].",
+    "top_k": "Keep the k most likely tokens; 0 or -1: all.",
+    "min_p": "vLLM's min_p: not supported by this server (only 0).",
+    "n": "Sequences to generate per prompt (each holds its own state slot).",
+    "stream": "Send the answer as server-sent events, chunk by chunk.",
+    "stream_options": "With stream: include_usage adds a final chunk with usage; continuous_usage_stats "
+                      "adds usage to every chunk.",
+    "stop": "Up to 16 strings that end a sequence (not included in the text unless include_stop_str_in_output).",
+    "stop_token_ids": "Token ids that end a sequence, besides the end-of-sequence token.",
+    "seed": "Seed for sampling: sequence i of n samples with seed + i, whatever else runs beside it.",
+    "presence_penalty": "In [-2, 2]: subtracted from the logit of every token already generated (vLLM's "
+                        "definition).",
+    "frequency_penalty": "In [-2, 2]: subtracted from a token's logit once per time it was generated.",
+    "repetition_penalty": "vLLM's: a token seen in the prompt or the output has its logit divided by this "
+                          "(positive logits) or multiplied by it (negative); 1: off.",
+    "logit_bias": "Token id (as a string) -> bias in [-100, 100] added to its logit before sampling.",
+    "user": "An end-user id (accepted, not used).",
+    "ignore_eos": "Keep generating past the end-of-sequence token (stop strings and stop_token_ids still stop).",
+    "min_tokens": "Stop tokens and stop strings are ignored until this many tokens are generated.",
+    "skip_special_tokens": "Leave special tokens out of the text.",
+    "include_stop_str_in_output": "Keep the matched stop string at the end of the text.",
+    "return_tokens_as_token_ids": "Name tokens in logprobs as 'token_id:N' instead of their text.",
+    "prefix_id": "Start from a pinned prefix (POST /v1/prefixes or pin_prefix): the prompt continues it.",
+    "pin_prefix": "Pin the state after the prompt (true) or after its first k tokens (k); its id comes back "
+                  "as prefix_id.",
+    "cache_salt": "Prefix-cache hits only among requests with the same salt (and the same API key).",
+    "echo": "Return the prompt before the completion (with logprobs: the prompt's logprobs too).",
+    "logprobs": "Completions: the number of top alternatives per token to return with its logprob (at most "
+                "--max-logprobs). Chat: return logprobs (true/false).",
+    "top_logprobs": "Chat, with logprobs: alternatives per token (at most --max-logprobs).",
+    "suffix": "Text after the completion (insertion): not supported by this server.",
+    "best_of": "Only best_of = n is supported.",
+    "add_special_tokens": "Add the tokenizer's special tokens (e.g. BOS) when tokenizing the prompt.",
+    "response_format": "Only {\"type\": \"text\"} is supported.",
+    "tools": "Tool calling: not supported by this server.",
+    "tool_choice": "Tool calling: not supported by this server.",
+    "functions": "Function calling: not supported by this server.",
+    "add_generation_prompt": "End the rendered chat with the assistant's turn header.",
+    "continue_final_message": "Continue the last (assistant) message instead of starting a new one.",
+    "chat_template_kwargs": "Extra variables for the chat template.",
+    "tokens": "Token ids to turn back into text.",
+    "role": "Who speaks: system, developer, user, assistant, tool or function.",
+    "content": "The message's text, or a list of text parts.",
+    "name": "An optional name of the speaker.",
+    "type": "The part's (or format's) type: 'text' is the one supported.",
+    "text": "The text of a text part.",
+    "include_usage": "Send a last chunk with the usage of the whole request.",
+    "continuous_usage_stats": "Add the usage so far to every chunk (vLLM's option).",
+}
+
+
+def _describe_fields(schema: dict, model=None) -> None:
+    for name, prop in schema.get("properties", {}).items():
+        if name in FIELD_DOCS and "description" not in prop:
+            prop["description"] = FIELD_DOCS[name]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_describe_fields)
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False
 
@@ -44,7 +113,7 @@ class StreamOptions(BaseModel):
 class _GenerationFields(BaseModel):
     """What completions and chat share."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_describe_fields)
 
     model: Text | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -59,7 +128,7 @@ class _GenerationFields(BaseModel):
     seed: StrictInt | None = Field(None, ge=-2**63, lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
     ignore_eos: StrictBool = False
@@ -111,12 +180,6 @@ class _GenerationFields(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, why) for a field set to something this server cannot do."""
-        if self.presence_penalty:
-            return "presence_penalty", "presence_penalty is not supported by this server (use 0)"
-        if self.frequency_penalty:
-            return "frequency_penalty", "frequency_penalty is not supported by this server (use 0)"
-        if self.repetition_penalty not in (None, 1.0):
-            return "repetition_penalty", "repetition_penalty is not supported by this server (use 1)"
         if self.min_p:
             return "min_p", "min_p is not supported by this server (use 0)"
         return None
@@ -168,13 +231,13 @@ class CompletionRequest(_GenerationFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_describe_fields)
     type: Text
     text: Text | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_describe_fields)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
@@ -192,7 +255,7 @@ class ChatMessage(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_describe_fields)
     type: Text
 
 
@@ -232,7 +295,7 @@ class ChatCompletionRequest(_GenerationFields):
 class PrefixCreateRequest(BaseModel):
     """POST /v1/prefixes: pin the state after a prompt without generating."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_describe_fields)
     model: Text | None = None
     prompt: Text | list[StrictInt]
     prefix_id: Text | None = None      # extend a pinned prefix
@@ -250,7 +313,7 @@ class PrefixCreateRequest(BaseModel):
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize (vLLM's benchmark client uses it to align prompts)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_describe_fields)
     model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
@@ -259,6 +322,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_describe_fields)
     model: Text | None = None
     tokens: list[StrictInt]

@@ -78,6 +78,9 @@ class EngineArgs:
     # native engine: /health answers 503 while work is pending and no step has
     # finished for this many seconds (a hung step)
     step_timeout: float = 120.0
+    tokenizer: str | None = None                 # tokenizer directory (None: the checkpoint's own)
+    seed: int | None = None                      # seeds requests without a seed (reproducible runs); None: OS entropy
+    vllm_args: dict = field(default_factory=dict)   # more vLLM engine arguments (e.g. tensor_parallel_size)
 
     DEFAULT_MAX_NUM_SEQS = 64
     DEFAULT_PREFIX_CACHE_MEMORY = 1 << 30

@@ -43,6 +43,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 # top_k beyond the vocabulary means "off"; a bound keeps it a machine integer.
 MAX_TOP_K = 2**31 - 1
+# vLLM takes any positive repetition_penalty; bounds keep the fp32 division and
+# product finite (0 or inf would turn seen logits into inf or nan).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-6, 1e6
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -103,12 +106,20 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token_id, bias) added to the logits before sampling
+    # vLLM's penalties: presence / frequency over the generated tokens, repetition over prompt and generated
+    presence_penalty: float = 0.0    # [-2, 2]: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0   # [-2, 2]: subtracted per occurrence among the generated tokens
+    repetition_penalty: float = 1.0  # > 0: seen tokens' logits divided by it (positive) or multiplied (negative)
     logprobs: int | None = None      # per generated token: its logprob and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def check(self, vocab_size: int, max_n: int = MAX_N, max_logprobs: int = MAX_LOGPROBS) -> None:
         """The checks every engine makes; raises ``InvalidRequestError``."""
@@ -127,6 +138,13 @@ class SamplingParams:
         if not -1 <= self.top_k <= MAX_TOP_K:
             raise InvalidRequestError(f"top_k must be -1, 0 (off) or a positive number up to {MAX_TOP_K}, "
                                       f"got {self.top_k}", "top_k")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be between -2 and 2, got {getattr(self, name)}", name)
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidRequestError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
+                                      f"{MAX_REPETITION_PENALTY:g}, got {self.repetition_penalty}",
+                                      "repetition_penalty")
         if self.seed is not None and not -2**63 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be a 64-bit integer, got {self.seed}", "seed")
         if self.min_tokens < 0 or self.min_tokens > max(self.max_tokens, 0):
@@ -216,6 +234,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0                   # prompt tokens restored from the prefix cache, not prefilled
     prefix_id: str | None = None                 # the prefix pinned for this request (pin_prefix)
+    queue_time: float | None = None              # seconds from arrival to a state slot (None: not known)
 
 
 @dataclass

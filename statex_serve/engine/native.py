@@ -140,7 +140,8 @@ class NativeEngine(LoadedModelEngine):
         self.state_dtype = resolve_state_dtype(args.state_dtype)
         self.model = load_model(args.model, device=self.device, dtype=self.dtype)
         self.model.fuse_projections_()
-        self._tokenizer = load_tokenizer(args.model)
+        self._tokenizer = load_tokenizer(args.tokenizer or args.model)
+        sampling.set_server_seed(args.seed)
         self.config = self.model.config
         self.spec = self.model.state_spec(self.state_dtype)
         self.num_slots = pool_slots(args, self.spec)
@@ -664,7 +665,7 @@ class NativeEngine(LoadedModelEngine):
     def _output(self, req: RequestState, finished: bool) -> RequestOutput:
         deltas = [d for d in (s.take_delta() for s in req.sequences) if d is not None]
         out = RequestOutput(req.request_id, deltas, finished, req.num_prompt_tokens,
-                            num_cached_tokens=req.num_cached, prefix_id=req.prefix_id)
+                            num_cached_tokens=req.num_cached, prefix_id=req.prefix_id, queue_time=req.queue_time)
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
             out.prompt_logprobs = req.prompt_logprobs[req.num_prefix:]   # the request's own prompt
             if req.num_prefix:

@@ -6,14 +6,52 @@ from softmax(logits / temperature) restricted by top-k and top-p, with the
 exponential-race trick (argmax of p / q, q ~ Exp(1)) drawn from the row's own
 ``torch.Generator``: a seeded request gets the same tokens whatever else is in
 the batch. Logprobs are the model's (log-softmax of the raw logits).
+
+Before either, the logits are adjusted (only when some row asks): logit_bias,
+banned tokens (stop tokens before min_tokens), then vLLM's penalties:
+repetition over prompt and output tokens (a seen token's logit divided by the
+penalty when positive, multiplied when not), frequency (times the token's
+count) and presence (once) over output tokens.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from statex_serve.engine.base import TokenLogprob
+
+
+class PenaltyHistory:
+    """A sequence's tokens as the penalties see them, kept on the device: the
+    prompt's presence mask (built once) and the output's counts (updated with
+    the tokens added since the last step), so a step costs no prompt-length work."""
+
+    def __init__(self, prompt_ids: Sequence[int], output_ids: Sequence[int]):
+        self.prompt_ids = prompt_ids          # only read when repetition_penalty != 1
+        self.output_ids = output_ids          # the sequence's own list: grows as it generates
+        self._prompt_mask: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None
+        self._counted = 0
+
+    def prompt_mask(self, vocab: int, device) -> torch.Tensor:
+        if self._prompt_mask is None:
+            mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+            if len(self.prompt_ids):
+                mask[torch.as_tensor(list(self.prompt_ids), device=device)] = True
+            self._prompt_mask = mask
+        return self._prompt_mask
+
+    def output_counts(self, vocab: int, device) -> torch.Tensor:
+        if self._counts is None:
+            self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        new = self.output_ids[self._counted:]
+        if new:
+            ids = torch.as_tensor(list(new), device=device)
+            self._counts.index_add_(0, ids, torch.ones(len(new), device=device))
+            self._counted += len(new)
+        return self._counts
 
 
 @dataclass
@@ -27,10 +65,18 @@ class SamplingRow:
     logprobs: int | None = None              # top-k alternatives to report (0: the chosen token only)
     banned_token_ids: tuple[int, ...] = ()   # e.g. stop tokens before min_tokens
     logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    history: PenaltyHistory | None = None    # required when a penalty is on
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -39,9 +85,22 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
 
+# --seed: the seeds of sequences that ask for none are drawn from this (a run
+# with the same requests in the same order samples the same); None: OS entropy
+_server_seeds: torch.Generator | None = None
+
+
+def set_server_seed(seed: int | None) -> None:
+    global _server_seeds
+    _server_seeds = None if seed is None else torch.Generator().manual_seed(seed % (1 << 63))
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
-    """A generator for one sequence: seeded when asked, else from fresh OS entropy."""
+    """A generator for one sequence: seeded when asked, else from the server's
+    seed (--seed) or fresh OS entropy."""
     g = torch.Generator(device=device)
+    if seed is None and _server_seeds is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=_server_seeds))
     if seed is None:
         g.seed()
     else:
@@ -50,8 +109,9 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 
 def _adjust_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Bans and biases, applied to a copy only when some row has them."""
-    if not any(r.banned_token_ids or r.logit_bias for r in rows):
+    """Biases, bans and penalties, applied to a copy only when some row has them."""
+    penalized = [i for i, r in enumerate(rows) if r.penalized]
+    if not (penalized or any(r.banned_token_ids or r.logit_bias for r in rows)):
         return logits
     logits = logits.clone()
     for i, r in enumerate(rows):
@@ -60,7 +120,28 @@ def _adjust_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
             logits[i, ids] += torch.tensor([b for _, b in r.logit_bias], device=logits.device, dtype=logits.dtype)
         if r.banned_token_ids:
             logits[i, list(r.banned_token_ids)] = float("-inf")
+    if penalized:
+        _apply_penalties_(logits, [rows[i] for i in penalized], penalized)
     return logits
+
+
+def _apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow], index: list[int]) -> None:
+    """vLLM's penalties, in place, on the rows ``index`` (one batched op each)."""
+    V, dev, dt = logits.shape[-1], logits.device, logits.dtype
+    idx = torch.tensor(index, device=dev)
+    sub = logits[idx]
+    counts = torch.stack([r.history.output_counts(V, dev) for r in rows]).to(dt)        # [P, V]
+    seen_out = counts > 0
+    rep = torch.tensor([r.repetition_penalty for r in rows], device=dev, dtype=dt)[:, None]
+    if bool((rep != 1).any()):
+        seen = seen_out | torch.stack([r.history.prompt_mask(V, dev) if r.repetition_penalty != 1.0
+                                       else torch.zeros(V, dtype=torch.bool, device=dev) for r in rows])
+        factor = torch.where(seen, rep, torch.ones_like(rep))
+        sub = torch.where(sub > 0, sub / factor, sub * factor)
+    freq = torch.tensor([r.frequency_penalty for r in rows], device=dev, dtype=dt)[:, None]
+    presence = torch.tensor([r.presence_penalty for r in rows], device=dev, dtype=dt)[:, None]
+    sub = sub - freq * counts - presence * seen_out.to(dt)
+    logits[idx] = sub
 
 
 def _top_k_top_p_mask_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ whatever the prompt length) and every sequence samples its own continuation.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ import torch
 from statex_serve.engine.base import GenerationRequest, SamplingParams, SequenceDelta, TokenLogprob
 from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from statex_serve.engine.prefix_cache import scope_bytes
-from statex_serve.engine.sampler import SamplingRow, make_generator
+from statex_serve.engine.sampler import PenaltyHistory, SamplingRow, make_generator
 
 if TYPE_CHECKING:
     from statex_serve.engine.prefix_cache import CacheEntry, PrefixHasher
@@ -48,6 +49,7 @@ class SequenceState:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     pending_text: str = ""
     reported_finish: bool = False
+    history: PenaltyHistory | None = None     # for penalties (None when the request uses none)
 
     @property
     def finished(self) -> bool:
@@ -61,7 +63,9 @@ class SequenceState:
         p = self.params
         banned = tuple(self.stop_token_ids) if len(self.output_ids) < p.min_tokens else ()
         return SamplingRow(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, generator=self.generator,
-                           logprobs=p.logprobs, banned_token_ids=banned, logit_bias=p.logit_bias)
+                           logprobs=p.logprobs, banned_token_ids=banned, logit_bias=p.logit_bias,
+                           presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                           repetition_penalty=p.repetition_penalty, history=self.history)
 
     def append(self, token_id: int, logprob: TokenLogprob | None, max_new_tokens: int) -> None:
         """Record a sampled token and decide whether the sequence ends here.
@@ -144,6 +148,7 @@ class RequestState:
     num_cached: int = 0                       # prompt tokens restored, not prefilled
     cuts: list[int] = field(default_factory=list)   # positions where a prefill segment must end (and snapshot)
     hasher: PrefixHasher | None = None
+    queue_time: float | None = None           # seconds from arrival to its slots (set by start())
 
     def __post_init__(self):
         self.scope = scope_bytes(self.request.cache_owner, self.request.cache_salt)   # mixed into its prefix keys
@@ -191,6 +196,7 @@ class RequestState:
         p = self.params
         self.slots = slots
         self.status = RequestStatus.PREFILL
+        self.queue_time = time.monotonic() - self.request.arrival_time
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else eos_token_ids)
         if p.prompt_logprobs is not None:     # positions restored from the prefix cache have none
             self.prompt_logprobs = [None] * (self.num_computed + 1)
@@ -200,6 +206,8 @@ class RequestState:
                 index=i, slot=slot, params=p, generator=gen,
                 detokenizer=IncrementalDetokenizer(tokenizer, self.prompt, p.skip_special_tokens),
                 stops=StopStringMatcher(p.stop, p.include_stop_str_in_output), stop_token_ids=stop_ids))
+            if p.penalized:       # the prompt includes a pinned prefix's tokens, as vLLM's would
+                self.sequences[-1].history = PenaltyHistory(self.prompt, self.sequences[-1].output_ids)
 
     def live_sequences(self) -> list[SequenceState]:
         return [s for s in self.sequences if not s.finished]

@@ -260,7 +260,7 @@ class VLLMEngine(LoadedModelEngine):
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device, checkpoint_dtype(config))
         self.config, self.spec = _state_spec(config, args.state_dtype, self.dtype)
-        self._tokenizer = load_tokenizer(args.model)
+        self._tokenizer = load_tokenizer(args.tokenizer or args.model)
         self.eos_token_ids = eos_token_ids(self.config, self._tokenizer)
         self._vocab_size = int(config["vocab_size"])
         self._max_model_len = args.max_model_len
@@ -278,7 +278,7 @@ class VLLMEngine(LoadedModelEngine):
             self.max_num_seqs = args.max_num_seqs or EngineArgs.DEFAULT_MAX_NUM_SEQS
             budget = self.max_num_seqs * per_seq * pages_per_seq
         self.state_budget = budget
-        extra = dict(getattr(args, "vllm_args", None) or {})
+        extra = dict(args.vllm_args or {})
         extra.update(json.loads(os.environ.get(ENGINE_ARGS_ENV, "{}") or "{}"))
         kw: dict[str, Any] = dict(
             model=str(args.model), served_model_name=list(args.served_model_names) or None,
@@ -288,6 +288,10 @@ class VLLMEngine(LoadedModelEngine):
             enable_prefix_caching=bool(args.prefix_cache), enable_chunked_prefill=True,
             disable_log_stats=True, enable_log_requests=False, max_logprobs=args.max_logprobs,
         )
+        if args.tokenizer is not None:
+            kw["tokenizer"] = str(args.tokenizer)
+        if args.seed is not None:
+            kw["seed"] = args.seed
         if args.state_dtype != "auto":
             kw["mamba_ssm_cache_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}.get(args.state_dtype,
                                                                                         args.state_dtype)
@@ -435,6 +439,8 @@ class VLLMEngine(LoadedModelEngine):
             min_tokens=p.min_tokens, max_tokens=p.max_tokens, seed=None if p.seed is None else p.seed + index,
             stop_token_ids=sorted(stop_ids) or None, ignore_eos=p.ignore_eos,
             logit_bias=dict(p.logit_bias) or None, logprobs=p.logprobs,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
             prompt_logprobs=p.prompt_logprobs if index == 0 else None,
             detokenize=False, output_kind=RequestOutputKind.DELTA)
 
