@@ -19,8 +19,9 @@ from statex_serve import __version__
 logger = logging.getLogger("statex_serve")
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" only where the help text does not already say it."""
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" only where the help text does not already say it
+    (statex-serve and statex-train)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -42,7 +43,7 @@ def _port(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="statex-serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="checkpoint directory, or the name of a bundled model (default: the bundled model)")
     p.add_argument("--served-model-name", nargs="+", default=None,

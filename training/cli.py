@@ -11,21 +11,11 @@ import argparse
 import logging
 import sys
 
+from statex_serve.cli import DefaultsHelpFormatter   # one "(default: X)" rule for both CLIs
 from training.config import EvalConfig, TrainConfig, check_eval_config, check_train_config, resolve_model_dir
 from training.errors import UsageError  # re-exported: callers catch cli.UsageError
 
 log = logging.getLogger("statex.train")
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" where an option has a default and its help does not say it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings
-                or isinstance(action.default, bool)):
-            return text
-        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -117,7 +107,7 @@ def _str_list(text: str) -> list[str]:
 
 def add_expand(sub) -> None:
     p = sub.add_parser("expand", help="StateX: expand the recurrent state of chosen layers",
-                       formatter_class=_HelpFormatter,
+                       formatter_class=DefaultsHelpFormatter,
                        description="Merge GLA heads (--heads, default 1) or grow Mamba2 d_state (--state-size, "
                                    "default 4x) in layers 0, P, 2P, ... (--every P) or --layers I,J,...; "
                                    "writes an expanded checkpoint with statex.json.")
@@ -141,7 +131,7 @@ def add_expand(sub) -> None:
 def add_train(sub) -> None:
     d = TrainConfig(model="", out="")
     p = sub.add_parser("train", help="long-context post-training (the same loop for LPT and StateX)",
-                       formatter_class=_HelpFormatter,
+                       formatter_class=DefaultsHelpFormatter,
                        description="Train a checkpoint on packed sequences; writes OUT/model (final checkpoint), "
                                    "OUT/checkpoints/step_N (resumable), OUT/log.jsonl. Under torchrun it runs DDP.")
     p.add_argument("--model", required=True, help="checkpoint directory to start from")
@@ -177,7 +167,7 @@ def add_train(sub) -> None:
 def add_eval(sub) -> None:
     d = EvalConfig(model="", out="")
     p = sub.add_parser("eval", help="recall accuracy vs context length, held-out perplexity",
-                       formatter_class=_HelpFormatter,
+                       formatter_class=DefaultsHelpFormatter,
                        description="Passkey, multi-key NIAH and MQAR exact-match accuracy at each context "
                                    "length, and perplexity on held-out text; writes OUT/eval.json, eval.md, eval.png.")
     p.add_argument("--model", required=True, help="checkpoint directory (or a training run directory)")
@@ -214,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from training.init_model import add_arguments as add_init_arguments
 
     init = sub.add_parser("init", help="a fresh randomly initialised model of a named size or from a config",
-                          formatter_class=_HelpFormatter,
+                          formatter_class=DefaultsHelpFormatter,
                           description="Write a randomly initialised GLA or Mamba2 (a named --size with "
                                       "--family, or --config FILE) as a checkpoint that train, expand, eval "
                                       "and statex-serve take; named sizes use the byte-level tokenizer.")
