@@ -13,7 +13,11 @@ import sys
 import time
 
 import httpx
-from openai import OpenAI
+
+try:
+    from openai import OpenAI
+except ModuleNotFoundError:     # `make serve` installs the server only; the client comes with `make test`
+    sys.exit("check_served_model.py: needs the openai client: .venv/bin/pip install openai (or run make test)")
 
 from training.tasks import passkey
 
