@@ -47,7 +47,8 @@ def limit_autotune_search(max_configs: int | None, pick: str = "spread") -> None
         return
     if max_configs < 1:
         raise ValueError(f"max_configs must be at least 1, got {max_configs}")
-    pick_configs([], max_configs, pick)          # validates pick
+    if pick not in _PICKS:
+        raise ValueError(f"pick must be one of {_PICKS}, got {pick!r}")
 
     def prune_configs(self, *args, **kwargs):
         return pick_configs(original(self, *args, **kwargs), max_configs, pick)

@@ -558,14 +558,15 @@ class NativeEngine(LoadedModelEngine):
             logits = self.runner.decode([s.last_token for _, s in batch], [s.slot for _, s in batch])
         # (request, sequence, token, logprob) of the rows that sampled; a request whose
         # row failed is failed alone (_sample)
-        rows = [row for row in self._sample(logits, batch) if not row[0].finished]
+        rows = [(req, seq, tok, lp, self._max_new_tokens(req))
+                for req, seq, tok, lp in self._sample(logits, batch) if not req.finished]
         recorded: set[int] = set()
         if self._may_run_ahead():
             go_on = []
-            for i, (req, seq, tok, lp) in enumerate(rows):
-                ends = seq.ends_with(tok, self._max_new_tokens(req))
+            for i, (req, seq, tok, lp, max_new) in enumerate(rows):
+                ends = seq.ends_with(tok, max_new)
                 if ends is None:          # stop strings: the text decides, so record it now
-                    seq.append(tok, lp, self._max_new_tokens(req))
+                    seq.append(tok, lp, max_new)
                     recorded.add(i)
                     ends = seq.finished
                 if not ends:
@@ -575,9 +576,9 @@ class NativeEngine(LoadedModelEngine):
                 self._ahead = ([rs for rs, _ in go_on],
                                self.runner.decode([t for _, t in go_on], [seq.slot for (_, seq), _ in go_on]))
         touched: dict[str, RequestState] = {}
-        for i, (req, seq, tok, lp) in enumerate(rows):
+        for i, (req, seq, tok, lp, max_new) in enumerate(rows):
             if i not in recorded:
-                seq.append(tok, lp, self._max_new_tokens(req))
+                seq.append(tok, lp, max_new)
             touched[req.request_id] = req
         self._stats.generation_tokens_total += len(batch)
         self._emit(touched.values())

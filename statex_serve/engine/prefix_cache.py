@@ -485,11 +485,9 @@ def _not_found(pid: str) -> str:
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
+    """A host copy, for a host tier without a pinned pool (CPU caches; a GPU cache
+    uses its pool, ``PrefixCache._to_host_slot``)."""
+    return t.to("cpu", copy=True)
 
 
 def _copy_done(device: torch.device) -> torch.cuda.Event | None:
