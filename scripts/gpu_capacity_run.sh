@@ -22,7 +22,7 @@ BUDGET_S=${BUDGET_S:-390}
 R=$W/results
 rm -rf "$R" "$W/checkpoints"
 mkdir -p "$W" "$R" "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton-cache}
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton-cache} TRITON_CACHE_AUTOTUNING=1
 
 STAGE_DIR=$R STAGE_KILL_AFTER=15
 source scripts/stage.sh     # the repository root is the working directory here

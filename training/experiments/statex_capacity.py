@@ -407,6 +407,36 @@ def evaluate(model, eval_set: list[EvalCell], p: Preset, device, first_rows_only
     return res
 
 
+def time_eval(model, eval_set: list[EvalCell], p: Preset, device, warm: bool = False) -> float:
+    """Projected seconds of one evaluation's first pass: one full batch per
+    length, timed (after a first, compiling pass when ``warm``), times each
+    cell's batch count. Timing a few rows per cell and scaling by tokens would
+    count launch overhead as work: 25x too slow on the H200 (2026-11-30)."""
+    import torch
+
+    model.eval()
+    per_len = {}
+    with torch.no_grad():
+        for cell in eval_set:
+            T = cell.spec["length"]
+            if T in per_len:
+                continue
+            bs = max(1, p.eval_tokens_per_batch // T)
+            ids = torch.as_tensor(cell.rows(0, min(bs, cell.spec["max_rows"]))[0], device=device).long()
+            for _ in range(2 if warm else 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with _autocast(device):
+                    model(ids).logits.argmax(-1)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                per_len[T] = (time.perf_counter() - t0) * bs / len(ids)
+    model.train()
+    return sum(math.ceil(c.spec["rows"] / max(1, p.eval_tokens_per_batch // c.spec["length"]))
+               * per_len[c.spec["length"]] for c in eval_set)
+
+
 # --- models ------------------------------------------------------------------------------
 
 def model_config(family: str, p: Preset, expanded: bool = False):
@@ -555,6 +585,13 @@ def worker(args) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
+    if args.autotune_configs > 0 and torch.cuda.is_available():
+        # fla's and mamba-ssm's autotuners try up to ~100 configurations per kernel:
+        # on 2026-11-30 the GLA pipelines had not compiled after 240 s. Any
+        # configuration computes the same function (kernels/autotune.py).
+        from kernels.autotune import limit_autotune_search
+
+        limit_autotune_search(args.autotune_configs)
     p = preset(args.preset, args.set)
     out = Path(args.out)
     fam, seed, kind = args.family, args.seed, args.kind
@@ -588,17 +625,15 @@ def worker(args) -> int:
     for t in timers.values():      # compile (and autotune) everything first ...
         t.run(warm)
     evaluate(base, eval_set, p, device, first_rows_only=2)
+    time_eval(base, eval_set, p, device, warm=True)
+    log(f"{name}: compiled in {time.perf_counter() - t0:.0f} s")
     (out / "ready").mkdir(exist_ok=True)
     (out / "ready" / f"{fam}_{kind}_{seed}").touch()
     while not (out / "go").exists() and time.time() < deadline:   # ... then time together with the others
         time.sleep(0.1)
     probe = {k: t.run(timed) for k, t in timers.items()}
     del timers
-    te = time.perf_counter()
-    evaluate(base, eval_set, p, device, first_rows_only=8)
-    te = time.perf_counter() - te
-    eval_tokens = sum(c.spec["rows"] * c.spec["length"] for c in eval_set)
-    probe["eval_s"] = te * eval_tokens / sum(min(8, c.spec["rows"]) * c.spec["length"] for c in eval_set)
+    probe["eval_s"] = time_eval(base, eval_set, p, device)
     probe["setup_s"] = time.perf_counter() - t0
     n_alt = int(args.alt and kind == "main")
     probe["evals_s"] = ((4 + n_alt) if kind == "main" else 1) * probe["eval_s"]
@@ -744,15 +779,32 @@ def run(args) -> int:
     (out / "logs").mkdir(exist_ok=True)
     procs = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
-    for fam, seed, kind in jobs:
+    def start(fam, seed, kind):
         cmd = [sys.executable, "-m", "training.experiments.statex_capacity", "_worker", "--family", fam, "--seed",
                str(seed), "--kind", kind, "--corpus", str(args.corpus), "--out", str(out), "--preset", args.preset,
                "--deadline", str(deadline), "--threads", str(args.threads), "--device", args.device] + \
               (["--alt"] if args.alt else []) + [f"--set={o}" for o in args.set] + \
+               ["--autotune-configs", str(args.autotune_configs)] + \
               (["--save-checkpoints"] if args.checkpoints and kind == "main" and seed == seeds[0] else [])
         logf = (out / "logs" / f"{fam}_{kind}_{seed}.log").open("w")
         procs[(fam, seed, kind)] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    log(f"started {len(procs)} pipelines: {', '.join(f'{f}/{k}/{s}' for f, s, k in jobs)}")
+
+    # The first seed of each family compiles (and autotunes) alone; the others
+    # start when it is ready and load its kernels from the shared Triton cache
+    # instead of compiling the same kernels four times at once.
+    first = [j for j in jobs if j[1] == seeds[0] and j[2] == "main"]
+    for j in first:
+        start(*j)
+    log(f"compiling: {', '.join(f'{f}/{k}/{s}' for f, s, k in first)}")
+    while time.time() < t_start + args.probe_s * 0.75:
+        if all((out / "ready" / f"{f}_{k}_{s}").exists() or procs[(f, s, k)].poll() is not None
+               for f, s, k in first):
+            break
+        time.sleep(0.2)
+    rest = [j for j in jobs if j not in first]
+    for j in rest:
+        start(*j)
+    log(f"after {time.time() - t_start:.0f} s started {', '.join(f'{f}/{k}/{s}' for f, s, k in rest)}")
     try:
         return _coordinate(args, p, out, procs, meta, t_start, deadline)
     finally:   # however the coordinator ends, no pipeline outlives it
@@ -831,6 +883,8 @@ def main(argv=None) -> int:
     pr.add_argument("--probe-s", type=float, default=240, help="give up waiting for probes after this")
     pr.add_argument("--threads", type=int, default=2, help="torch CPU threads per pipeline")
     pr.add_argument("--device", default="auto", choices=("auto", "cpu"))
+    pr.add_argument("--autotune-configs", type=int, default=2,
+                    help="on CUDA, each Triton autotuner tries at most this many configurations (0: all)")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--checkpoints", action="store_true",
                     help="save the first seed's base, LPT and StateX as servable checkpoints (OUT/checkpoints/)")
@@ -842,6 +896,7 @@ def main(argv=None) -> int:
     pw.add_argument("--seed", type=int, required=True)
     pw.add_argument("--deadline", type=float, required=True)
     pw.add_argument("--threads", type=int, default=2)
+    pw.add_argument("--autotune-configs", type=int, default=0)
     pw.add_argument("--alt", action="store_true")
     pw.add_argument("--set", action="append", default=[])
     pw.add_argument("--save-checkpoints", action="store_true")
