@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="native engine: do not keep state snapshots of prompt prefixes (no reuse, no pinning)")
     p.add_argument("--prefix-cache-memory", default=None,
-                   help="native engine: prefix-state snapshots kept on the device, e.g. 2GiB (default 1GiB; 0: none "
-                        "there)")
+                   help="native engine: prefix-state snapshots kept on the device, e.g. 2GiB (default: on CUDA a "
+                        "quarter of the memory free after the weights and state pools, at least 1GiB; elsewhere "
+                        "1GiB; 0: none there)")
     p.add_argument("--prefix-cache-host-memory", default=None,
                    help="native engine: host memory that prefix snapshots spill to, least recently used first "
                         "(default 4GiB with CUDA, 0 on CPU where the device is host memory)")

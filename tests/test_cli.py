@@ -164,3 +164,20 @@ def test_bench_answers_bad_arguments_at_once():
     proc, took = _run("statex_serve.bench", "memory", "--memory-budget", "lots", "--out", "/nonexistent/o")
     assert proc.returncode == 2 and "cannot read 'lots' as a memory size" in proc.stderr, proc.stderr
     assert took < FAST
+
+
+def test_prefix_cache_device_tier_defaults_to_a_share_of_free_gpu_memory():
+    """On CUDA the device tier grows with the free memory (a 1 GiB tier held 14
+    snapshots of a 1.3B GLA, so a burst of unrelated prompts spilled to host);
+    elsewhere, and when the user says, the numbers stay as given."""
+    from statex_serve.engine.args import EngineArgs
+
+    gib = 1 << 30
+    args = EngineArgs(model="m")
+    assert args.prefix_cache_budgets("cuda", 100 * gib) == (25 * gib, 4 * gib)
+    assert args.prefix_cache_budgets("cuda", 2 * gib) == (1 * gib, 4 * gib)      # never under 1 GiB
+    assert args.prefix_cache_budgets("cuda", None) == (1 * gib, 4 * gib)
+    assert args.prefix_cache_budgets("cpu", 100 * gib) == (1 * gib, 0)
+    given = EngineArgs(model="m", prefix_cache_memory=3 * gib, prefix_cache_host_memory=0)
+    assert given.prefix_cache_budgets("cuda", 100 * gib) == (3 * gib, 0)
+    assert EngineArgs(model="m", prefix_cache_memory=0).prefix_cache_budgets("cuda", 100 * gib)[0] == 0

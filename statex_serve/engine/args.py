@@ -84,6 +84,12 @@ class EngineArgs:
 
     DEFAULT_MAX_NUM_SEQS = 64
     DEFAULT_PREFIX_CACHE_MEMORY = 1 << 30
+    # On CUDA the device tier defaults to this share of the memory left free
+    # after the weights and state pools (at least DEFAULT_PREFIX_CACHE_MEMORY):
+    # snapshots are allocated as they are stored, and a fixed 1 GiB held 14
+    # snapshots of a 1.3B GLA (72 MiB each), so a burst of 64 unrelated
+    # prompts spilled ~50 of them to host memory (docs/perf.md, "The engine under load").
+    PREFIX_CACHE_FREE_MEMORY_SHARE = 0.25
     DEFAULT_PREFIX_CACHE_HOST_MEMORY = 4 << 30
     # A prefill call has a fixed cost (one eager launch of every layer's kernels:
     # ~40 ms for a 1.3B model on an H200, where 8K tokens take 66 ms, docs/perf.md),
@@ -125,10 +131,15 @@ class EngineArgs:
             return self.prefill_chunk
         return self.DEFAULT_PREFILL_CHUNK.get(device_type, self.DEFAULT_PREFILL_CHUNK["cpu"])
 
-    def prefix_cache_budgets(self, device_type: str) -> tuple[int, int]:
-        """(device bytes, host bytes) of the prefix cache. On CPU the device is
-        host memory, so the host tier defaults to 0 there."""
-        device = self.DEFAULT_PREFIX_CACHE_MEMORY if self.prefix_cache_memory is None else self.prefix_cache_memory
+    def prefix_cache_budgets(self, device_type: str, free_device_bytes: int | None = None) -> tuple[int, int]:
+        """(device bytes, host bytes) of the prefix cache. The device tier defaults
+        to a share of ``free_device_bytes`` on CUDA, 1 GiB elsewhere; on CPU the
+        device is host memory, so the host tier defaults to 0 there."""
+        device = self.prefix_cache_memory
+        if device is None:
+            device = self.DEFAULT_PREFIX_CACHE_MEMORY
+            if device_type == "cuda" and free_device_bytes:
+                device = max(device, int(free_device_bytes * self.PREFIX_CACHE_FREE_MEMORY_SHARE))
         host = self.prefix_cache_host_memory
         if host is None:
             host = self.DEFAULT_PREFIX_CACHE_HOST_MEMORY if device_type == "cuda" else 0

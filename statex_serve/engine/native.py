@@ -155,7 +155,8 @@ class NativeEngine(LoadedModelEngine):
         self.eos_token_ids = eos_token_ids(self.config, self._tokenizer)
         self.prefix_cache: PrefixCache | None = None
         if args.prefix_cache:
-            device_budget, host_budget = args.prefix_cache_budgets(self.device.type)
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+            device_budget, host_budget = args.prefix_cache_budgets(self.device.type, free)
             self.prefix_cache = PrefixCache(self.runner.pools, self.device, device_budget, host_budget)
         self.prefill_chunk = args.prefill_chunk_for(self.device.type)
         self.scheduler = Scheduler(self.num_slots, self.prefill_chunk, self.prefix_cache)
