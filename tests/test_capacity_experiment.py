@@ -177,3 +177,10 @@ def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
     for fam in ("gla", "mamba2"):
         assert (md.parent / "statex_capacity" / f"{fam}.png").stat().st_size > 5000
     assert json.loads((md.parent / "statex_capacity" / "results.json").read_text())["arms"]
+
+    # writing the report again keeps the reading a person wrote under it
+    md.write_text(text.replace(text.partition("## Reading\n")[2], "\nStateX did X because Y.\n"))
+    assert subprocess.run([sys.executable, "-m", "training.experiments.statex_capacity", "report", "--results",
+                           str(out), "--out", str(md)], env=env, timeout=120, cwd=REPO).returncode == 0
+    again = md.read_text()
+    assert again.partition("## Reading\n")[2].strip() == "StateX did X because Y." and "## Gates" in again

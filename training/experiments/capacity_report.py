@@ -201,6 +201,19 @@ def plot(fam_name: str, fam: dict, path: Path) -> None:
     plt.close(fig)
 
 
+READING = "## Reading"
+PLACEHOLDER = "_To be written after looking at the numbers above._"
+
+
+def _kept_reading(out_md: Path) -> str | None:
+    """The reading a person wrote under the last report of this name: writing
+    the report again (e.g. after a plotting fix) keeps it."""
+    if not out_md.is_file():
+        return None
+    text = out_md.read_text().partition("\n" + READING + "\n")[2].strip()
+    return text if text and text != PLACEHOLDER else None
+
+
 def write_report(results: Path, out_md: Path) -> dict:
     data = load(results)
     meta = data["meta"]
@@ -257,6 +270,6 @@ def write_report(results: Path, out_md: Path) -> dict:
         plot(name, fam, assets / f"{name}.png")
         md += ["", f"## {name}", "", f"![{name}]({assets.name}/{name}.png)", "", *table(fam), "",
                "Training:", "", *training_lines(fam)]
-    md += ["", "## Reading", "", "_To be written after looking at the numbers above._", ""]
+    md += ["", READING, "", _kept_reading(out_md) or PLACEHOLDER, ""]
     out_md.write_text("\n".join(md))
     return summary
