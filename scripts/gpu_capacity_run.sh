@@ -4,7 +4,7 @@
 # arm, evaluation and the report, in about 8 minutes. Every stage is capped
 # in wall-clock time; whatever finished (per-arm JSON, logs, the report) is
 # packed into ONE file, $OUT/capacity.tar.gz (the device tool returns few files);
-# seed 0's base / LPT / StateX checkpoints (for serving) into $OUT/checkpoints.tar.gz.
+# seed 0's base / LPT / StateX checkpoints (for serving) into $OUT/checkpoints-FAMILY.tar.gz.
 #
 #   (device, carry .whl)  OUT=$OUT bash scripts/gpu_capacity_run.sh
 #
@@ -13,6 +13,9 @@
 # SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 390), ALT=1 (also the
 # alternative expansion arm), PY (python3); arguments are passed to `run`,
 # e.g. `bash scripts/gpu_capacity_run.sh --set pre_steps=3000`.
+# PILOT=1 first runs the pilot (MQAR only, a few learning rates; both families
+# at once, PILOT_S seconds at most, PILOT_ARGS e.g. "--set mqar_layout=zoology");
+# RUN=0 skips the full run.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT}
@@ -37,14 +40,27 @@ print(*(f"{d} {v(d)}" for d in ("torch", "triton", "flash-linear-attention", "ma
 cat "$R/gpu.txt"
 
 [ -f "$W/corpus.jsonl" ] || stage prepare 90 $PY -m training.experiments.statex_capacity prepare --out "$W/corpus.jsonl"
-stage run $((BUDGET_S + 40)) $PY -m training.experiments.statex_capacity run --corpus "$W/corpus.jsonl" \
+if [ -n "${PILOT:-}" ]; then
+    for fam in gla mamba2; do
+        stage "pilot-$fam" "${PILOT_S:-150}" $PY -m training.experiments.statex_capacity pilot --corpus "$W/corpus.jsonl" \
+            --out "$R/pilot-$fam" --families $fam ${PILOT_ARGS:-} &
+    done
+    wait
+fi
+[ "${RUN:-1}" = 0 ] || stage run $((BUDGET_S + 40)) $PY -m training.experiments.statex_capacity run --corpus "$W/corpus.jsonl" \
     --out "$R/run" --seeds "${SEEDS:-0,1,2}" --budget-s "$BUDGET_S" --overwrite ${ALT:+--alt} --checkpoints "$@"
-stage report 90 $PY -m training.experiments.statex_capacity report --results "$R/run" \
+[ "${RUN:-1}" = 0 ] || stage report 90 $PY -m training.experiments.statex_capacity report --results "$R/run" \
     --out "$R/report/statex_capacity.md"
 tail -n 3 "$R/run.log"
-# the checkpoints (seed 0's base, LPT, StateX per family) in a second file, so a
-# size limit on what comes back can only cost them, not the results
-[ -d "$R/run/checkpoints" ] && mv "$R/run/checkpoints" "$W/checkpoints" && \
-    tar czf "$OUT/checkpoints.tar.gz" -C "$W" checkpoints
+# the checkpoints (seed 0's base, LPT, StateX) in one file per family, so a size
+# limit on what comes back (16 MiB a file; both families were 22 MB) can only
+# cost them, not the results
+if [ -d "$R/run/checkpoints" ]; then
+    mv "$R/run/checkpoints" "$W/checkpoints"
+    for fam in gla mamba2; do
+        [ -d "$W/checkpoints/$fam" ] && tar czf "$OUT/checkpoints-$fam.tar.gz" -C "$W" checkpoints/.byte-tokenizer \
+            "checkpoints/$fam"
+    done
+fi
 cd "$W" && tar czf "$OUT/capacity.tar.gz" results
 ls -la "$OUT"

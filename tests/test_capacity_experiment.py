@@ -57,6 +57,44 @@ def test_mqar_rows_ask_every_key_once_with_its_value(corpus):
         sc.mqar_row(rng, corpus, 100, 30, p)
 
 
+def test_zoology_layout_asks_every_key_once_close_to_the_pairs(corpus):
+    """Zoology's multiquery_ar: the questions follow the pairs at power-law gaps
+    (most close), the rest is random bytes; the text layout spreads them evenly."""
+    from dataclasses import replace
+
+    p = replace(sc.PRESETS["full"], mqar_layout="zoology")
+    rng = np.random.default_rng(0)
+    gaps = {"zoology": [], "text": []}
+    for layout in gaps:
+        q = replace(p, mqar_layout=layout)
+        for _ in range(50):
+            ids, tgt = sc.mqar_row(rng, corpus, 512, 16, q)
+            keys, vals = ids[1:33:2], ids[2:33:2]
+            asked = np.flatnonzero(tgt != sc.IGNORE)
+            kv = dict(zip(keys.tolist(), vals.tolist()))
+            assert len(asked) == 16 and sorted(ids[asked].tolist()) == sorted(keys.tolist())
+            assert all(kv[ids[i]] == tgt[i] == ids[i + 1] for i in asked)
+            rest = np.ones(512, bool)
+            rest[:33] = False
+            rest[asked] = rest[asked + 1] = False
+            assert (ids[rest] <= sc.EOS).all()
+            gaps[layout] += (asked - 33).tolist()
+    assert np.median(gaps["zoology"]) < np.median(gaps["text"]) / 2
+    with pytest.raises(ValueError, match="mqar_layout"):
+        sc.mqar_row(rng, corpus, 512, 16, replace(p, mqar_layout="nope"))
+
+
+def test_pilot_trains_each_family_and_rate_and_scores_each_pair_count(corpus_file, tmp_path):
+    assert sc.main(["pilot", "--tiny", "--corpus", str(corpus_file), "--out", str(tmp_path), "--device", "cpu",
+                    "--set", "pilot_steps=2", "--set", "pilot_lrs=3e-3", "--set", "pilot_seq=48",
+                    "--set", "pilot_eval_pairs=2,4,16", "--set", "mqar_layout=zoology"]) == 0
+    res = json.loads((tmp_path / "pilot.json").read_text())
+    assert [(r["family"], r["lr"]) for r in res["runs"]] == [(f, 3e-3) for f in ("gla", "mamba2")]
+    for r in res["runs"]:
+        assert r["train"]["steps"] == 2 and r["train"]["seq"] == 48
+        assert sorted(k for k in r["eval"] if not k.startswith("_")) == ["mqar@48/2p", "mqar@48/4p"]   # 16 won't fit
+
+
 def test_passkey_rows_target_the_key(corpus):
     ids, tgt = sc.passkey_row(np.random.default_rng(3), 600, depth=0.5)
     assert len(ids) == 600 and ids[0] == sc.BOS

@@ -70,6 +70,11 @@ class Preset:
     alt_mamba2_dt_init: str = "inherit"
     n_keys: int = 512
     n_values: int = 512
+    # MQAR rows: "text" (queries at uniform places in text filler, the first H200 run) or
+    # "zoology" (Zoology's multiquery_ar: every query after the pairs at power-law gaps, random
+    # byte filler), see mqar_row
+    mqar_layout: str = "text"
+    mqar_power_a: float = 0.01
     # pre-training (base, and the from-scratch upper bound's first phase)
     pre_seq: int = 512
     pre_batch: int = 64
@@ -101,6 +106,12 @@ class Preset:
     bpb_windows: int = 64
     eval_tokens_per_batch: int = 1 << 18
     log_every: int = 25
+    # the pilot (``pilot``): MQAR rows only, one length, a few learning rates
+    pilot_seq: int = 256
+    pilot_pairs: tuple = (4, 32)
+    pilot_steps: int = 1000
+    pilot_lrs: tuple = (1e-3, 3e-3, 1e-2)
+    pilot_eval_pairs: tuple = (4, 8, 16, 32)
 
     @property
     def vocab(self) -> int:
@@ -131,7 +142,8 @@ def preset(name: str, overrides: list[str]) -> Preset:
         cur = getattr(p, key)
         try:
             if isinstance(cur, tuple):
-                changes[key] = tuple(int(x) for x in val.split(",") if x)
+                kind = type(cur[0]) if cur else int
+                changes[key] = tuple(kind(x) for x in val.split(",") if x)
             else:
                 changes[key] = type(cur)(val)
         except ValueError:
@@ -215,8 +227,11 @@ def text_row(rng, corpus: Corpus, T: int, heldout: bool = False):
 
 
 def mqar_row(rng, corpus: Corpus, T: int, pairs: int, p: Preset, heldout: bool = False):
-    """BOS, ``pairs`` key-value token pairs, then text filler with every key asked
-    once (in random order) at random places: the key, then its value (the answer)."""
+    """BOS, ``pairs`` key-value token pairs, then filler with every key asked once
+    (in random order): the key, then its value (the answer). ``p.mqar_layout``
+    "text": the questions at uniform places in text; "zoology": at power-law
+    gaps after the pairs (most close to them), the rest random bytes, as
+    Zoology's ``multiquery_ar`` (``power_a``, ``random_non_queries``)."""
     filler = T - 1 - 4 * pairs
     if filler < 0:
         raise ValueError(f"{pairs} pairs do not fit in {T} tokens")
@@ -226,12 +241,21 @@ def mqar_row(rng, corpus: Corpus, T: int, pairs: int, p: Preset, heldout: bool =
     ids[0] = BOS
     ids[1:1 + 2 * pairs:2], ids[2:2 + 2 * pairs:2] = keys, vals
     order = rng.permutation(pairs)
-    qpos = 1 + 2 * pairs + np.sort(rng.integers(0, filler + 1, pairs)) + 2 * np.arange(pairs)
+    start = 1 + 2 * pairs
+    if p.mqar_layout == "zoology":
+        slots = (T - start) // 2                     # a question takes two tokens
+        w = np.arange(1, slots + 1, dtype=np.float64) ** (p.mqar_power_a - 1)
+        qpos = start + 2 * np.sort(rng.choice(slots, pairs, replace=False, p=w / w.sum()))
+    elif p.mqar_layout == "text":
+        qpos = start + np.sort(rng.integers(0, filler + 1, pairs)) + 2 * np.arange(pairs)
+    else:
+        raise ValueError(f"mqar_layout must be 'text' or 'zoology', got {p.mqar_layout!r}")
     ids[qpos], ids[qpos + 1] = keys[order], vals[order]
     fill = np.ones(T, dtype=bool)
-    fill[:1 + 2 * pairs] = False
+    fill[:start] = False
     fill[qpos] = fill[qpos + 1] = False
-    ids[fill] = corpus.window(rng, filler, heldout)
+    ids[fill] = (rng.integers(0, 256, filler) if p.mqar_layout == "zoology"
+                 else corpus.window(rng, filler, heldout))
     tgt = np.full(T, IGNORE, dtype=np.int64)
     tgt[qpos] = vals[order]
     return ids, tgt
@@ -711,6 +735,43 @@ def worker(args) -> int:
     return 0
 
 
+# --- the pilot -------------------------------------------------------------------------------
+
+def pilot(args) -> int:
+    """Does the recipe learn recall at all? Per family and learning rate: a fresh
+    base model trained on MQAR rows only (``pilot_seq`` tokens, ``pilot_pairs``)
+    for ``pilot_steps`` steps, then its accuracy per pair count at that length.
+    Minutes on a GPU, where gate 1 of a full run costs the whole run."""
+    import torch
+
+    if args.autotune_configs > 0 and torch.cuda.is_available():
+        from kernels.autotune import limit_autotune_search
+
+        limit_autotune_search(args.autotune_configs)
+    p = replace(preset(args.preset, args.set), frac_text=0.0, frac_passkey=0.0)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    corpus = Corpus(Path(args.corpus))
+    cells = [{"group": "pilot", "task": "mqar", "length": p.pilot_seq, "pairs": n,
+              "name": f"mqar@{p.pilot_seq}/{n}p", "rows": max(p.min_rows, math.ceil(p.mqar_answers / n)),
+              "max_rows": max(p.min_rows, math.ceil(p.mqar_answers / n))}
+             for n in p.pilot_eval_pairs if 4 * n < p.pilot_seq]
+    eval_set = [EvalCell(c, corpus, p, 1234) for c in cells]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"preset": asdict(p), "environment": environment(), "runs": []}
+    for fam in args.families.split(","):
+        for lr in p.pilot_lrs:
+            model = new_model(fam, p, args.seed).to(device)
+            stream = Stream(corpus, p, p.pilot_seq, p.pre_batch, p.pilot_pairs, seed=3000 + args.seed)
+            tr = train(model, stream, p.pilot_steps, lr, p.pre_warmup, device, p, f"pilot {fam} lr {lr:g}")
+            ev = evaluate(model, eval_set, p, device)
+            acc = {k: round(v["accuracy"], 4) for k, v in ev.items() if not k.startswith("_")}
+            log(f"pilot {fam} lr {lr:g}: final recall loss {tr['curve'][-1]['recall']:.3f}, accuracy {acc}")
+            results["runs"].append({"family": fam, "lr": lr, "train": tr, "eval": ev})
+            (out / "pilot.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
 # --- the coordinator ------------------------------------------------------------------------
 
 def environment() -> dict:
@@ -900,6 +961,18 @@ def main(argv=None) -> int:
     pw.add_argument("--alt", action="store_true")
     pw.add_argument("--set", action="append", default=[])
     pw.add_argument("--save-checkpoints", action="store_true")
+    pl = sub.add_parser("pilot", help="MQAR only, a few learning rates, per family: does the recipe learn "
+                                      "recall at all? (run before a full run)")
+    pl.add_argument("--corpus", required=True)
+    pl.add_argument("--out", required=True, help="directory for pilot.json")
+    pl.add_argument("--families", default="gla,mamba2")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--tiny", dest="preset", action="store_const", const="tiny", default="full")
+    pl.add_argument("--device", default="auto", choices=("auto", "cpu"))
+    pl.add_argument("--autotune-configs", type=int, default=2,
+                    help="on CUDA, each Triton autotuner tries at most this many configurations (0: all)")
+    pl.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a preset field, e.g. --set mqar_layout=zoology --set pilot_lrs=1e-3,1e-2")
     rp = sub.add_parser("report", help="results directory -> markdown with tables and plots")
     rp.add_argument("--results", required=True, help="a run's --out (or its results.json)")
     rp.add_argument("--out", required=True, help="the markdown file; plots and the raw JSON go beside it")
@@ -909,6 +982,8 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "_worker":
         return worker(args)
+    if args.cmd == "pilot":
+        return pilot(args)
     if args.cmd == "report":
         from training.experiments.capacity_report import write_report
 
