@@ -181,9 +181,9 @@ def _machine_memory(targets) -> tuple[int, str]:
         if torch.cuda.is_available():
             index = next((int(d.split(":")[1]) for d in devices if d.startswith("cuda:")), 0)
             return torch.cuda.get_device_properties(index).total_memory, "the GPU's memory"
-    from statex_serve.bench.report import _mem_bytes
+    from statex_serve.bench.report import machine_memory_bytes
 
-    return _mem_bytes() or 64 << 30, "this machine's memory"
+    return machine_memory_bytes() or 64 << 30, "this machine's memory"
 
 
 def _name_targets(targets) -> None:
