@@ -150,6 +150,18 @@ def bench_gla_decode(H, K, V, B, sdt, reps, impl, launch=None):
 
 # --------------------------------------------------------------------------- Mamba2
 
+def _ssd_inputs(n, H, P, N, G, in_dt):
+    """x, dt, A, B, C, D, dt_bias for ``n`` tokens (decode: one per sequence)."""
+    x = torch.randn(n, H, P, device="cuda").to(in_dt)
+    dt = (torch.randn(n, H, device="cuda") * 0.5).to(in_dt)
+    Bm = torch.randn(n, G, N, device="cuda").to(in_dt)
+    Cm = torch.randn(n, G, N, device="cuda").to(in_dt)
+    A = -torch.exp(torch.rand(H, device="cuda") * math.log(16))
+    D = torch.randn(H, device="cuda")
+    dt_bias = torch.rand(H, device="cuda") - 4.0
+    return x, dt, A, Bm, Cm, D, dt_bias
+
+
 def _ssd_case(H, P, N, B, sdt, in_dt=torch.bfloat16, G=1):
     state_bytes = H * P * N * torch.tensor([], dtype=sdt).element_size()
     act_bytes = (2 * H * P + H + 2 * G * N) * torch.tensor([], dtype=in_dt).element_size()
@@ -157,14 +169,7 @@ def _ssd_case(H, P, N, B, sdt, in_dt=torch.bfloat16, G=1):
     n_pools = _n_pools(B * 2 * state_bytes)
     pools = [torch.randn(B + 4, H, P, N, device="cuda").to(sdt) for _ in range(n_pools)]
     slots = [_slots(B, B + 4) for _ in range(n_pools)]
-    x = torch.randn(B, H, P, device="cuda").to(in_dt)
-    dt = (torch.randn(B, H, device="cuda") * 0.5).to(in_dt)
-    Bm = torch.randn(B, G, N, device="cuda").to(in_dt)
-    Cm = torch.randn(B, G, N, device="cuda").to(in_dt)
-    A = -torch.exp(torch.rand(H, device="cuda") * math.log(16))
-    D = torch.randn(H, device="cuda")
-    dt_bias = torch.rand(H, device="cuda") - 4.0
-    return pools, slots, (x, dt, A, Bm, Cm, D, dt_bias), nbytes, n_pools
+    return pools, slots, _ssd_inputs(B, H, P, N, G, in_dt), nbytes, n_pools
 
 
 def bench_ssd_decode(H, P, N, B, sdt, reps, impl, launch=None):
@@ -259,13 +264,7 @@ def bench_gla_prefill(H, K, V, T, nseq, impl, quick, sdt=torch.float32, in_dt=to
 
 
 def bench_ssd_prefill(H, P, N, T, nseq, impl, quick, sdt=torch.float32, in_dt=torch.bfloat16, G=1):
-    x = torch.randn(T, H, P, device="cuda").to(in_dt)
-    dt = (torch.randn(T, H, device="cuda") * 0.5).to(in_dt)
-    Bm = torch.randn(T, G, N, device="cuda").to(in_dt)
-    Cm = torch.randn(T, G, N, device="cuda").to(in_dt)
-    A = -torch.exp(torch.rand(H, device="cuda") * math.log(16))
-    D = torch.randn(H, device="cuda")
-    dt_bias = torch.rand(H, device="cuda") - 4.0
+    x, dt, A, Bm, Cm, D, dt_bias = _ssd_inputs(T, H, P, N, G, in_dt)
     cu, has_init = _prefill_layout(T, nseq)
     pool = torch.randn(nseq + 4, H, P, N, device="cuda").to(sdt)
     slots = _slots(nseq, nseq + 4)
@@ -333,44 +332,53 @@ def _sweep_report(kind, name, B, sdt, res, nbytes, out_rows, path):
     _dump(out_rows, path)
 
 
+def _gla_launches(H, K, V):
+    """(BK, BV, num_warps) of the GLA decode kernel worth timing for this shape."""
+    for BV in (32, 64, 128, 256):
+        for tile in (2048, 4096, 8192, 16384):
+            BK = tile // BV
+            if BK > K or BK < 8 or BV > V:
+                continue
+            for nw in (4, 8, 16):
+                if tile // (32 * nw) < 8:       # under 8 elements per thread: idle lanes
+                    continue
+                yield (BK, BV, nw)
+
+
+def _ssd_launches(H, P, N):
+    """(BP, BN, num_warps) of the SSD decode kernel worth timing for this shape."""
+    for BN in (64, 128, 256, 512):
+        if BN > N:
+            continue
+        for BP in (4, 8, 16, 32, 64):
+            if BP * BN > 16384 or BP * BN < 512 or BP > P:
+                continue
+            for nw in (4, 8, 16):
+                if BP * BN // (32 * nw) < 8:
+                    continue
+                yield (BP, BN, nw)
+
+
+# each state kernel family: its shapes, its decode and prefill benches, the peer it is timed against,
+# and the launch configurations the sweep tries
+FAMILIES = (("gla", GLA_SHAPES, bench_gla_decode, bench_gla_prefill, "fla", _gla_launches),
+            ("ssd", SSD_SHAPES, bench_ssd_decode, bench_ssd_prefill, "mamba_ssm", _ssd_launches))
+
+
 def sweep(reps, out_rows, path=None, cases=None, batches=(8, 64, 256)):
     """Time launch configurations of our decode kernels; print the best per case.
     ``cases``: None for all, else a set of "gla:SHAPE:DTYPE" / "ssd:SHAPE:DTYPE"."""
-    for name, (H, K, V) in GLA_SHAPES.items():
-        for sdt in (torch.float32, torch.bfloat16):
-            if not _sweep_wanted(cases, "gla", name, sdt):
-                continue
-            for B in batches:
-                res = []
-                for BV in (32, 64, 128, 256):
-                    for tile in (2048, 4096, 8192, 16384):
-                        BK = tile // BV
-                        if BK > K or BK < 8 or BV > V:
-                            continue
-                        for nw in (4, 8, 16):
-                            if tile // (32 * nw) < 8:       # under 8 elements per thread: idle lanes
-                                continue
-                            us, nbytes, _ = bench_gla_decode(H, K, V, B, sdt, reps, "ours", (BK, BV, nw))
-                            res.append((us, (BK, BV, nw)))
-                _sweep_report("gla", name, B, sdt, res, nbytes, out_rows, path)
-    for name, (H, P, N) in SSD_SHAPES.items():
-        for sdt in (torch.float32, torch.bfloat16):
-            if not _sweep_wanted(cases, "ssd", name, sdt):
-                continue
-            for B in batches:
-                res = []
-                for BN in (64, 128, 256, 512):
-                    if BN > N:
-                        continue
-                    for BP in (4, 8, 16, 32, 64):
-                        if BP * BN > 16384 or BP * BN < 512 or BP > P:
-                            continue
-                        for nw in (4, 8, 16):
-                            if BP * BN // (32 * nw) < 8:
-                                continue
-                            us, nbytes, _ = bench_ssd_decode(H, P, N, B, sdt, reps, "ours", (BP, BN, nw))
-                            res.append((us, (BP, BN, nw)))
-                _sweep_report("ssd", name, B, sdt, res, nbytes, out_rows, path)
+    for family, shapes, bench_decode, _, _, launches in FAMILIES:
+        for name, dims in shapes.items():
+            for sdt in (torch.float32, torch.bfloat16):
+                if not _sweep_wanted(cases, family, name, sdt):
+                    continue
+                for B in batches:
+                    res = []
+                    for launch in launches(*dims):
+                        us, nbytes, _ = bench_decode(*dims, B, sdt, reps, "ours", launch)
+                        res.append((us, launch))
+                    _sweep_report(family, name, B, sdt, res, nbytes, out_rows, path)
 
 
 # -------------------------------------------------------------------------------- main
@@ -385,7 +393,74 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def main(argv=None):
+class _Rows:
+    """The run's result: every row is printed, and written to ``out`` (if any) as
+    soon as it is measured, so a run cut short keeps what it measured."""
+
+    def __init__(self, device: str, copy: float, out: str | None):
+        self.copy, self.out = copy, out
+        self.result = {"rows": [], "copy_GBps": round(copy, 1),
+                       "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "device": device}
+
+    def add(self, impl, kernel, shape, batch, sdt, us, nbytes, note=""):
+        copy = self.copy
+        gbps = nbytes / (us * 1e-6) / 1e9
+        self.result["rows"].append({"impl": impl, "kernel": kernel, "shape": shape, "batch": batch,
+                                    "state_dtype": sdt, "us": round(us, 2), "GBps": round(gbps, 1),
+                                    "fraction_of_copy_bw": round(gbps / copy, 3)})
+        if self.out:
+            with open(self.out, "w") as f:
+                json.dump(self.result, f, indent=1)
+        print(f"{impl:9s} {kernel:14s} {shape:22s} B={batch:<4d} {sdt:5s} {us:10.1f} us {gbps:8.0f} GB/s "
+              f"{gbps / copy:6.1%} {note}", flush=True)
+
+    @staticmethod
+    def guarded(fn, *a):
+        try:
+            return fn(*a)
+        except Exception as e:  # keep the run going; the row is simply missing
+            print(f"  FAILED {fn.__name__}{a[:4]}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            torch.cuda.synchronize()
+            return None
+
+
+def time_decode(rows: _Rows, reps, batches, sdts):
+    """Ours and the peer for every family, shape, state dtype and batch, then the conv."""
+    for family, shapes, bench_decode, _, peer, _ in FAMILIES:
+        for name, dims in shapes.items():
+            for sdt in sdts:
+                for B in batches:
+                    for impl in ("ours", peer):
+                        r = rows.guarded(bench_decode, *dims, B, sdt, reps, impl)
+                        if r:
+                            rows.add(impl, f"{family}_decode", name, B, DT_NAME[sdt], r[0], r[1], r[2])
+                    torch.cuda.empty_cache()
+    for name, C in CONV_DIMS.items():
+        for B in batches:
+            r = rows.guarded(bench_conv_decode, C, B, torch.bfloat16, reps)
+            if r:
+                rows.add("ours", "conv_decode", name, B, "bf16", r[0], r[1], r[2])
+
+
+def time_prefill(rows: _Rows, lengths, nseqs, quick):
+    """Per prefill length: ours and the peer for every family and shape, then the conv."""
+    for T in lengths:
+        for nseq in nseqs:
+            for family, shapes, _, bench_prefill, peer, _ in FAMILIES:
+                for name, dims in shapes.items():
+                    for impl in ("ours", peer):
+                        r = rows.guarded(bench_prefill, *dims, T, nseq, impl, quick)
+                        if r:
+                            rows.add(impl, f"{family}_prefill", f"{name},T={T}", nseq, "fp32", r[0], r[1],
+                                     f"{T / r[0]:.1f} Mtok/s")
+                    torch.cuda.empty_cache()
+        for name, C in CONV_DIMS.items():
+            r = rows.guarded(bench_conv_prefill, C, T, torch.bfloat16, quick)
+            if r:
+                rows.add("ours", "conv_prefill", f"{name},T={T}", 1, "bf16", r[0], r[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer batches, dtypes and repetitions")
     ap.add_argument("--out", default=None, help="write the JSON rows here")
@@ -398,86 +473,29 @@ def main(argv=None):
     ap.add_argument("--no-decode", action="store_true", help="prefill only")
     ap.add_argument("--prefill-lengths", type=_int_list, default=None,
                     help="prefill tokens per call, in run order (default 8192,32768; quick 8192)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels.bench needs a CUDA GPU", file=sys.stderr)
         return 2
+    # 1. the yardstick: this device's copy bandwidth, measured in the same run
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     copy = copy_bandwidth_GBps()
     print(f"device {device}; copy bandwidth {copy:.0f} GB/s (read + write)", flush=True)
-
-    reps = 7 if args.quick else 25
-    batches = (1, 64) if args.quick else (1, 8, 64, 256)
-    sdts = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
-    rows = []
-    result = {"rows": rows, "copy_GBps": round(copy, 1),
-              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"), "device": device}
-
-    def add(impl, kernel, shape, batch, sdt, us, nbytes, note=""):
-        gbps = nbytes / (us * 1e-6) / 1e9
-        rows.append({"impl": impl, "kernel": kernel, "shape": shape, "batch": batch, "state_dtype": sdt,
-                     "us": round(us, 2), "GBps": round(gbps, 1), "fraction_of_copy_bw": round(gbps / copy, 3)})
-        if args.out:                       # after every row: a cut-short run keeps what it measured
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        print(f"{impl:9s} {kernel:14s} {shape:22s} B={batch:<4d} {sdt:5s} {us:10.1f} us {gbps:8.0f} GB/s "
-              f"{gbps / copy:6.1%} {note}", flush=True)
-
-    def guarded(fn, *a):
-        try:
-            return fn(*a)
-        except Exception as e:  # keep the run going; the row is simply missing
-            print(f"  FAILED {fn.__name__}{a[:4]}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            torch.cuda.synchronize()
-            return None
-
-    for name, (H, K, V) in ({} if args.no_decode else GLA_SHAPES).items():
-        for sdt in sdts:
-            for B in batches:
-                for impl in ("ours", "fla"):
-                    r = guarded(bench_gla_decode, H, K, V, B, sdt, reps, impl)
-                    if r:
-                        add(impl, "gla_decode", name, B, DT_NAME[sdt], r[0], r[1], r[2])
-                torch.cuda.empty_cache()
-    for name, (H, P, N) in ({} if args.no_decode else SSD_SHAPES).items():
-        for sdt in sdts:
-            for B in batches:
-                for impl in ("ours", "mamba_ssm"):
-                    r = guarded(bench_ssd_decode, H, P, N, B, sdt, reps, impl)
-                    if r:
-                        add(impl, "ssd_decode", name, B, DT_NAME[sdt], r[0], r[1], r[2])
-                torch.cuda.empty_cache()
-    for name, C in ({} if args.no_decode else CONV_DIMS).items():
-        for B in batches:
-            r = guarded(bench_conv_decode, C, B, torch.bfloat16, reps)
-            if r:
-                add("ours", "conv_decode", name, B, "bf16", r[0], r[1], r[2])
-
+    rows = _Rows(device, copy, args.out)
+    # 2. decode, then prefill, ours beside the peer
+    if not args.no_decode:
+        time_decode(rows, 7 if args.quick else 25, (1, 64) if args.quick else (1, 8, 64, 256),
+                    (torch.float32,) if args.quick else (torch.float32, torch.bfloat16))
     if not args.no_prefill:
-        Ts = ((8192,) if args.quick else (8192, 32768)) if args.prefill_lengths is None else args.prefill_lengths
-        for T in Ts:
-            for nseq in ((1,) if args.quick else (1, 8)):
-                for name, (H, K, V) in GLA_SHAPES.items():
-                    for impl in ("ours", "fla"):
-                        r = guarded(bench_gla_prefill, H, K, V, T, nseq, impl, args.quick)
-                        if r:
-                            add(impl, "gla_prefill", f"{name},T={T}", nseq, "fp32", r[0], r[1],
-                                f"{T / r[0]:.1f} Mtok/s")
-                    torch.cuda.empty_cache()
-                for name, (H, P, N) in SSD_SHAPES.items():
-                    for impl in ("ours", "mamba_ssm"):
-                        r = guarded(bench_ssd_prefill, H, P, N, T, nseq, impl, args.quick)
-                        if r:
-                            add(impl, "ssd_prefill", f"{name},T={T}", nseq, "fp32", r[0], r[1],
-                                f"{T / r[0]:.1f} Mtok/s")
-                    torch.cuda.empty_cache()
-            for name, C in CONV_DIMS.items():
-                r = guarded(bench_conv_prefill, C, T, torch.bfloat16, args.quick)
-                if r:
-                    add("ours", "conv_prefill", f"{name},T={T}", 1, "bf16", r[0], r[1])
-
-    print_table(result)
+        lengths = ((8192,) if args.quick else (8192, 32768)) if args.prefill_lengths is None else args.prefill_lengths
+        time_prefill(rows, lengths, (1,) if args.quick else (1, 8), args.quick)
+    # 3. the table, and optionally the launch-configuration sweep
+    print_table(rows.result)
     if args.sweep:
         sweep_rows = []
         cases = set(args.sweep_cases.split(",")) if args.sweep_cases else None

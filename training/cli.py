@@ -64,10 +64,17 @@ def cmd_expand(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
-    check_train_config(cfg)
+def _checked_config(cls, check, args: argparse.Namespace):
+    """``cls`` (TrainConfig, EvalConfig) from the options named after its fields,
+    checked by ``check``, with a model directory that exists."""
+    cfg = cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__})
+    check(cfg)
     resolve_model_dir(cfg.model)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _checked_config(TrainConfig, check_train_config, args)
     from pathlib import Path
 
     if Path(cfg.out).exists() and not (cfg.resume or cfg.overwrite):
@@ -83,9 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
-    check_eval_config(cfg)
-    resolve_model_dir(cfg.model)
+    cfg = _checked_config(EvalConfig, check_eval_config, args)
     _check_out(cfg.out, cfg.overwrite)
     from training.eval import run
 
@@ -105,12 +110,28 @@ def _str_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x.strip()]
 
 
+def _subcommand(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand's parser: its one-line help, its description, "(default: X)" on
+    its options, and ``func`` to run it."""
+    p = sub.add_parser(name, help=help, description=description, formatter_class=DefaultsHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def _config_command(sub, name: str, cls, func, help: str, description: str, model_help: str):
+    """A subcommand whose options fill the run config ``cls`` (TrainConfig,
+    EvalConfig): its parser, with the --model every run needs first, and
+    ``cls``'s defaults for the options that follow."""
+    p = _subcommand(sub, name, func, help, description)
+    p.add_argument("--model", required=True, help=model_help)
+    return p, cls(model="", out="")
+
+
 def add_expand(sub) -> None:
-    p = sub.add_parser("expand", help="StateX: expand the recurrent state of chosen layers",
-                       formatter_class=DefaultsHelpFormatter,
-                       description="Merge GLA heads (--heads, default 1) or grow Mamba2 d_state (--state-size, "
-                                   "default 4x) in layers 0, P, 2P, ... (--every P) or --layers I,J,...; "
-                                   "writes an expanded checkpoint with statex.json.")
+    p = _subcommand(sub, "expand", cmd_expand, "StateX: expand the recurrent state of chosen layers",
+                    "Merge GLA heads (--heads, default 1) or grow Mamba2 d_state (--state-size, default 4x) in "
+                    "layers 0, P, 2P, ... (--every P) or --layers I,J,...; writes an expanded checkpoint with "
+                    "statex.json.")
     p.add_argument("--base", required=True, help="our checkpoint directory (see `statex-train import`)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -125,16 +146,14 @@ def add_expand(sub) -> None:
                         "A_log log(1..H); the default), inherit (the base layer's), init (mamba_ssm's draw)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh weights (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_expand)
 
 
 def add_train(sub) -> None:
-    d = TrainConfig(model="", out="")
-    p = sub.add_parser("train", help="long-context post-training (the same loop for LPT and StateX)",
-                       formatter_class=DefaultsHelpFormatter,
-                       description="Train a checkpoint on packed sequences; writes OUT/model (final checkpoint), "
-                                   "OUT/checkpoints/step_N (resumable), OUT/log.jsonl. Under torchrun it runs DDP.")
-    p.add_argument("--model", required=True, help="checkpoint directory to start from")
+    p, d = _config_command(sub, "train", TrainConfig, cmd_train,
+                           "long-context post-training (the same loop for LPT and StateX)",
+                           "Train a checkpoint on packed sequences; writes OUT/model (final checkpoint), "
+                           "OUT/checkpoints/step_N (resumable), OUT/log.jsonl. Under torchrun it runs DDP.",
+                           model_help="checkpoint directory to start from")
     p.add_argument("--data", action="append", required=True, metavar="SPEC",
                    help="KIND[:PATH][?k=v&...][@WEIGHT], repeatable: text:DIR, jsonl:FILE, hf:NAME, "
                         "passkey, niah, mqar (see docs/training.md)")
@@ -161,16 +180,14 @@ def add_train(sub) -> None:
     p.add_argument("--halt-after-step", type=int, help="stop after this step without exporting")
     p.add_argument("--time-budget-s", type=float, help="lower --max-steps to fit this many seconds")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=cmd_train)
 
 
 def add_eval(sub) -> None:
-    d = EvalConfig(model="", out="")
-    p = sub.add_parser("eval", help="recall accuracy vs context length, held-out perplexity",
-                       formatter_class=DefaultsHelpFormatter,
-                       description="Passkey, multi-key NIAH and MQAR exact-match accuracy at each context "
-                                   "length, and perplexity on held-out text; writes OUT/eval.json, eval.md, eval.png.")
-    p.add_argument("--model", required=True, help="checkpoint directory (or a training run directory)")
+    p, d = _config_command(sub, "eval", EvalConfig, cmd_eval,
+                           "recall accuracy vs context length, held-out perplexity",
+                           "Passkey, multi-key NIAH and MQAR exact-match accuracy at each context length, and "
+                           "perplexity on held-out text; writes OUT/eval.json, eval.md, eval.png.",
+                           model_help="checkpoint directory (or a training run directory)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--tasks", type=_str_list, default=",".join(d.tasks), help="comma-separated: passkey,niah,mqar "
                    "(options like niah?needles=8)")
@@ -189,7 +206,6 @@ def add_eval(sub) -> None:
     p.add_argument("--label", help="name of the model in the table and plot")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=cmd_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,23 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from training.init_model import add_arguments as add_init_arguments
 
-    init = sub.add_parser("init", help="a fresh randomly initialised model of a named size or from a config",
-                          formatter_class=DefaultsHelpFormatter,
-                          description="Write a randomly initialised GLA or Mamba2 (a named --size with "
-                                      "--family, or --config FILE) as a checkpoint that train, expand, eval "
-                                      "and statex-serve take; named sizes use the byte-level tokenizer.")
-    add_init_arguments(init)
-    init.set_defaults(func=cmd_init)
-
-    imp = sub.add_parser("import", help="convert an fla GLA, transformers Mamba2 or mamba_ssm checkpoint to ours",
-                         description="Convert an upstream checkpoint directory (fla GLA `model_type: gla`, "
-                                     "transformers `model_type: mamba2`, or mamba_ssm config.json + "
-                                     "pytorch_model.bin) into statex-serve's format: config.json, "
-                                     "model.safetensors, tokenizer files, statex.json.")
+    add_init_arguments(_subcommand(
+        sub, "init", cmd_init, "a fresh randomly initialised model of a named size or from a config",
+        "Write a randomly initialised GLA or Mamba2 (a named --size with --family, or --config FILE) as a "
+        "checkpoint that train, expand, eval and statex-serve take; named sizes use the byte-level tokenizer."))
+    imp = _subcommand(sub, "import", cmd_import,
+                      "convert an fla GLA, transformers Mamba2 or mamba_ssm checkpoint to ours",
+                      "Convert an upstream checkpoint directory (fla GLA `model_type: gla`, transformers "
+                      "`model_type: mamba2`, or mamba_ssm config.json + pytorch_model.bin) into statex-serve's "
+                      "format: config.json, model.safetensors, tokenizer files, statex.json.")
     imp.add_argument("--src", required=True, help="upstream checkpoint directory")
     imp.add_argument("--out", required=True, help="output directory (written atomically)")
     imp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    imp.set_defaults(func=cmd_import)
     add_expand(sub)
     add_train(sub)
     add_eval(sub)

@@ -113,17 +113,131 @@ def _truncate_log(log_path: Path, step: int) -> None:
     log_path.write_text("".join(line + "\n" for line in keep))
 
 
+@dataclass
+class _Run:
+    """What the loop works on: built by ``_prepare``, advanced by ``run``, saved by ``_export``."""
+    cfg: TrainConfig
+    d: _Dist
+    device: torch.device
+    out: Path
+    model_dir: Path
+    stream: object                  # training.data's packed-sequence stream
+    model: torch.nn.Module
+    net: torch.nn.Module            # ``model``, or its DDP wrapper under torchrun
+    opt: torch.optim.Optimizer
+    bf16: bool
+    autocast: object
+    provenance: dict
+    step: int
+    tokens: int
+    max_steps: int
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    @property
+    def tokens_per_step(self) -> int:
+        cfg = self.cfg
+        return cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.d.world
+
+    def training_record(self, at_step: int) -> dict:
+        """What statex.json says about this post-training at ``at_step``."""
+        cfg = self.cfg
+        return {"steps": at_step, "max_steps": self.max_steps, "tokens": self.tokens, "seq_len": cfg.seq_len,
+                "batch_tokens": self.tokens_per_step, "data": cfg.data, "lr": cfg.lr,
+                "warmup_steps": cfg.warmup_steps, "min_lr_ratio": cfg.min_lr_ratio,
+                "weight_decay": cfg.weight_decay, "clip": cfg.clip, "precision": "bf16" if self.bf16 else "fp32",
+                "world_size": self.d.world, "seed": cfg.seed, "parameters": count_parameters(self.model)}
+
+    def checkpoint(self, at_step: int) -> None:
+        d = self.d
+        states = _gather({"data": self.stream.state_dict(), "rng": rng_state()}, d)
+        if d.main:
+            save_train_checkpoint(self.out, at_step, self.model, self.opt,
+                                  {"step": at_step, "tokens": self.tokens, "max_steps": self.max_steps,
+                                   "world": d.world, "data": [s["data"] for s in states],
+                                   "rng": [s["rng"] for s in states], "config": asdict(self.cfg)},
+                                  self.model_dir, self.provenance | {"post_training": self.training_record(at_step)},
+                                  self.cfg.keep_checkpoints)
+        if d.world > 1:
+            dist.barrier()
+
+
 def run(cfg: TrainConfig, on_step=None) -> dict:
     """Train; returns a summary. ``on_step(step, record)`` is called after every
     optimizer step (tests use it to interrupt a run like a kill would)."""
-    from model_registry.checkpoint import load_model, save_checkpoint
+    # 1. prepare: check the input, load model, data and optimizer, resume from the newest checkpoint
+    r = _prepare(cfg)
+    d, opt = r.d, r.opt
+    bar = None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=r.max_steps, initial=r.step, unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    t_first = None
+    start_step = r.step
+    log_f = r.log_path.open("a") if d.main else None
+    # 2. the loop: one optimizer step of grad_accum micro-batches, logged, checkpointed every save_every
+    try:
+        while r.step < r.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(r.step, cfg, r.max_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = r.stream.next_batch(cfg.batch_size)
+                x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
+                sync = micro == cfg.grad_accum - 1 or d.world == 1
+                with (nullcontext() if sync else r.net.no_sync()), r.autocast:
+                    loss = r.net(x, labels=y).loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            r.step += 1
+            r.tokens += r.tokens_per_step
+            loss_v = _mean_loss(loss_sum, r)     # also synchronises, so the timing below is honest
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now                    # the first step pays for compilation; time the rest
+            if cfg.time_budget_s is not None and r.step == start_step + 6:
+                # the budget starts after the first step: kernel compilation is not training time
+                r.max_steps = _fit_budget(cfg, r.step, r.max_steps, (now - t_first) / 5, now - t_first, d)
+                if bar is not None:
+                    bar.total = r.max_steps
+            rec = {"step": r.step, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm), "tokens": r.tokens,
+                   "tok_per_s": r.tokens_per_step / (now - t0), "elapsed_s": now - t_start}
+            _log_step(rec, log_f, bar)
+            if r.step % cfg.save_every == 0 or r.step == r.max_steps:
+                r.checkpoint(r.step)
+            if on_step is not None:
+                on_step(r.step, rec)
+            if cfg.halt_after_step is not None and r.step >= cfg.halt_after_step:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_f is not None:
+            log_f.close()
+    # 3. export: the servable checkpoint OUT/model, once max_steps is reached
+    return _export(r, time.perf_counter() - t_start)
+
+
+def _prepare(cfg: TrainConfig) -> _Run:
+    """Everything before the first step. All that can be wrong with the input is
+    checked before ``cfg.out`` is touched; then ``out`` is cleared (--overwrite)
+    or resumed (--resume) and args.json written."""
+    from model_registry.checkpoint import load_model
 
     check_train_config(cfg)
     d = _init_distributed(cfg.device)
     device = _device(cfg, d)
     out = Path(cfg.out)
     model_dir = resolve_model_dir(cfg.model)
-    # --- everything that can be wrong with the input is checked before `out` is touched
     if out.exists() and not (cfg.resume or cfg.overwrite):
         raise UsageError(f"{out} already exists (pass --resume to continue it or --overwrite to start over)")
     codec = TextCodec.from_model_dir(model_dir)
@@ -151,11 +265,10 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
             raise UsageError(f"{ckpt} was written by {st['world']} processes; resume with the same number")
         stream.load_state_dict(st["data"][d.rank])
         set_rng_state(st["rng"][d.rank])
-    log_path = out / "log.jsonl"
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(asdict(cfg), indent=2))
-        _truncate_log(log_path, step)
+        _truncate_log(out / "log.jsonl", step)
     if d.world > 1:
         dist.barrier()
 
@@ -163,100 +276,44 @@ def run(cfg: TrainConfig, on_step=None) -> dict:
     if d.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
     provenance = {"kind": "statex post-trained checkpoint", "base": str(model_dir.resolve()),
                   "base_provenance": base_provenance}
+    return _Run(cfg, d, device, out, model_dir, stream, model, net, opt, bf16, autocast, provenance,
+                step, tokens, max_steps)
 
-    def training_record(at_step: int) -> dict:
-        """What statex.json says about this post-training at ``at_step``."""
-        return {"steps": at_step, "max_steps": max_steps, "tokens": tokens, "seq_len": cfg.seq_len,
-                "batch_tokens": tokens_per_step, "data": cfg.data, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
-                "min_lr_ratio": cfg.min_lr_ratio, "weight_decay": cfg.weight_decay, "clip": cfg.clip,
-                "precision": "bf16" if bf16 else "fp32", "world_size": d.world, "seed": cfg.seed,
-                "parameters": count_parameters(model)}
 
-    def checkpoint(at_step: int) -> None:
-        states = _gather({"data": stream.state_dict(), "rng": rng_state()}, d)
-        if d.main:
-            save_train_checkpoint(out, at_step, model, opt,
-                                  {"step": at_step, "tokens": tokens, "max_steps": max_steps, "world": d.world,
-                                   "data": [s["data"] for s in states], "rng": [s["rng"] for s in states],
-                                   "config": asdict(cfg)},
-                                  model_dir, provenance | {"post_training": training_record(at_step)},
-                                  cfg.keep_checkpoints)
-        if d.world > 1:
-            dist.barrier()
+def _mean_loss(loss_sum, r: _Run) -> float:
+    """This step's loss, averaged over the processes."""
+    loss_t = torch.as_tensor(loss_sum, device=r.device, dtype=torch.float32)
+    if r.d.world > 1:
+        dist.all_reduce(loss_t, op=dist.ReduceOp.AVG)
+    return float(loss_t)
 
-    bar = None
-    if d.main and cfg.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True)
-    t_start = time.perf_counter()
-    t_first = None
-    start_step = step
-    log_f = log_path.open("a") if d.main else None
-    try:
-        while step < max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg, max_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = stream.next_batch(cfg.batch_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = micro == cfg.grad_accum - 1 or d.world == 1
-                with (nullcontext() if sync else net.no_sync()), autocast:
-                    loss = net(x, labels=y).loss / cfg.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens += tokens_per_step
-            loss_t = torch.as_tensor(loss_sum, device=device, dtype=torch.float32)
-            if d.world > 1:
-                dist.all_reduce(loss_t, op=dist.ReduceOp.AVG)
-            loss_v = float(loss_t)               # also synchronises, so the timing below is honest
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now                    # the first step pays for compilation; time the rest
-            if cfg.time_budget_s is not None and step == start_step + 6:
-                # the budget starts after the first step: kernel compilation is not training time
-                max_steps = _fit_budget(cfg, step, max_steps, (now - t_first) / 5, now - t_first, d)
-                if bar is not None:
-                    bar.total = max_steps
-            rec = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                   "tok_per_s": tokens_per_step / (now - t0), "elapsed_s": now - t_start}
-            if log_f is not None:
-                log_f.write(json.dumps(rec) + "\n")
-                log_f.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:,.0f}", refresh=False)
-                bar.update(1)
-            if step % cfg.save_every == 0 or step == max_steps:
-                checkpoint(step)
-            if on_step is not None:
-                on_step(step, rec)
-            if cfg.halt_after_step is not None and step >= cfg.halt_after_step:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        if log_f is not None:
-            log_f.close()
+def _log_step(rec: dict, log_f, bar) -> None:
+    """One line of log.jsonl (rank 0) and the progress bar's numbers."""
+    if log_f is not None:
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+    if bar is not None:
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:,.0f}",
+                        refresh=False)
+        bar.update(1)
 
-    finished = step >= max_steps
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "max_steps": max_steps, "tokens": tokens, "finished": finished,
-               "seconds_this_run": elapsed, "out": str(out)}
-    if finished and d.main:
-        provenance["post_training"] = training_record(step)
-        save_checkpoint(model, out / "model", tokenizer_src=model_dir, provenance=provenance, overwrite=True)
-        summary["model"] = str(out / "model")
-    if d.world > 1:
+
+def _export(r: _Run, elapsed: float) -> dict:
+    """The run's summary; a finished run also writes the servable checkpoint OUT/model."""
+    from model_registry.checkpoint import save_checkpoint
+
+    finished = r.step >= r.max_steps
+    summary = {"steps": r.step, "max_steps": r.max_steps, "tokens": r.tokens, "finished": finished,
+               "seconds_this_run": elapsed, "out": str(r.out)}
+    if finished and r.d.main:
+        r.provenance["post_training"] = r.training_record(r.step)
+        save_checkpoint(r.model, r.out / "model", tokenizer_src=r.model_dir, provenance=r.provenance,
+                        overwrite=True)
+        summary["model"] = str(r.out / "model")
+    if r.d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary

@@ -181,9 +181,9 @@ def _machine_memory(targets) -> tuple[int, str]:
         if torch.cuda.is_available():
             index = next((int(d.split(":")[1]) for d in devices if d.startswith("cuda:")), 0)
             return torch.cuda.get_device_properties(index).total_memory, "the GPU's memory"
-    from statex_serve.bench.report import _mem_bytes
+    from statex_serve.bench.report import machine_memory_bytes
 
-    return _mem_bytes() or 64 << 30, "this machine's memory"
+    return machine_memory_bytes() or 64 << 30, "this machine's memory"
 
 
 def _name_targets(targets) -> None:
@@ -226,72 +226,52 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dic
     from statex_serve.bench import latency as latency_mod
     from statex_serve.bench import memory as memory_mod
     from statex_serve.bench import recall as recall_mod
-    from statex_serve.bench.modelinfo import load_facts
-    from statex_serve.bench.report import environment
     from statex_serve.bench.targets import make_target
-    from training.report import trained_tasks
 
     suites, show = cfg["suites"], not args.no_progress
     with contextlib.suppress(NotImplementedError, RuntimeError):   # SIGTERM: stop the spawned servers too
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
-    started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     t0 = time.perf_counter()
-    results.update({"command": shlex.join([*PROG.split(), *argv]), "started": started.isoformat(),
-                    "environment": environment(),
-                    "settings": {k: v for k, v in cfg.items() if k != "specs"} | {
-                        "bandwidth_bytes_s": cfg["bandwidth"], "quick": args.quick, "seed": args.seed},
-                    "targets": [], "suites": {}})
+    results.update(_run_header(args, cfg, argv))
     targets = [make_target(s, args.timeout) for s in cfg["specs"]]
     log = (lambda msg: print(msg, file=sys.stderr)) if show else (lambda msg: None)
     try:
         timings = results["timings_s"] = {}
-        if targets:
-            log(f"starting {len(targets)} target(s): {', '.join(t.label for t in targets)}")
-            t1 = time.perf_counter()
-            await asyncio.gather(*(t.start() for t in targets))
-            timings["start_targets"] = time.perf_counter() - t1
-        _name_targets(targets)
-        results["targets"] = [t.describe() for t in targets]
-        for t, d in zip(targets, results["targets"]):
-            d["trained_on"] = trained_tasks(t.model_dir)   # what the plots may call "never trained"
-        facts = {}
-        for t in targets:
-            desc = t.info.get("engine") or {}
-            facts[t.label] = None
-            if t.model_dir:
-                try:
-                    facts[t.label] = load_facts(t.model_dir, desc.get("dtype"), desc.get("state_dtype") or "float32")
-                except (ValueError, OSError, KeyError) as e:   # a model we cannot size: no floor, no memory row
-                    log(f"{t.label}: no model facts ({str(e).strip().splitlines()[0]})")
+        # 1. start the targets, name them, size their models (for the floor and the memory suite)
+        await _start_targets(targets, results, timings, log)
+        facts = _model_facts(targets, log)
+
+        async def per_target(suite: str, measure) -> None:
+            """``measure(target)`` for each target in turn, timed and checkpointed."""
+            out = results["suites"][suite] = {}
+            for t in targets:
+                t1 = time.perf_counter()
+                out[t.label] = await measure(t)
+                timings[f"{suite} {t.label}"] = time.perf_counter() - t1
+                checkpoint()
+
+        # 2. the suites, in this order, one target after the other
         if "latency" in suites:
             lc = latency_mod.LatencyConfig(cfg["contexts"], cfg["concurrency"], cfg["output_len"], cfg["requests"],
                                            cfg["warmup"], args.seed)
-            out = results["suites"]["latency"] = {}
-            for t in targets:
-                t1 = time.perf_counter()
+
+            async def latency(t):
                 with _progress(latency_mod.planned_requests(lc, t.max_model_len), f"latency {t.label}", show) as bar:
-                    out[t.label] = await latency_mod.run_latency(t, lc, facts[t.label], cfg["bandwidth"], bar)
-                timings[f"latency {t.label}"] = time.perf_counter() - t1
-                checkpoint()
+                    return await latency_mod.run_latency(t, lc, facts[t.label], cfg["bandwidth"], bar)
+            await per_target("latency", latency)
         if "recall" in suites:
             rc = recall_mod.RecallConfig(cfg["tasks"], cfg["recall_contexts"], cfg["samples"], args.mqar_queries,
                                          cfg["recall_concurrency"], 1234 + args.seed)
-            out = results["suites"]["recall"] = {}
-            for t in targets:
-                t1 = time.perf_counter()
+
+            async def recall(t):
                 codec = recall_mod.make_codec(t)
                 cells = await asyncio.to_thread(recall_mod.plan, codec, rc, t.max_model_len)
                 total = sum(len(c.get("queries", ())) for c in cells)
                 with _progress(total, f"recall {t.label}", show) as bar:
-                    out[t.label] = await recall_mod.run_recall(t, rc, cells, codec, bar)
-                timings[f"recall {t.label}"] = time.perf_counter() - t1
-                checkpoint()
+                    return await recall_mod.run_recall(t, rc, cells, codec, bar)
+            await per_target("recall", recall)
         if "memory" in suites:
-            budget, source = cfg["budget"], None
-            if budget is None:
-                budget, source = _machine_memory(targets)
-            mc = memory_mod.MemoryConfig(cfg["memory_contexts"], budget, cfg["memory_models"], args.kv_heads,
-                                         args.kv_dtype)
+            mc, source = _memory_config(args, cfg, targets)
             served = [(t.label, t.model_dir, t.info.get("engine") or {}) for t in targets if t.model_dir]
             t1 = time.perf_counter()
             results["suites"]["memory"] = await asyncio.to_thread(memory_mod.run_memory, mc, served)
@@ -303,12 +283,7 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dic
             from statex_serve.bench import prefix as prefix_mod
 
             pc = prefix_mod.PrefixConfig(cfg["contexts"], max(cfg["requests"], 3), args.seed)
-            out = results["suites"]["prefix"] = {}
-            for t in targets:
-                t1 = time.perf_counter()
-                out[t.label] = await prefix_mod.run_prefix(t, pc, log)
-                timings[f"prefix {t.label}"] = time.perf_counter() - t1
-                checkpoint()
+            await per_target("prefix", lambda t: prefix_mod.run_prefix(t, pc, log))
         if "compare" in suites:
             a, b = (t.label for t in targets)
             s = results["suites"]
@@ -319,6 +294,62 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dic
     if hasattr(os, "getloadavg"):
         results["load_average_1m_end"] = os.getloadavg()[0]
     return results
+
+
+def _run_header(args: argparse.Namespace, cfg: dict, argv: list[str]) -> dict:
+    """What the record says before anything is measured: the command, when, where, with which settings."""
+    from statex_serve.bench.report import environment
+
+    started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    return {"command": shlex.join([*PROG.split(), *argv]), "started": started.isoformat(),
+            "environment": environment(),
+            "settings": {k: v for k, v in cfg.items() if k != "specs"} | {
+                "bandwidth_bytes_s": cfg["bandwidth"], "quick": args.quick, "seed": args.seed},
+            "targets": [], "suites": {}}
+
+
+def _memory_config(args: argparse.Namespace, cfg: dict, targets):
+    """The memory suite's config, and where its budget came from (None: --memory-budget)."""
+    from statex_serve.bench import memory as memory_mod
+
+    budget, source = cfg["budget"], None
+    if budget is None:
+        budget, source = _machine_memory(targets)
+    return memory_mod.MemoryConfig(cfg["memory_contexts"], budget, cfg["memory_models"], args.kv_heads,
+                                   args.kv_dtype), source
+
+
+async def _start_targets(targets, results: dict, timings: dict, log) -> None:
+    """Starts every target at once, names them and records what each serves (and
+    what its checkpoint was trained on, so the plots can say "never trained")."""
+    from training.report import trained_tasks
+
+    if targets:
+        log(f"starting {len(targets)} target(s): {', '.join(t.label for t in targets)}")
+        t1 = time.perf_counter()
+        await asyncio.gather(*(t.start() for t in targets))
+        timings["start_targets"] = time.perf_counter() - t1
+    _name_targets(targets)
+    results["targets"] = [t.describe() for t in targets]
+    for t, d in zip(targets, results["targets"]):
+        d["trained_on"] = trained_tasks(t.model_dir)
+
+
+def _model_facts(targets, log) -> dict:
+    """Per target label, the facts of its checkpoint (None: served by URL, or a
+    model we cannot size: no floor, no memory row)."""
+    from statex_serve.bench.modelinfo import load_facts
+
+    facts = {}
+    for t in targets:
+        desc = t.info.get("engine") or {}
+        facts[t.label] = None
+        if t.model_dir:
+            try:
+                facts[t.label] = load_facts(t.model_dir, desc.get("dtype"), desc.get("state_dtype") or "float32")
+            except (ValueError, OSError, KeyError) as e:
+                log(f"{t.label}: no model facts ({str(e).strip().splitlines()[0]})")
+    return facts
 
 
 def main(argv: list[str] | None = None) -> int:

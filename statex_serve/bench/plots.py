@@ -11,16 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from statex_serve.bench.report import show_floor
-from training.report import plain_log2_axis, plain_log10_formatter, task_kind
+from statex_serve.bench.formatting import DPI, ctx_label, log2_x, show_floor
+from statex_serve.bench.prefix import plot as prefix_plot
+from training.report import plain_log10_formatter, task_kind
 
 SIZE = (11.5, 3.4)        # wide: the shared legend sits to the right of the panels
-DPI = 80
-
-
-def _log2_x(ax, xs):
-    plain_log2_axis(ax, xs)
-    ax.tick_params(axis="x", labelsize=7)
 
 
 def _finish(fig, path: Path) -> Path:
@@ -67,7 +62,7 @@ def latency_plot(results: dict, path: Path) -> Path | None:
                          marker="o", ms=3, label=name)
     for ax, title in zip(axes, ("TTFT p50 (ms)", "TPOT p50 (ms)", "output tokens/s")):
         ax.set_title(title, fontsize=9)
-        _log2_x(ax, xs)
+        log2_x(ax, xs)
         ax.set_xlabel("context (tokens)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -89,7 +84,7 @@ def throughput_plot(results: dict, path: Path) -> Path | None:
         for ctx in sorted({cell["context"] for cell in res["cells"]}):
             cells = sorted((c for c in res["cells"] if c["context"] == ctx), key=lambda c: c["concurrency"])
             if len(cells) >= 2:
-                series.append((f"{label} {_ctx_label(ctx)}", cells, floor))
+                series.append((f"{label} {ctx_label(ctx)}", cells, floor))
     if not series:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(SIZE[0] * 0.75, SIZE[1]), dpi=DPI)
@@ -108,16 +103,12 @@ def throughput_plot(results: dict, path: Path) -> Path | None:
                          label=f"floor {name}")
     for ax, title in zip(axes, ("output tokens/s (whole run)", "ITL p50 (ms)")):
         ax.set_title(title, fontsize=9)
-        _log2_x(ax, xs)
+        log2_x(ax, xs)
         ax.set_xlabel("concurrent requests", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
     return _finish(fig, path)
-
-
-def _ctx_label(n: int) -> str:
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def recall_plot(results: dict, path: Path) -> Path | None:
@@ -143,7 +134,7 @@ def recall_plot(results: dict, path: Path) -> Path | None:
             ax.text(0.5, 0.5, f"never trained on {task_kind(task)}:\n" + "\n".join(untrained),
                     transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.35")
         ax.set_title(f"{task} accuracy", fontsize=9)
-        _log2_x(ax, xs)
+        log2_x(ax, xs)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("context (tokens)", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -178,7 +169,7 @@ def memory_plot(results: dict, path: Path) -> Path | None:
         budget += f" ({memory['budget_source']})"
     axes[1].set_title(f"max sequences in {budget}", fontsize=9)
     for ax in axes:
-        _log2_x(ax, xs)
+        log2_x(ax, xs)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain_log10_formatter())
         ax.set_xlabel("context (tokens)", fontsize=8)
@@ -188,8 +179,6 @@ def memory_plot(results: dict, path: Path) -> Path | None:
 
 
 def write_plots(results: dict, out_dir: Path) -> list[str]:
-    from statex_serve.bench.prefix import plot as prefix_plot
-
     made = [latency_plot(results, out_dir / "latency.png"), throughput_plot(results, out_dir / "throughput.png"),
             recall_plot(results, out_dir / "recall.png"),
             memory_plot(results, out_dir / "memory.png"), prefix_plot(results, out_dir / "prefix.png")]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from statex_serve.bench.formatting import DPI, ctx_label, fmt_ms, log2_x, md_table
 from statex_serve.bench.latency import percentiles, prompt_token_pool, random_prompt
 from statex_serve.bench.targets import EngineTarget, OpenAITarget, Target
 
@@ -229,8 +230,6 @@ _LABELS = {"uncached": "uncached", "first_followup": "first follow-up", "cached"
 
 
 def markdown(prefix: dict) -> list[str]:
-    from statex_serve.bench.report import _ctx, _ms, _table
-
     out = ["## Prefix cache: a question after a long document", "",
            (f"TTFT in milliseconds (p50, p90 in brackets) of a {QUESTION_TOKENS}-token question after a document, one "
             "request at a time. uncached: a new document each time; first follow-up: the second question about "
@@ -240,26 +239,27 @@ def markdown(prefix: dict) -> list[str]:
         modes = [m for m in MODES if any(m in r for r in res["rows"])]
         rows = []
         for r in res["rows"]:
-            row = [_ctx(r["document"])]
+            row = [ctx_label(r["document"])]
             for m in modes:
                 s = r.get(m)
                 t = s["ttft"] if s else None
-                row.append(f"{_ms(t['p50_ms'])} ({_ms(t['p90_ms'])})" if t else "-")
+                row.append(f"{fmt_ms(t['p50_ms'])} ({fmt_ms(t['p90_ms'])})" if t else "-")
                 row.append("-" if not s or s["cached_tokens_median"] is None else f"{s['cached_tokens_median']:.0f}")
             row.append(f"×{r['speedup_p50']:.1f}" if r.get("speedup_p50") else "-")
             if "pin" in r:
-                row.append(_ms(r["pin"]["seconds"] * 1e3) if r["pin"]["error"] is None else "failed")
+                row.append(fmt_ms(r["pin"]["seconds"] * 1e3) if r["pin"]["error"] is None else "failed")
             rows.append(row)
         header = ["document"] + [x for m in modes for x in (f"{_LABELS[m]} TTFT", "cached tok")] + [
             "uncached / cached"] + (["pin ms"] if res["pinnable"] else [])
-        out += [f"### {label}", ""] + _table(header, rows) + [""]
+        out += [f"### {label}", ""] + md_table(header, rows) + [""]
         for m, f in res["flatness"].items():
-            out.append(f"- {_LABELS[m]} TTFT p50: {_ms(f['ttft_p50_ms'][0])} ms at {_ctx(f['documents'][0])} → "
-                       f"{_ms(f['ttft_p50_ms'][-1])} ms at {_ctx(f['documents'][-1])} "
+            out.append(f"- {_LABELS[m]} TTFT p50: {fmt_ms(f['ttft_p50_ms'][0])} ms at "
+                       f"{ctx_label(f['documents'][0])} → {fmt_ms(f['ttft_p50_ms'][-1])} ms at "
+                       f"{ctx_label(f['documents'][-1])} "
                        f"(×{f['ratio_longest_to_shortest']:.2f}; slope {f['slope_ms_per_1k_tokens']:+.3f} ms per 1K "
                        "tokens)")
         for s in res["skipped"]:
-            out.append(f"- skipped document {_ctx(s['document'])}: {s['reason']}")
+            out.append(f"- skipped document {ctx_label(s['document'])}: {s['reason']}")
         failed = sorted({e for r in res["rows"] for m in MODES for e in (r.get(m) or {}).get("errors", [])})
         if failed:
             out.append(f"- errors: {'; '.join(failed[:3])}")
@@ -271,9 +271,7 @@ def plot(results: dict, path: Path) -> Path | None:
     prefix = results["suites"].get("prefix") or {}
     if not any(res["rows"] for res in prefix.values()):
         return None
-    import matplotlib.pyplot as plt
-
-    from statex_serve.bench.plots import DPI, _log2_x
+    import matplotlib.pyplot as plt   # through plots.write_plots, which has chosen the Agg backend
 
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=DPI)
     xs = []
@@ -285,7 +283,7 @@ def plot(results: dict, path: Path) -> Path | None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
                         label=f"{label} {_LABELS[mode]}")
     ax.set_title(f"TTFT p50 (ms) of a {QUESTION_TOKENS}-token question after a document", fontsize=9)
-    _log2_x(ax, xs)
+    log2_x(ax, xs)
     ax.set_yscale("log")
     ax.set_xlabel("document (tokens)", fontsize=8)
     ax.tick_params(labelsize=7)

