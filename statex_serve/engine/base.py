@@ -89,8 +89,26 @@ class PrefixNotFoundError(EngineError):
 
 # --- requests -------------------------------------------------------------------------
 
+class SamplingSwitches:
+    """What the sampler derives from a row's knobs, the same for a request's
+    ``SamplingParams`` and for the sampler's per-sequence ``SamplingRow``."""
+
+    temperature: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
 @dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(SamplingSwitches):
     """How to generate for one request. Defaults follow OpenAI's completions API."""
 
     max_tokens: int = 16             # generated tokens per sequence; 0 only makes sense with prompt_logprobs
