@@ -87,6 +87,21 @@ class PrefixNotFoundError(EngineError):
     """No pinned prefix has this id (HTTP 404)."""
 
 
+def context_length_message(max_model_len: int, however: str, reduce: str = "the prompt or completion") -> str:
+    """OpenAI's words for a request the context cannot hold (every error with
+    code ``context_length_exceeded``); ``however`` says what the request asked for."""
+    return (f"This model's maximum context length is {max_model_len} tokens. However, {however}. "
+            f"Please reduce the length of {reduce}.")
+
+
+def requested_tokens(num_prompt_tokens: int, max_tokens: int, num_prefix: int = 0) -> str:
+    """``however`` for a prompt plus completion over the context (``num_prefix``:
+    how many of the prompt tokens are a pinned prefix's)."""
+    in_prompt = f"{num_prompt_tokens} in the prompt" + (
+        f" ({num_prefix} of them the pinned prefix)" if num_prefix else "")
+    return f"you requested {num_prompt_tokens + max_tokens} tokens ({in_prompt}, {max_tokens} in the completion)"
+
+
 # --- requests -------------------------------------------------------------------------
 
 class SamplingSwitches:
@@ -130,14 +145,6 @@ class SamplingParams(SamplingSwitches):
     repetition_penalty: float = 1.0  # > 0: seen tokens' logits divided by it (positive) or multiplied (negative)
     logprobs: int | None = None      # per generated token: its logprob and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < 1e-5
-
-    @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def check(self, vocab_size: int, max_n: int = MAX_N, max_logprobs: int = MAX_LOGPROBS) -> None:
         """The checks every engine makes; raises ``InvalidRequestError``."""
@@ -396,12 +403,15 @@ class Engine(abc.ABC):
 class LoadedModelEngine(Engine):
     """The model facts both our engines answer the same way: names and path
     from ``self.args`` (``EngineArgs``), the rest from what loading the model
-    set (``_max_model_len``, ``_tokenizer``, ``_vocab_size``)."""
+    set (``_max_model_len``, ``_tokenizer``, ``_vocab_size``); and the checks
+    of a request before it is queued (``check_request``: live request ids are
+    the keys of ``_streams``)."""
 
     args: Any
     _max_model_len: int
     _tokenizer: Any
     _vocab_size: int
+    _streams: dict[str, Any]
 
     @property
     def model_name(self) -> str:
@@ -430,4 +440,37 @@ class LoadedModelEngine(Engine):
     @property
     def max_logprobs(self) -> int:
         return self.args.max_logprobs
+
+    # --- the checks made before a request is queued -------------------------------------
+    def check_request(self, request: GenerationRequest, num_prefix: int = 0) -> None:
+        """Raise ``InvalidRequestError`` for a request this engine cannot serve,
+        first problem first; ``num_prefix``: the tokens of the pinned prefix it
+        continues (they count towards the context)."""
+        if request.request_id in self._streams:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
+        self._refuse_unsupported(request)
+        prompt = request.prompt_token_ids
+        p = request.params
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self._vocab_size)), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
+                                      "prompt")
+        p.check(self._vocab_size, max_n=self.max_n, max_logprobs=self.max_logprobs)
+        if request.pin_prefix is not None and not 1 <= request.pin_prefix <= len(prompt):
+            raise InvalidRequestError(f"pin_prefix must be between 1 and the prompt's {len(prompt)} tokens, "
+                                      f"got {request.pin_prefix}", "pin_prefix")
+        self._refuse_beyond_limits(request)
+        if num_prefix + len(prompt) + p.max_tokens > self._max_model_len:
+            raise InvalidRequestError(
+                context_length_message(self._max_model_len,
+                                       requested_tokens(num_prefix + len(prompt), p.max_tokens, num_prefix)),
+                "prompt", "context_length_exceeded")
+
+    def _refuse_unsupported(self, request: GenerationRequest) -> None:
+        """An engine's refusal of request fields it does not serve (checked before the prompt)."""
+
+    def _refuse_beyond_limits(self, request: GenerationRequest) -> None:
+        """An engine's own limits on otherwise valid requests (checked before the context length)."""
 

@@ -271,7 +271,7 @@ class NativeEngine(LoadedModelEngine):
             prefix = self._cache("prefix_id").acquire_pinned(request.prefix_id, request.cache_owner)  # until restored
         try:
             num_prefix = prefix.num_tokens if prefix is not None else 0
-            self._check(request, num_prefix)
+            self.check_request(request, num_prefix)
             if request.pin_prefix is not None:
                 self._cache("pin_prefix").reserve_pin()
                 pin_reserved = True
@@ -329,31 +329,6 @@ class NativeEngine(LoadedModelEngine):
             starting += 1
             demand += n
         return starting, len(self._pending) - starting, demand
-
-    # --- checks made before a request is queued -------------------------------------
-    def _check(self, request: GenerationRequest, num_prefix: int = 0) -> None:
-        if request.request_id in self._streams:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
-        prompt = request.prompt_token_ids
-        p = request.params
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
-        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self._vocab_size)), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
-                                      "prompt")
-        p.check(self._vocab_size, max_n=self.max_n, max_logprobs=self.max_logprobs)
-        if request.pin_prefix is not None and not 1 <= request.pin_prefix <= len(prompt):
-            raise InvalidRequestError(f"pin_prefix must be between 1 and the prompt's {len(prompt)} tokens, "
-                                      f"got {request.pin_prefix}", "pin_prefix")
-        total = num_prefix + len(prompt)
-        if total + p.max_tokens > self._max_model_len:
-            in_prompt = f"{total} in the prompt" + (f" ({num_prefix} of them the pinned prefix)" if num_prefix else "")
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
-                f"{total + p.max_tokens} tokens ({in_prompt}, {p.max_tokens} in the "
-                "completion). Please reduce the length of the prompt or completion.",
-                "prompt", "context_length_exceeded")
 
     # --- the engine thread ------------------------------------------------------------
     def _engine_thread(self) -> None:

@@ -366,7 +366,7 @@ class VLLMEngine(LoadedModelEngine):
         if self._llm.errored:
             self._dead = f"the vLLM engine died: {self._llm.dead_error}"
             raise EngineDeadError(self._dead)
-        self._check(request)
+        self.check_request(request)
         n = request.params.n
         waiting = max(0, sum(self._inflight.values()) - self.max_num_seqs)
         if sum(self._inflight.values()) + n > self.max_num_seqs and waiting >= self.args.max_queue:
@@ -395,38 +395,25 @@ class VLLMEngine(LoadedModelEngine):
             extra={"backend": "vllm", "prompt_tokens_cached_total": s.extra.get("cached", 0)})
 
     # --- helpers ----------------------------------------------------------------------
-    def _check(self, request: GenerationRequest) -> None:
-        if request.request_id in self._streams:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
+    def _refuse_unsupported(self, request: GenerationRequest) -> None:
         if request.prefix_id is not None or request.pin_prefix is not None:
             raise InvalidRequestError("pinned prefixes are not available with --backend vllm (vLLM caches "
                                       "prompt prefixes automatically)", "prefix_id")
-        prompt = request.prompt_token_ids
+
+    def _refuse_beyond_limits(self, request: GenerationRequest) -> None:
         p = request.params
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
-        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self._vocab_size)), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
-                                      "prompt")
-        p.check(self._vocab_size, max_n=self.max_n, max_logprobs=self.max_logprobs)
         if p.max_tokens == 0:
             raise InvalidRequestError("max_tokens=0 (prompt scoring) is not available with --backend vllm",
                                       "max_tokens")
         step_tokens = self.vllm_kwargs["max_num_batched_tokens"] - self.max_num_seqs
-        if self.device.type == "cpu" and p.seed is not None and not p.greedy and len(prompt) > step_tokens:
+        long_prompt = len(request.prompt_token_ids) > step_tokens
+        if self.device.type == "cpu" and p.seed is not None and not p.greedy and long_prompt:
             # vLLM 0.32's CPU runner rewinds a seeded generator after a partial prefill with
             # set_offset, which CPU generators lack: the engine core dies, failing everyone
             raise InvalidRequestError(
                 f"a seed with a prompt longer than {step_tokens} tokens (one prefill step) is not available "
                 "with --backend vllm on CPU (vLLM's CPU sampler cannot resume a seeded generator across prefill "
                 "steps); omit the seed, raise --prefill-chunk, or use the native backend", "seed")
-        if len(prompt) + p.max_tokens > self._max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
-                f"{len(prompt) + p.max_tokens} tokens ({len(prompt)} in the prompt, {p.max_tokens} in the "
-                "completion). Please reduce the length of the prompt or completion.",
-                "prompt", "context_length_exceeded")
 
     def _vllm_params(self, p: SamplingParams, index: int, stop_ids: frozenset[int]):
         """vLLM's params for sequence ``index`` of a request: vLLM samples and stops
