@@ -166,10 +166,12 @@ class NativeEngine(LoadedModelEngine):
         # between the event loop and the engine thread
         self._inbox: collections.deque = collections.deque()
         self._wakeup = threading.Event()
-        self._lock = threading.Lock()          # guards the admission bookkeeping below
+        # guards the admission bookkeeping below; held while the engine thread admits, so
+        # that generate() sees slots taken and their requests gone from _pending at once
+        # (re-entrant: a request whose admission fails is failed while it is held)
+        self._lock = threading.RLock()
         # submitted and not yet holding slots, in arrival order: request id -> slots it needs
         self._pending: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self._used_slots = 0
         self._streams: dict[str, _OutputStream] = {}
         # a decode step launched before the host work of the step before it (see _run_decode):
         # (its batch, its logits), consumed by the next step
@@ -280,7 +282,7 @@ class NativeEngine(LoadedModelEngine):
             n = request.params.n
             with self._lock:
                 _, waiting, demand = self._pending_split_locked()
-                must_wait = waiting > 0 or demand + n > self.num_slots - self._used_slots
+                must_wait = waiting > 0 or demand + n > self.scheduler.slots.num_free
                 if must_wait and waiting >= self.args.max_queue:
                     raise EngineOverloadedError(
                         f"the server is at capacity: all {self.num_slots} state slots are in use and "
@@ -307,7 +309,7 @@ class NativeEngine(LoadedModelEngine):
         s = self._stats
         with self._lock:
             _, waiting, _ = self._pending_split_locked()
-            used = self._used_slots
+            used = self.scheduler.slots.num_used
         return EngineStats(
             running_requests=self.scheduler.num_running, waiting_requests=waiting, slots_total=self.num_slots,
             slots_used=used, state_bytes_per_sequence=s.state_bytes_per_sequence,
@@ -321,7 +323,7 @@ class NativeEngine(LoadedModelEngine):
         """Of the pending requests: how many start as soon as the engine looks
         (in arrival order, while free slots last), how many must wait, and the
         slots the starting ones take."""
-        free = self.num_slots - self._used_slots
+        free = self.scheduler.slots.num_free
         starting = demand = 0
         for n in self._pending.values():
             if demand + n > free:
@@ -381,8 +383,7 @@ class NativeEngine(LoadedModelEngine):
         with contextlib.suppress(Exception):
             sched.release_prefixes(req)
         with self._lock:
-            if self._pending.pop(req.request_id, None) is None and held:    # counted as using its slots
-                self._used_slots -= len(req.slots)
+            self._pending.pop(req.request_id, None)
             self._paused.pop(req.request_id, None)
         self._post([(req.request_id, _failed(req.request_id))])
 
@@ -404,14 +405,11 @@ class NativeEngine(LoadedModelEngine):
         req = self.scheduler.get(request_id)
         if req is None:
             return
-        was_waiting = req.status is RequestStatus.WAITING
         for seq in req.sequences:
             seq.finish("abort")
-        freed = len(req.slots) if not was_waiting else 0
         self.scheduler.remove(req)
         with self._lock:
             self._pending.pop(request_id, None)
-            self._used_slots -= freed
         self._stats.requests_aborted_total += 1
         if request_id in self._streams:   # aborted through the API while someone still listens
             self._post([(request_id, self._output(req, finished=True))])
@@ -425,11 +423,10 @@ class NativeEngine(LoadedModelEngine):
             self._step_began = None
 
     def _run_step(self) -> bool:
-        started = self.scheduler.admit(on_error=self._admission_failed)
-        for req in started:
-            with self._lock:
+        with self._lock:
+            started = self.scheduler.admit(on_error=self._admission_failed)
+            for req in started:
                 self._pending.pop(req.request_id, None)
-                self._used_slots += req.params.n
         for req in started:          # one at a time: a restore that fails costs only its request
             self._guarded([req], self._start_requests, [req])
         paused = self._abort_stalled() if self._paused else set()
@@ -476,8 +473,6 @@ class NativeEngine(LoadedModelEngine):
         for req in requests:
             if req.finished:
                 continue
-            with self._lock:
-                self._used_slots -= len(req.slots)
             self.scheduler.remove(req)
             posts.append((req.request_id, err if err is not None else _failed(req.request_id)))
         self._post(posts)
@@ -656,16 +651,12 @@ class NativeEngine(LoadedModelEngine):
                 continue
             finished = all(s.finished for s in req.sequences)
             if finished:
-                with self._lock:
-                    self._used_slots -= len(req.slots)
                 self.scheduler.remove(req)
                 self._stats.requests_finished_total += 1
             else:
                 for seq in req.sequences:
                     if seq.finished and seq.slot >= 0:
                         self.scheduler.release_sequence(req, seq)
-                        with self._lock:
-                            self._used_slots -= 1
             out = self._output(req, finished)
             if out.outputs or finished:
                 posts.append((req.request_id, out))
