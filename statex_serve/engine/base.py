@@ -25,6 +25,7 @@ Contract, in the order a caller meets it:
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -274,6 +275,64 @@ class PrefixInfo:
     created: float                               # unix time
     last_used: float
     hits: int                                    # requests that started from it
+
+
+class OutputStream:
+    """The async iterator ``generate`` returns (point 3 of the contract): the
+    engine puts ``RequestOutput`` deltas, or the exception that ends the
+    request, on ``_queue``. Leaving early (``aclose``, a cancelled consumer, or
+    dropping the stream) stops the request's work in the engine (``_stop``)."""
+
+    # whether an exception from the engine also stops the request's remaining work
+    abort_on_error = False
+
+    def __init__(self):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._done = False
+
+    def _stop(self) -> None:
+        """Stop the request's work in the engine (it frees what the request holds)."""
+        raise NotImplementedError
+
+    def _ended(self) -> None:
+        """The stream has ended (finished, failed or left): the engine's own bookkeeping."""
+
+    def _taken(self) -> None:
+        """The consumer has just taken an item off the queue."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:            # cancelled: whoever was listening is gone
+            self._close(abort=True)
+            raise
+        self._taken()
+        if isinstance(item, BaseException):
+            self._close(abort=self.abort_on_error)
+            raise item
+        if item.finished:
+            self._close(abort=False)
+        return item
+
+    async def aclose(self) -> None:
+        self._close(abort=True)
+
+    def _close(self, abort: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._ended()
+        if abort:
+            self._stop()
+
+    def __del__(self):
+        if not self._done:
+            self._stop()
 
 
 # --- stats ----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from kernels.autotune import limit_autotune_search
 from statex_serve.engine.compile_cache import configure_compile_cache
 from statex_serve.engine.base import (
     EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError, LoadedModelEngine,
-    PrefixInfo, RequestFailedError, RequestOutput,
+    OutputStream, PrefixInfo, RequestFailedError, RequestOutput,
 )
 from statex_serve.engine.loading import (
     checkpoint_dtype, eos_token_ids, load_tokenizer, pool_slots, resolve_device, resolve_dtype,
@@ -61,15 +61,14 @@ FAST_AUTOTUNE_CONFIGS = 4
 STREAM_BUFFER = 32
 
 
-class _OutputStream:
-    """The async iterator ``generate`` returns. Leaving it early (``aclose``, a
-    cancelled consumer, or dropping it) aborts the request."""
+class _OutputStream(OutputStream):
+    """The stream of one request; a consumer that falls ``STREAM_BUFFER``
+    outputs behind pauses the request until it has taken half of them."""
 
     def __init__(self, engine: NativeEngine, request_id: str):
+        super().__init__()
         self._engine = engine
         self._request_id = request_id
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._done = False
         self._paused = False
 
     def _put(self, item) -> None:
@@ -79,43 +78,18 @@ class _OutputStream:
             self._paused = True
             self._engine._pause(self._request_id, True)
 
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:            # cancelled: whoever was listening is gone
-            self._close(abort=True)
-            raise
+    def _taken(self) -> None:
         if self._paused and self._queue.qsize() <= STREAM_BUFFER // 2:
             self._paused = False
             self._engine._pause(self._request_id, False)
-        if isinstance(item, BaseException):
-            self._close(abort=False)
-            raise item
-        if item.finished:
-            self._close(abort=False)
-        return item
 
-    async def aclose(self) -> None:
-        self._close(abort=True)
-
-    def _close(self, abort: bool) -> None:
-        if self._done:
-            return
-        self._done = True
+    def _ended(self) -> None:
         self._engine._streams.pop(self._request_id, None)
         if self._paused:
             self._engine._pause(self._request_id, False)
-        if abort:
-            self._engine.abort(self._request_id)
 
-    def __del__(self):
-        if not self._done:
-            self._engine.abort(self._request_id)
+    def _stop(self) -> None:
+        self._engine.abort(self._request_id)
 
 
 def _failed(request_id: str) -> RequestFailedError:

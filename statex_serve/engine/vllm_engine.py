@@ -49,8 +49,7 @@ from model_registry.checkpoint import read_config_dict
 from statex_serve.engine.args import EngineArgs
 from statex_serve.engine.base import (
     MAX_N, EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError,
-    LoadedModelEngine,
-    RequestFailedError, RequestOutput, SamplingParams, TokenLogprob,
+    LoadedModelEngine, OutputStream, RequestFailedError, RequestOutput, SamplingParams, TokenLogprob,
 )
 from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from statex_serve.engine.loading import (checkpoint_dtype, eos_token_ids, load_tokenizer, resolve_device,
@@ -88,19 +87,21 @@ def _token_logprob(token_id: int, position, k: int) -> TokenLogprob:
     return TokenLogprob(int(token_id), float(lp.logprob) if lp is not None else float("-inf"), _top(position, k))
 
 
-class _Stream:
+class _Stream(OutputStream):
     """What ``generate`` returns. Each of the n sequences is one vLLM request
     (seed + i, as in the native engine) driven by a pump task; vLLM samples
     (``detokenize=False``) and our ``SequenceState`` turns tokens into text and
     applies stop strings, ending that vLLM request when one matches. Leaving
     early (``aclose``, cancellation, dropping the stream) aborts them all."""
 
+    # one sequence's failure ends the request: the other pumps stop too
+    abort_on_error = True
+
     def __init__(self, engine: VLLMEngine, request: GenerationRequest):
+        super().__init__()
         self._engine = engine
         self._request = request
         p = request.params
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._done = False
         self._ready = p.prompt_logprobs is None       # hold outputs until the prompt logprobs are in
         self._first_sent = False
         self._prompt_logprobs = None
@@ -208,42 +209,10 @@ class _Stream:
         else:
             asyncio.run_coroutine_threadsafe(_abort(), loop)
 
-    def cancel(self) -> None:
+    def _stop(self) -> None:
         for t in self._tasks:
             if not t.done():
                 t.cancel()                 # vLLM's generate() aborts a request when cancelled
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:
-            self._close()
-            raise
-        if isinstance(item, BaseException):
-            self._done = True
-            self.cancel()
-            raise item
-        if item.finished:
-            self._done = True
-        return item
-
-    async def aclose(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.cancel()
-
-    def __del__(self):
-        if not self._done:
-            self.cancel()
 
 
 class VLLMEngine(LoadedModelEngine):
@@ -351,7 +320,7 @@ class VLLMEngine(LoadedModelEngine):
     async def shutdown(self) -> None:
         self._dead = self._dead or "the engine has shut down"
         for stream in list(self._streams.values()):
-            stream.cancel()
+            stream._stop()
             stream._queue.put_nowait(EngineDeadError(self._dead))
         if self._llm is not None:
             # collected now rather than at interpreter exit, where AsyncLLM.__del__ fails
