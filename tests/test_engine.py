@@ -16,6 +16,8 @@ from statex_serve.engine import (
 )
 from statex_serve.engine.native import NativeEngine
 
+from engine_helpers import run_engine
+
 FAMILIES = ["gla", "mamba2"]
 
 
@@ -26,18 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     return {f: str(make_tiny_checkpoint(root / f, family=f, seed=1)) for f in FAMILIES}
-
-
-def run_engine(model_dir: str, test, **kw):
-    """Build an engine, start it in a fresh event loop, run ``await test(engine)``."""
-    async def main():
-        engine = NativeEngine(EngineArgs(model=model_dir, **kw))
-        await engine.start()
-        try:
-            return await test(engine)
-        finally:
-            await engine.shutdown()
-    return asyncio.run(main())
 
 
 async def collect(engine, rid, prompt, **params):

@@ -18,12 +18,11 @@ from transformers import AutoTokenizer
 
 from model_registry.checkpoint import load_model
 from model_registry.testing import make_tiny_checkpoint
-from statex_serve.engine import (
-    EngineArgs, GenerationRequest, InvalidRequestError, PrefixNotFoundError, SamplingParams,
-)
-from statex_serve.engine.native import NativeEngine
+from statex_serve.engine import GenerationRequest, InvalidRequestError, PrefixNotFoundError, SamplingParams
 from statex_serve.engine.prefix_cache import PrefixCache, PrefixHasher, as_token_array, prefix_key
 from statex_serve.testing import ServerProcess
+
+from engine_helpers import run_engine
 
 CHUNK = 32
 
@@ -35,17 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("pc-ckpt")
     return {f: str(make_tiny_checkpoint(root / f, family=f, seed=2)) for f in ("gla", "mamba2")}
-
-
-def run_engine(model_dir: str, test, **kw):
-    async def main():
-        engine = NativeEngine(EngineArgs(model=model_dir, **kw))
-        await engine.start()
-        try:
-            return await test(engine)
-        finally:
-            await engine.shutdown()
-    return asyncio.run(main())
 
 
 async def greedy(engine, rid, prompt, max_tokens, n=1, **req):

@@ -25,6 +25,7 @@ Contract, in the order a caller meets it:
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -87,10 +88,43 @@ class PrefixNotFoundError(EngineError):
     """No pinned prefix has this id (HTTP 404)."""
 
 
+def context_length_message(max_model_len: int, however: str, reduce: str = "the prompt or completion") -> str:
+    """OpenAI's words for a request the context cannot hold (every error with
+    code ``context_length_exceeded``); ``however`` says what the request asked for."""
+    return (f"This model's maximum context length is {max_model_len} tokens. However, {however}. "
+            f"Please reduce the length of {reduce}.")
+
+
+def requested_tokens(num_prompt_tokens: int, max_tokens: int, num_prefix: int = 0) -> str:
+    """``however`` for a prompt plus completion over the context (``num_prefix``:
+    how many of the prompt tokens are a pinned prefix's)."""
+    in_prompt = f"{num_prompt_tokens} in the prompt" + (
+        f" ({num_prefix} of them the pinned prefix)" if num_prefix else "")
+    return f"you requested {num_prompt_tokens + max_tokens} tokens ({in_prompt}, {max_tokens} in the completion)"
+
+
 # --- requests -------------------------------------------------------------------------
 
+class SamplingSwitches:
+    """What the sampler derives from a row's knobs, the same for a request's
+    ``SamplingParams`` and for the sampler's per-sequence ``SamplingRow``."""
+
+    temperature: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
 @dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(SamplingSwitches):
     """How to generate for one request. Defaults follow OpenAI's completions API."""
 
     max_tokens: int = 16             # generated tokens per sequence; 0 only makes sense with prompt_logprobs
@@ -112,14 +146,6 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0: seen tokens' logits divided by it (positive) or multiplied (negative)
     logprobs: int | None = None      # per generated token: its logprob and this many top alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < 1e-5
-
-    @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def check(self, vocab_size: int, max_n: int = MAX_N, max_logprobs: int = MAX_LOGPROBS) -> None:
         """The checks every engine makes; raises ``InvalidRequestError``."""
@@ -251,6 +277,64 @@ class PrefixInfo:
     hits: int                                    # requests that started from it
 
 
+class OutputStream:
+    """The async iterator ``generate`` returns (point 3 of the contract): the
+    engine puts ``RequestOutput`` deltas, or the exception that ends the
+    request, on ``_queue``. Leaving early (``aclose``, a cancelled consumer, or
+    dropping the stream) stops the request's work in the engine (``_stop``)."""
+
+    # whether an exception from the engine also stops the request's remaining work
+    abort_on_error = False
+
+    def __init__(self):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._done = False
+
+    def _stop(self) -> None:
+        """Stop the request's work in the engine (it frees what the request holds)."""
+        raise NotImplementedError
+
+    def _ended(self) -> None:
+        """The stream has ended (finished, failed or left): the engine's own bookkeeping."""
+
+    def _taken(self) -> None:
+        """The consumer has just taken an item off the queue."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:            # cancelled: whoever was listening is gone
+            self._close(abort=True)
+            raise
+        self._taken()
+        if isinstance(item, BaseException):
+            self._close(abort=self.abort_on_error)
+            raise item
+        if item.finished:
+            self._close(abort=False)
+        return item
+
+    async def aclose(self) -> None:
+        self._close(abort=True)
+
+    def _close(self, abort: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._ended()
+        if abort:
+            self._stop()
+
+    def __del__(self):
+        if not self._done:
+            self._stop()
+
+
 # --- stats ----------------------------------------------------------------------------
 
 @dataclass
@@ -378,12 +462,15 @@ class Engine(abc.ABC):
 class LoadedModelEngine(Engine):
     """The model facts both our engines answer the same way: names and path
     from ``self.args`` (``EngineArgs``), the rest from what loading the model
-    set (``_max_model_len``, ``_tokenizer``, ``_vocab_size``)."""
+    set (``_max_model_len``, ``_tokenizer``, ``_vocab_size``); and the checks
+    of a request before it is queued (``check_request``: live request ids are
+    the keys of ``_streams``)."""
 
     args: Any
     _max_model_len: int
     _tokenizer: Any
     _vocab_size: int
+    _streams: dict[str, Any]
 
     @property
     def model_name(self) -> str:
@@ -412,4 +499,37 @@ class LoadedModelEngine(Engine):
     @property
     def max_logprobs(self) -> int:
         return self.args.max_logprobs
+
+    # --- the checks made before a request is queued -------------------------------------
+    def check_request(self, request: GenerationRequest, num_prefix: int = 0) -> None:
+        """Raise ``InvalidRequestError`` for a request this engine cannot serve,
+        first problem first; ``num_prefix``: the tokens of the pinned prefix it
+        continues (they count towards the context)."""
+        if request.request_id in self._streams:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
+        self._refuse_unsupported(request)
+        prompt = request.prompt_token_ids
+        p = request.params
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self._vocab_size)), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
+                                      "prompt")
+        p.check(self._vocab_size, max_n=self.max_n, max_logprobs=self.max_logprobs)
+        if request.pin_prefix is not None and not 1 <= request.pin_prefix <= len(prompt):
+            raise InvalidRequestError(f"pin_prefix must be between 1 and the prompt's {len(prompt)} tokens, "
+                                      f"got {request.pin_prefix}", "pin_prefix")
+        self._refuse_beyond_limits(request)
+        if num_prefix + len(prompt) + p.max_tokens > self._max_model_len:
+            raise InvalidRequestError(
+                context_length_message(self._max_model_len,
+                                       requested_tokens(num_prefix + len(prompt), p.max_tokens, num_prefix)),
+                "prompt", "context_length_exceeded")
+
+    def _refuse_unsupported(self, request: GenerationRequest) -> None:
+        """An engine's refusal of request fields it does not serve (checked before the prompt)."""
+
+    def _refuse_beyond_limits(self, request: GenerationRequest) -> None:
+        """An engine's own limits on otherwise valid requests (checked before the context length)."""
 

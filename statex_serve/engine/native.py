@@ -37,7 +37,7 @@ from kernels.autotune import limit_autotune_search
 from statex_serve.engine.compile_cache import configure_compile_cache
 from statex_serve.engine.base import (
     EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError, LoadedModelEngine,
-    PrefixInfo, RequestFailedError, RequestOutput,
+    OutputStream, PrefixInfo, RequestFailedError, RequestOutput,
 )
 from statex_serve.engine.loading import (
     checkpoint_dtype, eos_token_ids, load_tokenizer, pool_slots, resolve_device, resolve_dtype,
@@ -61,15 +61,14 @@ FAST_AUTOTUNE_CONFIGS = 4
 STREAM_BUFFER = 32
 
 
-class _OutputStream:
-    """The async iterator ``generate`` returns. Leaving it early (``aclose``, a
-    cancelled consumer, or dropping it) aborts the request."""
+class _OutputStream(OutputStream):
+    """The stream of one request; a consumer that falls ``STREAM_BUFFER``
+    outputs behind pauses the request until it has taken half of them."""
 
     def __init__(self, engine: NativeEngine, request_id: str):
+        super().__init__()
         self._engine = engine
         self._request_id = request_id
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._done = False
         self._paused = False
 
     def _put(self, item) -> None:
@@ -79,43 +78,18 @@ class _OutputStream:
             self._paused = True
             self._engine._pause(self._request_id, True)
 
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:            # cancelled: whoever was listening is gone
-            self._close(abort=True)
-            raise
+    def _taken(self) -> None:
         if self._paused and self._queue.qsize() <= STREAM_BUFFER // 2:
             self._paused = False
             self._engine._pause(self._request_id, False)
-        if isinstance(item, BaseException):
-            self._close(abort=False)
-            raise item
-        if item.finished:
-            self._close(abort=False)
-        return item
 
-    async def aclose(self) -> None:
-        self._close(abort=True)
-
-    def _close(self, abort: bool) -> None:
-        if self._done:
-            return
-        self._done = True
+    def _ended(self) -> None:
         self._engine._streams.pop(self._request_id, None)
         if self._paused:
             self._engine._pause(self._request_id, False)
-        if abort:
-            self._engine.abort(self._request_id)
 
-    def __del__(self):
-        if not self._done:
-            self._engine.abort(self._request_id)
+    def _stop(self) -> None:
+        self._engine.abort(self._request_id)
 
 
 def _failed(request_id: str) -> RequestFailedError:
@@ -167,10 +141,12 @@ class NativeEngine(LoadedModelEngine):
         # between the event loop and the engine thread
         self._inbox: collections.deque = collections.deque()
         self._wakeup = threading.Event()
-        self._lock = threading.Lock()          # guards the admission bookkeeping below
+        # guards the admission bookkeeping below; held while the engine thread admits, so
+        # that generate() sees slots taken and their requests gone from _pending at once
+        # (re-entrant: a request whose admission fails is failed while it is held)
+        self._lock = threading.RLock()
         # submitted and not yet holding slots, in arrival order: request id -> slots it needs
         self._pending: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self._used_slots = 0
         self._streams: dict[str, _OutputStream] = {}
         # a decode step launched before the host work of the step before it (see _run_decode):
         # (its batch, its logits), consumed by the next step
@@ -272,7 +248,7 @@ class NativeEngine(LoadedModelEngine):
             prefix = self._cache("prefix_id").acquire_pinned(request.prefix_id, request.cache_owner)  # until restored
         try:
             num_prefix = prefix.num_tokens if prefix is not None else 0
-            self._check(request, num_prefix)
+            self.check_request(request, num_prefix)
             if request.pin_prefix is not None:
                 self._cache("pin_prefix").reserve_pin()
                 pin_reserved = True
@@ -281,7 +257,7 @@ class NativeEngine(LoadedModelEngine):
             n = request.params.n
             with self._lock:
                 _, waiting, demand = self._pending_split_locked()
-                must_wait = waiting > 0 or demand + n > self.num_slots - self._used_slots
+                must_wait = waiting > 0 or demand + n > self.scheduler.slots.num_free
                 if must_wait and waiting >= self.args.max_queue:
                     raise EngineOverloadedError(
                         f"the server is at capacity: all {self.num_slots} state slots are in use and "
@@ -308,7 +284,7 @@ class NativeEngine(LoadedModelEngine):
         s = self._stats
         with self._lock:
             _, waiting, _ = self._pending_split_locked()
-            used = self._used_slots
+            used = self.scheduler.slots.num_used
         return EngineStats(
             running_requests=self.scheduler.num_running, waiting_requests=waiting, slots_total=self.num_slots,
             slots_used=used, state_bytes_per_sequence=s.state_bytes_per_sequence,
@@ -322,7 +298,7 @@ class NativeEngine(LoadedModelEngine):
         """Of the pending requests: how many start as soon as the engine looks
         (in arrival order, while free slots last), how many must wait, and the
         slots the starting ones take."""
-        free = self.num_slots - self._used_slots
+        free = self.scheduler.slots.num_free
         starting = demand = 0
         for n in self._pending.values():
             if demand + n > free:
@@ -330,31 +306,6 @@ class NativeEngine(LoadedModelEngine):
             starting += 1
             demand += n
         return starting, len(self._pending) - starting, demand
-
-    # --- checks made before a request is queued -------------------------------------
-    def _check(self, request: GenerationRequest, num_prefix: int = 0) -> None:
-        if request.request_id in self._streams:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
-        prompt = request.prompt_token_ids
-        p = request.params
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
-        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self._vocab_size)), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
-                                      "prompt")
-        p.check(self._vocab_size, max_n=self.max_n, max_logprobs=self.max_logprobs)
-        if request.pin_prefix is not None and not 1 <= request.pin_prefix <= len(prompt):
-            raise InvalidRequestError(f"pin_prefix must be between 1 and the prompt's {len(prompt)} tokens, "
-                                      f"got {request.pin_prefix}", "pin_prefix")
-        total = num_prefix + len(prompt)
-        if total + p.max_tokens > self._max_model_len:
-            in_prompt = f"{total} in the prompt" + (f" ({num_prefix} of them the pinned prefix)" if num_prefix else "")
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
-                f"{total + p.max_tokens} tokens ({in_prompt}, {p.max_tokens} in the "
-                "completion). Please reduce the length of the prompt or completion.",
-                "prompt", "context_length_exceeded")
 
     # --- the engine thread ------------------------------------------------------------
     def _engine_thread(self) -> None:
@@ -407,8 +358,7 @@ class NativeEngine(LoadedModelEngine):
         with contextlib.suppress(Exception):
             sched.release_prefixes(req)
         with self._lock:
-            if self._pending.pop(req.request_id, None) is None and held:    # counted as using its slots
-                self._used_slots -= len(req.slots)
+            self._pending.pop(req.request_id, None)
             self._paused.pop(req.request_id, None)
         self._post([(req.request_id, _failed(req.request_id))])
 
@@ -430,14 +380,11 @@ class NativeEngine(LoadedModelEngine):
         req = self.scheduler.get(request_id)
         if req is None:
             return
-        was_waiting = req.status is RequestStatus.WAITING
         for seq in req.sequences:
             seq.finish("abort")
-        freed = len(req.slots) if not was_waiting else 0
         self.scheduler.remove(req)
         with self._lock:
             self._pending.pop(request_id, None)
-            self._used_slots -= freed
         self._stats.requests_aborted_total += 1
         if request_id in self._streams:   # aborted through the API while someone still listens
             self._post([(request_id, self._output(req, finished=True))])
@@ -451,11 +398,10 @@ class NativeEngine(LoadedModelEngine):
             self._step_began = None
 
     def _run_step(self) -> bool:
-        started = self.scheduler.admit(on_error=self._admission_failed)
-        for req in started:
-            with self._lock:
+        with self._lock:
+            started = self.scheduler.admit(on_error=self._admission_failed)
+            for req in started:
                 self._pending.pop(req.request_id, None)
-                self._used_slots += req.params.n
         for req in started:          # one at a time: a restore that fails costs only its request
             self._guarded([req], self._start_requests, [req])
         paused = self._abort_stalled() if self._paused else set()
@@ -502,8 +448,6 @@ class NativeEngine(LoadedModelEngine):
         for req in requests:
             if req.finished:
                 continue
-            with self._lock:
-                self._used_slots -= len(req.slots)
             self.scheduler.remove(req)
             posts.append((req.request_id, err if err is not None else _failed(req.request_id)))
         self._post(posts)
@@ -682,16 +626,12 @@ class NativeEngine(LoadedModelEngine):
                 continue
             finished = all(s.finished for s in req.sequences)
             if finished:
-                with self._lock:
-                    self._used_slots -= len(req.slots)
                 self.scheduler.remove(req)
                 self._stats.requests_finished_total += 1
             else:
                 for seq in req.sequences:
                     if seq.finished and seq.slot >= 0:
                         self.scheduler.release_sequence(req, seq)
-                        with self._lock:
-                            self._used_slots -= 1
             out = self._output(req, finished)
             if out.outputs or finished:
                 posts.append((req.request_id, out))

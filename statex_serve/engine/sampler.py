@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from statex_serve.engine.base import TokenLogprob
+from statex_serve.engine.base import SamplingSwitches, TokenLogprob
 
 
 class PenaltyHistory:
@@ -55,7 +55,7 @@ class PenaltyHistory:
 
 
 @dataclass
-class SamplingRow:
+class SamplingRow(SamplingSwitches):
     """What the sampler needs to know about one sequence for one step."""
 
     temperature: float = 0.0                 # < 1e-5: greedy
@@ -69,14 +69,6 @@ class SamplingRow:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     history: PenaltyHistory | None = None    # required when a penalty is on
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < 1e-5
-
-    @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass

@@ -136,10 +136,6 @@ class Scheduler:
             seq.slot = -1
 
     @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
     def num_running(self) -> int:
         return len(self.running)
 

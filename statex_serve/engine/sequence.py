@@ -138,7 +138,6 @@ class RequestState:
     sequences: list[SequenceState] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
-    first_output_sent: bool = False
     # prefix cache
     prefix: CacheEntry | None = None          # the pinned prefix it starts from (a reference, held until restored)
     hit: CacheEntry | None = None             # the stored prefix it restores (a reference, held until restored)
@@ -208,6 +207,3 @@ class RequestState:
                 stops=StopStringMatcher(p.stop, p.include_stop_str_in_output), stop_token_ids=stop_ids))
             if p.penalized:       # the prompt includes a pinned prefix's tokens, as vLLM's would
                 self.sequences[-1].history = PenaltyHistory(self.prompt, self.sequences[-1].output_ids)
-
-    def live_sequences(self) -> list[SequenceState]:
-        return [s for s in self.sequences if not s.finished]

@@ -49,8 +49,7 @@ from model_registry.checkpoint import read_config_dict
 from statex_serve.engine.args import EngineArgs
 from statex_serve.engine.base import (
     MAX_N, EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError,
-    LoadedModelEngine,
-    RequestFailedError, RequestOutput, SamplingParams, TokenLogprob,
+    LoadedModelEngine, OutputStream, RequestFailedError, RequestOutput, SamplingParams, TokenLogprob,
 )
 from statex_serve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from statex_serve.engine.loading import (checkpoint_dtype, eos_token_ids, load_tokenizer, resolve_device,
@@ -88,19 +87,21 @@ def _token_logprob(token_id: int, position, k: int) -> TokenLogprob:
     return TokenLogprob(int(token_id), float(lp.logprob) if lp is not None else float("-inf"), _top(position, k))
 
 
-class _Stream:
+class _Stream(OutputStream):
     """What ``generate`` returns. Each of the n sequences is one vLLM request
     (seed + i, as in the native engine) driven by a pump task; vLLM samples
     (``detokenize=False``) and our ``SequenceState`` turns tokens into text and
     applies stop strings, ending that vLLM request when one matches. Leaving
     early (``aclose``, cancellation, dropping the stream) aborts them all."""
 
+    # one sequence's failure ends the request: the other pumps stop too
+    abort_on_error = True
+
     def __init__(self, engine: VLLMEngine, request: GenerationRequest):
+        super().__init__()
         self._engine = engine
         self._request = request
         p = request.params
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._done = False
         self._ready = p.prompt_logprobs is None       # hold outputs until the prompt logprobs are in
         self._first_sent = False
         self._prompt_logprobs = None
@@ -208,42 +209,10 @@ class _Stream:
         else:
             asyncio.run_coroutine_threadsafe(_abort(), loop)
 
-    def cancel(self) -> None:
+    def _stop(self) -> None:
         for t in self._tasks:
             if not t.done():
                 t.cancel()                 # vLLM's generate() aborts a request when cancelled
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:
-            self._close()
-            raise
-        if isinstance(item, BaseException):
-            self._done = True
-            self.cancel()
-            raise item
-        if item.finished:
-            self._done = True
-        return item
-
-    async def aclose(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.cancel()
-
-    def __del__(self):
-        if not self._done:
-            self.cancel()
 
 
 class VLLMEngine(LoadedModelEngine):
@@ -351,7 +320,7 @@ class VLLMEngine(LoadedModelEngine):
     async def shutdown(self) -> None:
         self._dead = self._dead or "the engine has shut down"
         for stream in list(self._streams.values()):
-            stream.cancel()
+            stream._stop()
             stream._queue.put_nowait(EngineDeadError(self._dead))
         if self._llm is not None:
             # collected now rather than at interpreter exit, where AsyncLLM.__del__ fails
@@ -366,7 +335,7 @@ class VLLMEngine(LoadedModelEngine):
         if self._llm.errored:
             self._dead = f"the vLLM engine died: {self._llm.dead_error}"
             raise EngineDeadError(self._dead)
-        self._check(request)
+        self.check_request(request)
         n = request.params.n
         waiting = max(0, sum(self._inflight.values()) - self.max_num_seqs)
         if sum(self._inflight.values()) + n > self.max_num_seqs and waiting >= self.args.max_queue:
@@ -395,38 +364,25 @@ class VLLMEngine(LoadedModelEngine):
             extra={"backend": "vllm", "prompt_tokens_cached_total": s.extra.get("cached", 0)})
 
     # --- helpers ----------------------------------------------------------------------
-    def _check(self, request: GenerationRequest) -> None:
-        if request.request_id in self._streams:
-            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", "request_id")
+    def _refuse_unsupported(self, request: GenerationRequest) -> None:
         if request.prefix_id is not None or request.pin_prefix is not None:
             raise InvalidRequestError("pinned prefixes are not available with --backend vllm (vLLM caches "
                                       "prompt prefixes automatically)", "prefix_id")
-        prompt = request.prompt_token_ids
+
+    def _refuse_beyond_limits(self, request: GenerationRequest) -> None:
         p = request.params
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: it needs at least one token", "prompt")
-        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self._vocab_size)), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {self._vocab_size})",
-                                      "prompt")
-        p.check(self._vocab_size, max_n=self.max_n, max_logprobs=self.max_logprobs)
         if p.max_tokens == 0:
             raise InvalidRequestError("max_tokens=0 (prompt scoring) is not available with --backend vllm",
                                       "max_tokens")
         step_tokens = self.vllm_kwargs["max_num_batched_tokens"] - self.max_num_seqs
-        if self.device.type == "cpu" and p.seed is not None and not p.greedy and len(prompt) > step_tokens:
+        long_prompt = len(request.prompt_token_ids) > step_tokens
+        if self.device.type == "cpu" and p.seed is not None and not p.greedy and long_prompt:
             # vLLM 0.32's CPU runner rewinds a seeded generator after a partial prefill with
             # set_offset, which CPU generators lack: the engine core dies, failing everyone
             raise InvalidRequestError(
                 f"a seed with a prompt longer than {step_tokens} tokens (one prefill step) is not available "
                 "with --backend vllm on CPU (vLLM's CPU sampler cannot resume a seeded generator across prefill "
                 "steps); omit the seed, raise --prefill-chunk, or use the native backend", "seed")
-        if len(prompt) + p.max_tokens > self._max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self._max_model_len} tokens. However, you requested "
-                f"{len(prompt) + p.max_tokens} tokens ({len(prompt)} in the prompt, {p.max_tokens} in the "
-                "completion). Please reduce the length of the prompt or completion.",
-                "prompt", "context_length_exceeded")
 
     def _vllm_params(self, p: SamplingParams, index: int, stop_ids: frozenset[int]):
         """vLLM's params for sequence ``index`` of a request: vLLM samples and stops
