@@ -161,6 +161,7 @@ class _Gate:
         return found
 
     async def __call__(self, scope, receive, send):
+        """401 or 413 before the routes see the request; else the body, replayed."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")

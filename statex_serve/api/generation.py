@@ -109,6 +109,7 @@ def check_prompt_ids(engine: Engine, ids: list[int], param: str) -> None:
 
 def sampling_params(engine: Engine, body: _GenerationFields, max_tokens: int, logprobs: int | None,
                     prompt_logprobs: int | None) -> SamplingParams:
+    """The engine's sampling params for the request (400 for a value this server refuses)."""
     if body.n > engine.max_n:
         raise APIError(400, f"n must be between 1 and {engine.max_n} on this server (each sequence holds one "
                             f"state slot), got {body.n}", "n", "invalid_value")
@@ -329,6 +330,7 @@ class GenerationEndpoint:
         raise NotImplementedError
 
     async def create(self, body, raw: Request):
+        """Answer one request: JSON, or a stream of server-sent events."""
         engine = self.engine
         # 1. the request as a whole: model, fields we cannot honour, the prefix it starts from
         check_model(engine, body.model)
