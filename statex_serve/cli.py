@@ -13,8 +13,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from statex_serve import __version__
+
+if TYPE_CHECKING:
+    from statex_serve.engine.args import EngineArgs
 
 logger = logging.getLogger("statex_serve")
 
@@ -42,6 +46,7 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """statex-serve's options, ours first, then vLLM's names for them."""
     p = argparse.ArgumentParser(prog="statex-serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default=None,
@@ -273,11 +278,18 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(serve_form(list(sys.argv[1:] if argv is None else argv)))
-    configure_logging(args.log_level)
-    model_dir, default_name = resolve_model(args.model)
-    from statex_serve.engine.args import parse_budget, parse_memory_size   # light: fail fast on a bad size
+class ServerSettings(NamedTuple):
+    """What main serves with, every argument checked."""
+    engine_args: EngineArgs
+    api_keys: list[str]
+    max_body: int
+    origins: list[str] | None
+    chat_template: str | None
+
+
+def check_settings(args, model_dir: str, default_name: str) -> ServerSettings:
+    """The parsed arguments checked (in the order their errors are reported). Raises SystemExit."""
+    from statex_serve.engine.args import EngineArgs, parse_budget, parse_memory_size   # light: fail fast
 
     try:
         state_memory = parse_memory_size(args.state_memory) if args.state_memory is not None else None
@@ -314,8 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"statex-serve: --{name.replace('_', '-')}: {e}") from None
 
-    from statex_serve.engine.args import EngineArgs
-
     try:
         engine_args = EngineArgs(
             model=model_dir, served_model_names=args.served_model_name or [default_name], device=args.device,
@@ -328,6 +338,16 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=args.tokenizer, seed=args.seed, vllm_args=vllm_args, **budgets)
     except ValueError as e:
         raise SystemExit(f"statex-serve: {e}") from None
+
+    return ServerSettings(engine_args, api_keys, max_body, origins, chat_template)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """statex-serve: check the arguments, build the engine, serve until stopped; returns the exit status."""
+    args = build_parser().parse_args(serve_form(list(sys.argv[1:] if argv is None else argv)))
+    configure_logging(args.log_level)
+    model_dir, default_name = resolve_model(args.model)
+    engine_args, api_keys, max_body, origins, chat_template = check_settings(args, model_dir, default_name)
 
     # heavy imports after the arguments are checked, so --help and mistakes are answered at once
     import uvicorn

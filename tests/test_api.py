@@ -26,7 +26,9 @@ from transformers import AutoTokenizer
 
 from model_registry.checkpoint import load_model
 from model_registry.testing import make_tiny_checkpoint
-from statex_serve.testing import ServerProcess, start_all
+from statex_serve.testing import ServerProcess
+
+from api_helpers import running, server_fixture
 
 GLA_NAME, MAMBA_NAME, API_KEY = "tiny-gla", "tiny-mamba2", "sekret"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}    # tiny models are latency-bound (see test_engine.py)
@@ -58,15 +60,11 @@ def servers(ckpts, mamba_bps):
     mamba = ServerProcess(ckpts["mamba2"], "--served-model-name", MAMBA_NAME, "--state-memory", str(budget),
                           "--max-queue", str(MAMBA_QUEUE), "--prefill-chunk", "32", "--api-key", API_KEY,
                           env=ONE_THREAD)
-    start_all([gla, mamba])
-    yield {"gla": gla, "mamba2": mamba}
-    for s in (gla, mamba):
-        s.__exit__(None, None, None)
+    with running(gla=gla, mamba2=mamba) as started:
+        yield started
 
 
-@pytest.fixture(scope="module")
-def gla(servers):
-    return servers["gla"]
+gla = server_fixture("gla")
 
 
 @pytest.fixture(scope="module")

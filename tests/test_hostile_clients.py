@@ -20,12 +20,12 @@ import time
 
 import httpx
 import pytest
-import torch
 from transformers import AutoTokenizer
 
-from model_registry.checkpoint import load_model
 from model_registry.testing import make_tiny_checkpoint
-from statex_serve.testing import ServerProcess, start_all
+from statex_serve.testing import ServerProcess
+
+from api_helpers import oracle, running, server_fixture  # noqa: F401 - oracle is a fixture
 
 KEY_A, KEY_B = "key-of-alice", "key-of-bob"
 A, B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
@@ -96,12 +96,6 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def oracle(ckpt):
-    torch.set_num_threads(1)
-    return load_model(ckpt)
-
-
-@pytest.fixture(scope="module")
 def tok(ckpt):
     return AutoTokenizer.from_pretrained(ckpt)
 
@@ -116,20 +110,12 @@ def servers(ckpt, tmp_path_factory):
                         "--stream-stall-timeout", str(STALL_TIMEOUT), env=ONE_THREAD)
     faulty = FaultyServer(ckpt, "--max-num-seqs", "8", "--max-model-len", "4096", "--step-timeout", "1",
                           env=ONE_THREAD)
-    start_all([srv, faulty])
-    yield {"srv": srv, "faulty": faulty}
-    for s in (srv, faulty):
-        s.__exit__(None, None, None)
+    with running(srv=srv, faulty=faulty) as started:
+        yield started
 
 
-@pytest.fixture(scope="module")
-def srv(servers):
-    return servers["srv"]
-
-
-@pytest.fixture(scope="module")
-def faulty(servers):
-    return servers["faulty"]
+srv = server_fixture("srv")
+faulty = server_fixture("faulty")
 
 
 def metric(server, name: str) -> float:

@@ -16,12 +16,12 @@ import sys
 import httpx
 import openai
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_registry.checkpoint import load_model
 from model_registry.testing import make_tiny_checkpoint
 from statex_serve.testing import ServerProcess, penalized_greedy
+
+from api_helpers import oracle  # noqa: F401 - a fixture
 
 NAME = "tiny-gla"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -31,12 +31,6 @@ MAX_LEN = 4096
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return str(make_tiny_checkpoint(tmp_path_factory.mktemp("compat") / "gla", family="gla", seed=3))
-
-
-@pytest.fixture(scope="module")
-def oracle(ckpt):
-    torch.set_num_threads(1)
-    return load_model(ckpt)
 
 
 @pytest.fixture(scope="module")

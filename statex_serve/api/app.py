@@ -161,6 +161,7 @@ class _Gate:
         return found
 
     async def __call__(self, scope, receive, send):
+        """401 or 413 before the routes see the request; else the body, replayed."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
@@ -207,14 +208,33 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
                max_request_body: int = DEFAULT_MAX_REQUEST_BODY, default_max_tokens: int | None = None,
                on_engine_death: Callable[[], None] | None = None,
                allowed_origins: Sequence[str] | None = None) -> FastAPI:
+    """The app over ``engine``: middleware, then the routes (see the module docstring)."""
     keys = [api_key] if isinstance(api_key, str) else [k for k in (api_key or ()) if k]
     metrics = Metrics(engine)
-    completions = CompletionsEndpoint(engine, metrics, default_max_tokens)
-    chat = ChatEndpoint(engine, metrics, default_max_tokens)
-    prefixes = PrefixesEndpoint(engine)
-    created = int(time.time())
-    token_chars = max_token_chars(engine.tokenizer)
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the package
+    # (FastAPI's default loads them from a CDN: a blank page without the internet)
+    app = FastAPIOffline(title="statex-serve", version=__version__, lifespan=_lifespan(engine, on_engine_death))
+    app.state.engine = engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    _add_middleware(app, metrics, keys, max_request_body, allowed_origins)
+    _add_service_routes(app, engine, metrics)
+    _add_model_routes(app, engine)
+    _add_generation_routes(app, engine, metrics, default_max_tokens)
+    _add_prefix_routes(app, engine)
+    _add_token_routes(app, engine)
+    app.openapi = _openapi_without_422(app)
 
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return JSONResponse({"name": "statex-serve", "version": __version__, "model": engine.model_name,
+                             "docs": "/docs"})
+
+    return app
+
+
+def _lifespan(engine: Engine, on_engine_death: Callable[[], None] | None):
+    """Start the engine with the app (in uvicorn's event loop), watch it, shut it down with the app."""
     async def watch_engine():
         """The engine died (not shut down): say so once and let the process go."""
         while engine.is_alive:
@@ -233,12 +253,12 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
             watcher.cancel()
             await engine.shutdown()
 
-    # /docs and /redoc with Swagger UI's and ReDoc's files served from the package
-    # (FastAPI's default loads them from a CDN: a blank page without the internet)
-    app = FastAPIOffline(title="statex-serve", version=__version__, lifespan=lifespan)
-    app.state.engine = engine
-    app.state.metrics = metrics
-    install_error_handlers(app)
+    return lifespan
+
+
+def _add_middleware(app: FastAPI, metrics: Metrics, keys: list[str], max_request_body: int,
+                    allowed_origins: Sequence[str] | None) -> None:
+    """The last added is the outermost: counting, then CORS, then the key and body gate."""
     app.add_middleware(_Gate, keys={k.encode(): key_namespace(k) for k in keys}, max_body=max_request_body)
     if allowed_origins:
         # outside the key check: a browser's preflight (OPTIONS) carries no key
@@ -246,6 +266,9 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
                            allow_headers=["*"], allow_credentials="*" not in allowed_origins)
     app.add_middleware(_CountRequests, metrics=metrics)   # added last: the outermost, so it counts 401 and 413 too
 
+
+def _add_service_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
+    """/health, /metrics, /version."""
     @app.get("/health", responses=_errors(503))
     async def health():
         if not engine.is_alive:
@@ -263,6 +286,11 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
     async def version():
         return {"version": __version__}
 
+
+def _add_model_routes(app: FastAPI, engine: Engine) -> None:
+    """/v1/models: one card per served model name."""
+    created = int(time.time())
+
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "statex-serve",
                 "root": engine.model_path, "parent": None, "max_model_len": engine.max_model_len,
@@ -277,6 +305,12 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
         check_model(engine, model)
         return model_card(model)
 
+
+def _add_generation_routes(app: FastAPI, engine: Engine, metrics: Metrics, default_max_tokens: int | None) -> None:
+    """/v1/completions and /v1/chat/completions (one pipeline: ``generation.py``)."""
+    completions = CompletionsEndpoint(engine, metrics, default_max_tokens)
+    chat = ChatEndpoint(engine, metrics, default_max_tokens)
+
     @app.post("/v1/completions", responses={**_STREAM, **_errors(400, 401, 404, 413, 500, 503)})
     async def create_completion(body: CompletionRequest, request: Request):
         return await completions.create(body, request)
@@ -284,6 +318,11 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
     @app.post("/v1/chat/completions", responses={**_STREAM, **_errors(400, 401, 404, 413, 500, 503)})
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
+
+
+def _add_prefix_routes(app: FastAPI, engine: Engine) -> None:
+    """/v1/prefixes: pinned prefixes of the prefix cache."""
+    prefixes = PrefixesEndpoint(engine)
 
     @app.post("/v1/prefixes", responses=_errors(400, 401, 404, 413, 500, 503))
     async def create_prefix(body: PrefixCreateRequest, request: Request):
@@ -300,6 +339,11 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
     @app.delete("/v1/prefixes/{prefix_id}", responses=_errors(401, 404))
     async def delete_prefix(prefix_id: str, request: Request):
         return prefixes.delete(prefix_id, request)
+
+
+def _add_token_routes(app: FastAPI, engine: Engine) -> None:
+    """vLLM's /tokenize and /detokenize (vLLM's benchmark client uses them)."""
+    token_chars = max_token_chars(engine.tokenizer)
 
     @app.post("/tokenize", responses=_errors(400, 401, 404, 413))
     async def tokenize(body: TokenizeRequest):
@@ -323,12 +367,3 @@ def create_app(engine: Engine, api_key: str | Sequence[str] | None = None, *,
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {engine.vocab_size})", "tokens",
                            "invalid_token_id")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
-
-    app.openapi = _openapi_without_422(app)
-
-    @app.get("/", include_in_schema=False)
-    async def root():
-        return JSONResponse({"name": "statex-serve", "version": __version__, "model": engine.model_name,
-                             "docs": "/docs"})
-
-    return app

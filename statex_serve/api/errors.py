@@ -95,6 +95,7 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every error (ours, FastAPI's, an unexpected one) answers with OpenAI's error body."""
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()

@@ -1,19 +1,31 @@
-"""What completions and chat share: checking a request against the engine,
-building engine requests, running several of them as one merged stream, and
-noticing a client that went away."""
+"""The one request pipeline behind /v1/completions and /v1/chat/completions
+(``GenerationEndpoint``: checks, prompt ids, sampling params, engine requests)
+and the answer it builds (``InFlightRequest``: collected whole or streamed as
+server-sent events). ``completions.py`` and ``chat.py`` supply only what
+OpenAI's two formats make differ. Also here: the request checks both share,
+running several engine requests as one merged stream, and noticing a client
+that went away."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from statex_serve.api.errors import APIError, from_engine_error
+from statex_serve.api.errors import APIError, from_engine_error, sse_error
+from statex_serve.api.metrics import Metrics, SequenceTimer
 from statex_serve.api.schemas import _GenerationFields
-from statex_serve.engine.base import Engine, EngineError, GenerationRequest, RequestOutput, SamplingParams
+from statex_serve.engine.base import (
+    Engine, EngineError, GenerationRequest, RequestOutput, SamplingParams, SequenceDelta, TokenLogprob,
+)
+from statex_serve.engine.detokenizer import TokenStrings
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +109,7 @@ def check_prompt_ids(engine: Engine, ids: list[int], param: str) -> None:
 
 def sampling_params(engine: Engine, body: _GenerationFields, max_tokens: int, logprobs: int | None,
                     prompt_logprobs: int | None) -> SamplingParams:
+    """The engine's sampling params for the request (400 for a value this server refuses)."""
     if body.n > engine.max_n:
         raise APIError(400, f"n must be between 1 and {engine.max_n} on this server (each sequence holds one "
                             f"state slot), got {body.n}", "n", "invalid_value")
@@ -278,3 +291,207 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 def logprob_value(x: float) -> float:
     """JSON has no -inf."""
     return max(float(x), -9999.0)
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class GenerationEndpoint:
+    """The pipeline of both generation endpoints, in four steps (see ``create``).
+    A subclass says what OpenAI's formats make differ: how the prompt comes
+    (``_prompt_ids``), which field asks for how many tokens and logprobs, and
+    the ``InFlightRequest`` subclass that renders the answer."""
+
+    id_prefix: str                           # of the response id: "cmpl", "chatcmpl"
+    prompt_param: str                        # the field that errors about the prompt name
+    answer_class: type[InFlightRequest]
+
+    def __init__(self, engine: Engine, metrics: Metrics, default_max_tokens: int | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self.default_max_tokens = default_max_tokens
+        self.token_strings = TokenStrings(engine.tokenizer)
+        self.token_chars = max_token_chars(engine.tokenizer)
+
+    async def _prompt_ids(self, body) -> tuple[list[list[int]], list[str | None]]:
+        """The request's prompts as token ids, and their texts where it gave text."""
+        raise NotImplementedError
+
+    def _echo_texts(self, body, prompts: list[list[int]], texts: list[str | None]) -> list[str | None]:
+        """The prompt texts the answer repeats (completions' echo)."""
+        return texts
+
+    def _requested_tokens(self, body) -> int | None:
+        """The request's max_tokens (None: what the context leaves)."""
+        return body.max_tokens
+
+    def _logprob_counts(self, body, max_tokens: int) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) for the engine: alternatives per position, None for none."""
+        raise NotImplementedError
+
+    async def create(self, body, raw: Request):
+        """Answer one request: JSON, or a stream of server-sent events."""
+        engine = self.engine
+        # 1. the request as a whole: model, fields we cannot honour, the prefix it starts from
+        check_model(engine, body.model)
+        check_supported(body)
+        owner = cache_owner(raw)
+        num_prefix = prefix_length(engine, body.prefix_id, body.pin_prefix is not None, owner)
+        # 2. prompt ids
+        prompts, texts = await self._prompt_ids(body)
+        pin = pin_count(body, prompts)
+        texts = self._echo_texts(body, prompts, texts)
+        # 3. sampling params, one set per prompt
+        jobs = []
+        for ids in prompts:
+            check_prompt_ids(engine, ids, self.prompt_param)
+            max_tokens = resolve_max_tokens(engine, self._requested_tokens(body), num_prefix + len(ids),
+                                            self.prompt_param, self.default_max_tokens)
+            logprobs, prompt_logprobs = self._logprob_counts(body, max_tokens)
+            jobs.append((ids, sampling_params(engine, body, max_tokens, logprobs, prompt_logprobs)))
+        # 4. the engine requests, then the answer: whole, or streamed as it comes
+        request_id = new_id(self.id_prefix)
+        arrival = time.monotonic()
+        streams = start_requests(engine, request_id, jobs, body.prefix_id, pin, owner, body.cache_salt)
+        answer = self.answer_class(self, body, request_id, prompts, texts, arrival, num_prefix)
+        if body.stream:
+            return StreamingResponse(answer.stream(streams), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return JSONResponse(await unless_disconnected(raw, answer.collect(streams)))
+
+
+@dataclass
+class Choice:
+    """One sequence of the answer, as its outputs arrive."""
+    text: list[str] = field(default_factory=list)
+    entries: list[tuple[int, TokenLogprob | None]] = field(default_factory=list)   # for logprobs
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class InFlightRequest:
+    """One generation request in flight: folds the engine's outputs into
+    choices (choice ``i * n + j`` is sequence j of prompt i) and renders them,
+    whole (``collect``) or as server-sent events ending with ``data: [DONE]``
+    (``stream``). A subclass renders its format's choices and deltas."""
+
+    object_name: str                 # "object" of the whole answer
+    chunk_object_name: str           # "object" of a streamed chunk
+
+    def __init__(self, endpoint: GenerationEndpoint, body, request_id: str, prompts: list[list[int]],
+                 texts: list[str | None], arrival: float, num_prefix: int = 0):
+        self.ep = endpoint
+        self.body = body
+        self.request_id = request_id
+        self.prompts = prompts
+        self.texts = texts
+        self.n = body.n
+        self.created = int(time.time())
+        self.model = endpoint.engine.model_name
+        self.choices = [Choice() for _ in range(len(prompts) * self.n)]
+        self.timers = [SequenceTimer(endpoint.metrics, arrival, num_prefix + len(prompts[k // self.n]))
+                       for k in range(len(self.choices))]
+        self.prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(prompts)
+        self.num_prefix = num_prefix
+        self.cached = [0] * len(prompts)
+        self.prefix_id: str | None = None          # pinned for this request
+
+    # --- what a format renders ----------------------------------------------------------
+    def _whole_choice(self, k: int, c: Choice) -> dict:
+        """Choice ``k`` of the whole answer."""
+        raise NotImplementedError
+
+    def _delta_logprobs(self, k: int, d: SequenceDelta) -> dict | None:
+        """The logprobs of a streamed delta of choice ``k`` (None without)."""
+        raise NotImplementedError
+
+    def _delta_content(self, text: str) -> dict:
+        """The new text of a streamed delta, in the format's field."""
+        raise NotImplementedError
+
+    def _opening_choices(self) -> list[dict]:
+        """Choices streamed before any output (chat: the role)."""
+        return []
+
+    def _prompt_choices(self, i: int) -> list[dict]:
+        """Choices streamed once prompt ``i``'s first output has arrived (completions: the echo)."""
+        return []
+
+    # --- shared ---------------------------------------------------------------------------
+    def _usage(self) -> dict:
+        prompt_tokens = sum(self.num_prefix + len(p) for p in self.prompts)
+        return usage(prompt_tokens, sum(c.num_tokens for c in self.choices), sum(self.cached))
+
+    def _token(self, token_id: int) -> str:
+        if self.body.return_tokens_as_token_ids:
+            return f"token_id:{token_id}"
+        return self.ep.token_strings.text(token_id)
+
+    def _take(self, i: int, out: RequestOutput) -> list[tuple[int, SequenceDelta]]:
+        """Fold one engine output of prompt ``i`` into the choices; return (choice index, delta) pairs."""
+        if out.prompt_logprobs is not None:
+            self.prompt_lps[i] = out.prompt_logprobs
+        self.cached[i] = out.num_cached_tokens
+        self.prefix_id = out.prefix_id or self.prefix_id
+        deltas = []
+        for d in out.outputs:
+            k = i * self.n + d.index
+            c = self.choices[k]
+            c.text.append(d.text)
+            c.num_tokens += len(d.token_ids)
+            if d.logprobs is not None:
+                c.entries.extend(zip(d.token_ids, d.logprobs))
+            self.timers[k].queued(out.queue_time)
+            self.timers[k].tokens_arrived(len(d.token_ids))
+            if d.finish_reason is not None:
+                c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+                self.timers[k].finished(d.finish_reason)
+            deltas.append((k, d))
+        return deltas
+
+    async def collect(self, streams) -> dict:
+        try:
+            async for i, out in merged(streams):
+                self._take(i, out)
+        except EngineError as e:
+            raise from_engine_error(e) from None
+        choices = [self._whole_choice(k, c) for k, c in enumerate(self.choices)]
+        response = {"id": self.request_id, "object": self.object_name, "created": self.created,
+                    "model": self.model, "choices": choices, "usage": self._usage()}
+        if self.prefix_id is not None:
+            response["prefix_id"] = self.prefix_id
+        return response
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        payload = {"id": self.request_id, "object": self.chunk_object_name, "created": self.created,
+                   "model": self.model, "choices": choices}
+        if self.prefix_id is not None:
+            payload["prefix_id"] = self.prefix_id
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    async def stream(self, streams):
+        opts = self.body.stream_options
+        continuous = bool(opts and opts.continuous_usage_stats)
+        try:
+            for choice in self._opening_choices():
+                yield self._chunk([choice])
+            async for i, out in merged(streams):
+                deltas = self._take(i, out)
+                for choice in self._prompt_choices(i):
+                    yield self._chunk([choice])
+                for k, d in deltas:
+                    lps = self._delta_logprobs(k, d)
+                    if not (d.text or d.finish_reason or lps):
+                        continue
+                    yield self._chunk([{"index": k, **self._delta_content(d.text), "logprobs": lps,
+                                        "finish_reason": d.finish_reason, "stop_reason": d.stop_reason}],
+                                      self._usage() if continuous else None)
+            if opts is not None and opts.include_usage:
+                yield self._chunk([], self._usage())
+        except EngineError as e:
+            yield sse_error(from_engine_error(e))
+        except APIError as e:
+            yield sse_error(e)
+        yield "data: [DONE]\n\n"

@@ -52,6 +52,34 @@ def request_tokens_buckets(max_model_len: int) -> list[int]:
         exponent += 1
 
 
+def _families(kind, prefix: str, rows, labels: list[str], values: list[str]):
+    """One family of ``kind`` (GaugeMetricFamily or CounterMetricFamily) per
+    (name, doc, value) row, each with the one sample ``values`` labels."""
+    for name, doc, value in rows:
+        family = kind(f"{prefix}{name}", doc, labels=labels)
+        family.add_metric(values, value)
+        yield family
+
+
+# The engine's figures under our names: (name, help, EngineStats field).
+_ENGINE_GAUGES = [
+    ("requests_running", "Requests holding state slots (prefilling or decoding).", "running_requests"),
+    ("requests_waiting", "Requests queued for a state slot.", "waiting_requests"),
+    ("state_pool_slots_total", "State-pool capacity in sequences.", "slots_total"),
+    ("state_pool_slots_used", "State-pool slots in use.", "slots_used"),
+    ("state_pool_slots_free", "State-pool slots free.", "slots_free"),
+    ("state_pool_bytes", "Bytes held by the state pool.", "state_pool_bytes"),
+    ("state_bytes_per_sequence", "Bytes of recurrent state per sequence.", "state_bytes_per_sequence"),
+]
+_ENGINE_COUNTERS = [
+    ("prompt_tokens", "Prompt tokens prefilled.", "prompt_tokens_total"),
+    ("generation_tokens", "Tokens generated.", "generation_tokens_total"),
+    ("engine_requests_finished", "Requests the engine finished.", "requests_finished_total"),
+    ("engine_requests_aborted", "Requests aborted (client gone or abort()).", "requests_aborted_total"),
+    ("engine_steps", "Engine steps run.", "steps_total"),
+]
+
+
 class _EngineCollector:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -59,30 +87,9 @@ class _EngineCollector:
     def collect(self):
         s = self.engine.stats()
         model = self.engine.model_name
-        gauges = [
-            ("requests_running", "Requests holding state slots (prefilling or decoding).", s.running_requests),
-            ("requests_waiting", "Requests queued for a state slot.", s.waiting_requests),
-            ("state_pool_slots_total", "State-pool capacity in sequences.", s.slots_total),
-            ("state_pool_slots_used", "State-pool slots in use.", s.slots_used),
-            ("state_pool_slots_free", "State-pool slots free.", s.slots_free),
-            ("state_pool_bytes", "Bytes held by the state pool.", s.state_pool_bytes),
-            ("state_bytes_per_sequence", "Bytes of recurrent state per sequence.", s.state_bytes_per_sequence),
-        ]
-        for name, doc, value in gauges:
-            g = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
-            g.add_metric([model], value)
-            yield g
-        counters = [
-            ("prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens_total),
-            ("generation_tokens", "Tokens generated.", s.generation_tokens_total),
-            ("engine_requests_finished", "Requests the engine finished.", s.requests_finished_total),
-            ("engine_requests_aborted", "Requests aborted (client gone or abort()).", s.requests_aborted_total),
-            ("engine_steps", "Engine steps run.", s.steps_total),
-        ]
-        for name, doc, value in counters:
-            c = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
-            c.add_metric([model], value)
-            yield c
+        for kind, table in ((GaugeMetricFamily, _ENGINE_GAUGES), (CounterMetricFamily, _ENGINE_COUNTERS)):
+            rows = [(name, doc, getattr(s, stat)) for name, doc, stat in table]
+            yield from _families(kind, f"{PREFIX}_", rows, ["model"], [model])
         yield from _vllm_engine_metrics(model, s)
         cache = s.extra.get("prefix_cache")
         if cache:
@@ -93,20 +100,15 @@ def _vllm_engine_metrics(model: str, s):
     """vLLM's names for the engine figures (labels model_name, engine="0": one engine)."""
     labels, values = ["model_name", "engine"], [model, "0"]
     usage = s.slots_used / s.slots_total if s.slots_total else 0.0
-    for name, doc, value in (
-            ("num_requests_running", "Number of requests in model execution batches.", s.running_requests),
-            ("num_requests_waiting", "Number of requests waiting to be processed.", s.waiting_requests),
-            ("kv_cache_usage_perc", "KV-cache usage (here: state-pool slots in use). 1 means 100 percent usage.",
-             usage)):
-        g = GaugeMetricFamily(f"vllm:{name}", doc, labels=labels)
-        g.add_metric(values, value)
-        yield g
-    for name, doc, value in (("prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total),
-                             ("generation_tokens", "Number of generation tokens processed.",
-                              s.generation_tokens_total)):
-        c = CounterMetricFamily(f"vllm:{name}", doc, labels=labels)
-        c.add_metric(values, value)
-        yield c
+    yield from _families(GaugeMetricFamily, "vllm:", [
+        ("num_requests_running", "Number of requests in model execution batches.", s.running_requests),
+        ("num_requests_waiting", "Number of requests waiting to be processed.", s.waiting_requests),
+        ("kv_cache_usage_perc", "KV-cache usage (here: state-pool slots in use). 1 means 100 percent usage.", usage),
+    ], labels, values)
+    yield from _families(CounterMetricFamily, "vllm:", [
+        ("prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total),
+        ("generation_tokens", "Number of generation tokens processed.", s.generation_tokens_total),
+    ], labels, values)
 
 
 _PREFIX_CACHE_COUNTERS = [
@@ -121,10 +123,8 @@ _PREFIX_CACHE_COUNTERS = [
 
 
 def _prefix_cache_metrics(model: str, cache: dict):
-    for name, doc in _PREFIX_CACHE_COUNTERS:
-        c = CounterMetricFamily(f"{PREFIX}_prefix_cache_{name}", doc, labels=["model"])
-        c.add_metric([model], cache[name])
-        yield c
+    rows = [(name, doc, cache[name]) for name, doc in _PREFIX_CACHE_COUNTERS]
+    yield from _families(CounterMetricFamily, f"{PREFIX}_prefix_cache_", rows, ["model"], [model])
     for name, doc in (("bytes", "Bytes of prefix state snapshots held, by tier (device, host)."),
                       ("budget_bytes", "Prefix-cache byte budget, by tier (device, host)."),
                       ("entries", "Prefix state snapshots held, by tier (device, host).")):
@@ -133,9 +133,8 @@ def _prefix_cache_metrics(model: str, cache: dict):
         for tier in ("device", "host"):
             g.add_metric([model, tier], cache[f"{key}_{tier}"])
         yield g
-    g = GaugeMetricFamily(f"{PREFIX}_prefix_cache_pinned", "Pinned prefixes.", labels=["model"])
-    g.add_metric([model], cache["pinned"])
-    yield g
+    yield from _families(GaugeMetricFamily, f"{PREFIX}_prefix_cache_",
+                         [("pinned", "Pinned prefixes.", cache["pinned"])], ["model"], [model])
 
 
 class Metrics:

@@ -41,6 +41,7 @@ class PrefixesEndpoint:
             raise from_engine_error(e) from None
 
     async def create(self, body: PrefixCreateRequest, raw: Request) -> dict:
+        """POST /v1/prefixes: prefill the prompt and pin the state after it."""
         engine = self.engine
         check_model(engine, body.model)
         owner = cache_owner(raw)

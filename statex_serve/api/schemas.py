@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible endpoints (pydantic). Responses are
-built as plain dicts in ``completions.py`` / ``chat.py`` (their shapes follow
-OpenAI's, field for field).
+built as plain dicts by ``generation.py``, each format's parts in
+``completions.py`` / ``chat.py`` (their shapes follow OpenAI's, field for field).
 
 Fields we accept beyond OpenAI's are vLLM's names for the same things (top_k,
 min_tokens, repetition_penalty, stop_token_ids, ignore_eos, skip_special_tokens,
