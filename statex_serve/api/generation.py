@@ -24,6 +24,7 @@ from statex_serve.api.metrics import Metrics, SequenceTimer
 from statex_serve.api.schemas import _GenerationFields
 from statex_serve.engine.base import (
     Engine, EngineError, GenerationRequest, RequestOutput, SamplingParams, SequenceDelta, TokenLogprob,
+    context_length_message, requested_tokens,
 )
 from statex_serve.engine.detokenizer import TokenStrings
 
@@ -71,10 +72,10 @@ def check_prompt_chars(engine: Engine, token_chars: int, num_chars: int, param: 
         return
     at_least = -(-num_chars // token_chars)
     if at_least > engine.max_model_len:
-        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens. However, your "
-                            f"prompt has {num_chars} characters, which is at least {at_least} tokens (a token "
-                            f"of this model is at most {token_chars} characters). Please reduce the length of "
-                            "the prompt.", param, "context_length_exceeded")
+        raise APIError(400, context_length_message(
+            engine.max_model_len, f"your prompt has {num_chars} characters, which is at least {at_least} tokens "
+            f"(a token of this model is at most {token_chars} characters)", "the prompt"),
+            param, "context_length_exceeded")
 
 
 def resolve_max_tokens(engine: Engine, requested: int | None, prompt_len: int, param: str,
@@ -85,14 +86,12 @@ def resolve_max_tokens(engine: Engine, requested: int | None, prompt_len: int, p
     limit = engine.max_model_len
     if requested is None:
         if prompt_len >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
-                                f"is {prompt_len} tokens, leaving no room for a completion. Please reduce the "
-                                "length of the prompt.", param, "context_length_exceeded")
+            raise APIError(400, context_length_message(
+                limit, f"your prompt is {prompt_len} tokens, leaving no room for a completion", "the prompt"),
+                param, "context_length_exceeded")
         return limit - prompt_len if default_cap is None else min(default_cap, limit - prompt_len)
     if prompt_len + requested > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
-                            "completion). Please reduce the length of the prompt or completion.",
+        raise APIError(400, context_length_message(limit, requested_tokens(prompt_len, requested)),
                        param, "context_length_exceeded")
     return requested
 
