@@ -30,8 +30,7 @@ KEYS = ("docs/", ".md", "](", "ssue", "rief")           # a line without any of 
 
 def tracked_files(root: Path) -> list[Path]:
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                             capture_output=True, check=True).stdout
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     return [root / p for p in out.decode().split("\0") if p]
