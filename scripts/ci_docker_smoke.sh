@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI step for issue 6: build the image from a debootstrapped Debian base, run
+# CI step after the tests (.ci/run): build the image from a debootstrapped Debian base, run
 # it, and check the bundled model's answers through the API, whenever Docker
 # can be started on this machine: a completion, a chat answer, and exact
 # passkey answers from 1,100-token prompts (PASSKEY= to skip the passkeys,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H200 call for the StateX capacity experiment (issue 16;
+# One H200 call for the StateX capacity experiment (docs/training.md;
 # training/experiments/statex_capacity.py): both families, seeds 0,1,2, every
 # arm, evaluation and the report, in about 8 minutes. Every stage is capped
 # in wall-clock time; whatever finished (per-arm JSON, logs, the report) is

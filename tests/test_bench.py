@@ -211,7 +211,7 @@ def test_floor_and_presets():
     gla = load_facts("gla-1.3b")
     statex = load_facts("gla-1.3b-statex")
     assert statex.state_bytes_per_sequence == 72 * 2**20 and statex.expanded_layers == [0, 6, 12, 18]
-    # docs/kernels-and-gpu: 2.73 GB of bf16 weights + 2 x 48 MiB state at 4.25 TB/s: about 0.67 ms
+    # the decode floor (docs/bench.md): 2.73 GB of bf16 weights + 2 x 48 MiB state at 4.25 TB/s: about 0.67 ms
     assert gla.weights_bytes == pytest.approx(2.73e9, rel=0.01)
     assert gla.decode_floor_s(1, 4096, H200_BANDWIDTH) * 1e3 == pytest.approx(0.666, abs=0.005)
     assert gla.decode_floor_s(1, 4096, H200_BANDWIDTH) == gla.decode_floor_s(1, 131072, H200_BANDWIDTH)

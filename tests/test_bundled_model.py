@@ -64,7 +64,7 @@ def test_bundled_model_writes_text(server):
 
 
 def test_default_model_answers_passkeys_through_the_api(server):
-    """The issue's acceptance check, as the Docker smoke test runs it: passkeys
+    """The acceptance check of docs/bundled-model.md, as the Docker smoke test runs it: passkeys
     hidden at three depths of ~1.1K-token prompts, answered exactly."""
     res = subprocess.run([sys.executable, str(ROOT / "scripts/check_served_model.py"), "--base-url",
                           server.base_url, "--passkey", "--length", "1100", "--seeds", "1,2,3"],

@@ -1,4 +1,4 @@
-"""Hostile and careless clients against the real server (issue 17): one request
+"""Hostile and careless clients against the real server: one request
 never hurts another, every request's work and memory are bounded, and the
 prefix cache leaks nothing across API keys or ``cache_salt`` scopes.
 

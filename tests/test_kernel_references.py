@@ -138,12 +138,20 @@ def test_mamba2_decode_and_prefill_contract():
 
 
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    """CPU tensors take the reference; CUDA ones the kernel unless
+    STATEX_KERNELS=reference forces the reference. No GPU here, so a stand-in
+    plays the CUDA tensor (the rule reads only ``is_cuda``)."""
+    from types import SimpleNamespace
+
     from kernels import use_fast_path
 
-    t = torch.zeros(1)
+    t, on_cuda = torch.zeros(1), SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv("STATEX_KERNELS", raising=False)
     assert not use_fast_path(t)
+    assert use_fast_path(on_cuda) and use_fast_path(on_cuda, None) and not use_fast_path(on_cuda, t)
     monkeypatch.setenv("STATEX_KERNELS", "reference")
     assert not use_fast_path(t)
+    assert not use_fast_path(on_cuda)
 
 
 def test_gla_prefill_offsets_converted_once_per_tensor():

@@ -1,4 +1,4 @@
-"""The distribution installs what design.md promises."""
+"""The distribution installs what docs/install.md and pyproject.toml promise."""
 from __future__ import annotations
 
 from importlib.metadata import distribution, entry_points

@@ -1,4 +1,4 @@
-"""Schemathesis over the live server's OpenAPI schema (issue 17): generated
+"""Schemathesis over the live server's OpenAPI schema: generated
 requests, valid and invalid, against every documented operation. No 5xx, every
 status and body as the schema documents it, every answer within a time bound.
 A bounded number of examples with a fixed seed (derandomized), so the run is

@@ -238,9 +238,13 @@ def test_recall_tasks_never_straddle_a_window(tmp_path):
     stream = build_stream([f"text:{tmp_path / 't.txt'}", "passkey?min_len=100&max_len=400&loss=all"], codec, T)
     question = list(b"What is the pass key?")
     intro = list(b"There is an important info")
+    passkeys = 0
     for _ in range(40):
         ids, _ = stream.next_sequence()
         starts = [i for i in range(len(ids) - len(intro)) if ids[i:i + len(intro)] == intro]
         ends = [i for i in range(len(ids) - len(question)) if ids[i:i + len(question)] == question]
         # every passkey that starts in this window also asks its question in it
         assert len(starts) == len(ends)
+        assert all(s < e for s, e in zip(starts, ends))      # and no question is left from the window before
+        passkeys += len(starts)
+    assert passkeys >= 3                                      # there were passkeys to cut (6 with this seed)

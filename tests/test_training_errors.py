@@ -1,4 +1,4 @@
-"""Damaged inputs to ``statex-train`` (issue 17): truncated or corrupt weights,
+"""Damaged inputs to ``statex-train``: truncated or corrupt weights,
 rejected pickles, NaN or integer weights, broken trainer state. Each is one
 line on stderr naming the file, exit 2; ``--resume`` falls back to the last
 good checkpoint; half-written step directories are cleaned up; tokenizers are

@@ -1,4 +1,4 @@
-"""What a vLLM user brings, against the real server (issue 18): the metrics a
+"""What a vLLM user brings, against the real server: the metrics a
 vLLM dashboard reads (scraped and parsed with prometheus_client's parser), the
 sampling options users send (penalties against a direct implementation of
 vLLM's definitions on the oracle model), /docs without a network, and vLLM's

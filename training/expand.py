@@ -6,7 +6,7 @@ state grows by H/H'. Mamba2: grow d_state N -> N' (``expand_mamba2_state``);
 only the B/C rows of in_proj and the B/C conv channels grow.
 
 Initialisation follows the StateX reference code (thunlp/StateX) as described
-in statex-method.md:
+in docs/training.md (`expand`):
 
 GLA   reinit   fresh mixer: Xavier-uniform (gain 2^-2.5) Linear weights, zero
                biases, output norm 1; the block's pre-mixer norm reset to 1
@@ -265,7 +265,7 @@ def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "
 
 
 def mamba2_added_parameters(config, layer: int, new_state_size: int) -> int:
-    """statex-method.md's formula, 2*G*dN*(d_model + d_conv + 1), generalised to
+    """The formula in docs/training.md, 2*G*dN*(d_model + d_conv + 1), generalised to
     the bias flags: in_proj rows (+bias), conv weight taps, conv bias."""
     dN = new_state_size - config.layer_state_size[layer]
     return 2 * config.n_groups * dN * (config.hidden_size + int(config.use_bias) + config.conv_kernel

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
-H200_BANDWIDTH = 4.25e12   # bytes/s: device-to-device copy measured on the H200 (docs: kernels-and-gpu)
+H200_BANDWIDTH = 4.25e12   # bytes/s: device-to-device copy measured on the H200 (docs/perf.md)
 
 # GLA-1.3B and Mamba2-1.3B shapes (the config defaults) and their StateX
 # versions as the paper sets them up: GLA merges the heads of layers 0, 6, 12,

@@ -74,6 +74,14 @@ def _tol_out(in_dtype):
     return 1e-5 if in_dtype == torch.float32 else 1e-2
 
 
+def _tol_prefill_out(in_dtype):
+    return 1e-4 if in_dtype == torch.float32 else 1e-2
+
+
+def _tol_prefill_state(pool_dtype, in_dtype):
+    return 1e-5 if (in_dtype == torch.float32 and pool_dtype == torch.float32) else 1e-2
+
+
 def _poison_allocator(*tensors_like):
     """Fill soon-to-be-reused allocator blocks with NaN so unwritten outputs show."""
     for t in tensors_like:
@@ -136,6 +144,23 @@ def _tok_mask(lengths, slots):
     return torch.cat([torch.full((n,), bool(s >= 0), device=DEV) for n, s in zip(lengths, slots.tolist())])
 
 
+def _pool_and_slots(tag, B, slot_shape, dtype):
+    """A case's generator, a random pool of 2B+3 slots, its copy, and the B slots named (some padded)."""
+    gen = _gen(tag)
+    ns = 2 * B + 3
+    pool = _pool(ns, slot_shape, dtype, gen)
+    before = pool.clone()
+    return gen, pool, before, _slots(B, ns, gen)
+
+
+def _check_call(name, out, out_ref, rows, out_tol, pool, ref_pool, before, slots, state_tol):
+    """The kernel's output rows and named slots against the reference; every other slot untouched."""
+    torch.cuda.synchronize()
+    _check(name, out[rows], out_ref[rows], out_tol)
+    _check(name.replace("_out", "_state"), pool[_named(slots)], ref_pool[_named(slots)], state_tol)
+    _check_untouched(pool, before, slots)
+
+
 # ----------------------------------------------------------------------------- GLA
 
 def _gla_inputs(n, H, K, V, dtype, gen):
@@ -154,23 +179,15 @@ def test_gla_decode(shape, B, dtypes):
 
     H, K, V = GLA_SHAPES[shape]
     in_dt, pool_dt = dtypes
-    gen = _gen(f"gla_decode{shape}{B}{dtypes}")
-    ns = 2 * B + 3
-    pool = _pool(ns, (H, K, V), pool_dt, gen)
-    before = pool.clone()
-    slots = _slots(B, ns, gen)
+    gen, pool, before, slots = _pool_and_slots(f"gla_decode{shape}{B}{dtypes}", B, (H, K, V), pool_dt)
     q, k, v, g = _gla_inputs(B, H, K, V, in_dt, gen)
     scale = K ** -0.5
     ref_pool = pool.double()
     o_ref = reference.gla_decode(q.double(), k.double(), v.double(), g.double(), ref_pool, slots, scale)
     _poison_allocator(v)
     o = gla_decode(q, k, v, g, pool, slots, scale)
-    torch.cuda.synchronize()
-    m = slots >= 0
-    name = f"gla_decode_out[{shape}-{B}-{in_dt}-{pool_dt}]"
-    _check(name, o[m], o_ref[m], _tol_out(in_dt))
-    _check(name.replace("_out", "_state"), pool[_named(slots)], ref_pool[_named(slots)], _tol_state(pool_dt, in_dt))
-    _check_untouched(pool, before, slots)
+    _check_call(f"gla_decode_out[{shape}-{B}-{in_dt}-{pool_dt}]", o, o_ref, slots >= 0, _tol_out(in_dt),
+                pool, ref_pool, before, slots, _tol_state(pool_dt, in_dt))
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=DT_IDS)
@@ -181,11 +198,7 @@ def test_gla_prefill(shape, B, dtypes):
 
     H, K, V = GLA_SHAPES[shape]
     in_dt, pool_dt = dtypes
-    gen = _gen(f"gla_prefill{shape}{B}{dtypes}")
-    ns = 2 * B + 3
-    pool = _pool(ns, (H, K, V), pool_dt, gen)
-    before = pool.clone()
-    slots = _slots(B, ns, gen)
+    gen, pool, before, slots = _pool_and_slots(f"gla_prefill{shape}{B}{dtypes}", B, (H, K, V), pool_dt)
     lengths = _lengths(B, gen)
     cu = _cu(lengths)
     hinit = _has_init(B, gen)
@@ -195,13 +208,8 @@ def test_gla_prefill(shape, B, dtypes):
     o_ref = reference.gla_prefill(q.double(), k.double(), v.double(), g.double(), ref_pool, slots, cu, hinit, scale)
     _poison_allocator(v)
     o = gla_prefill(q, k, v, g, pool, slots, cu, hinit, scale)
-    torch.cuda.synchronize()
-    tm = _tok_mask(lengths, slots)
-    name = f"gla_prefill_out[{shape}-{B}-{in_dt}-{pool_dt}]"
-    _check(name, o[tm], o_ref[tm], 1e-4 if in_dt == torch.float32 else 1e-2)
-    st_tol = 1e-5 if (in_dt == torch.float32 and pool_dt == torch.float32) else 1e-2
-    _check(name.replace("_out", "_state"), pool[_named(slots)], ref_pool[_named(slots)], st_tol)
-    _check_untouched(pool, before, slots)
+    _check_call(f"gla_prefill_out[{shape}-{B}-{in_dt}-{pool_dt}]", o, o_ref, _tok_mask(lengths, slots),
+                _tol_prefill_out(in_dt), pool, ref_pool, before, slots, _tol_prefill_state(pool_dt, in_dt))
 
 
 # -------------------------------------------------------------------------- Mamba2
@@ -236,23 +244,15 @@ def test_ssd_decode(shape, B, dtypes, dt_limit):
     H, P, N = SSD_SHAPES[shape]
     G = 1 if B != 3 else 4               # also exercise several groups
     in_dt, pool_dt = dtypes
-    gen = _gen(f"ssd_decode{shape}{B}{dtypes}{dt_limit}")
-    ns = 2 * B + 3
-    pool = _pool(ns, (H, P, N), pool_dt, gen)
-    before = pool.clone()
-    slots = _slots(B, ns, gen)
+    gen, pool, before, slots = _pool_and_slots(f"ssd_decode{shape}{B}{dtypes}{dt_limit}", B, (H, P, N), pool_dt)
     A, D, dt_bias = _ssd_params(H, gen, dt_limit)
     x, dt, Bm, Cm = _ssd_inputs(B, H, P, G, N, in_dt, gen)
     ref_pool = pool.double()
     y_ref = reference.ssd_decode(*_d(x, dt, A, Bm, Cm, D, dt_bias), dt_limit, ref_pool, slots)
     _poison_allocator(x)
     y = ssd_decode(x, dt, A, Bm, Cm, D, dt_bias, dt_limit, pool, slots)
-    torch.cuda.synchronize()
-    m = slots >= 0
-    name = f"ssd_decode_out[{shape}-{B}-{in_dt}-{pool_dt}]"
-    _check(name, y[m], y_ref[m], _tol_out(in_dt))
-    _check(name.replace("_out", "_state"), pool[_named(slots)], ref_pool[_named(slots)], _tol_state(pool_dt, in_dt))
-    _check_untouched(pool, before, slots)
+    _check_call(f"ssd_decode_out[{shape}-{B}-{in_dt}-{pool_dt}]", y, y_ref, slots >= 0, _tol_out(in_dt),
+                pool, ref_pool, before, slots, _tol_state(pool_dt, in_dt))
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=DT_IDS)
@@ -265,11 +265,7 @@ def test_ssd_prefill(shape, B, dtypes):
     G = 1 if B != 3 else 4
     in_dt, pool_dt = dtypes
     dt_limit = (0.0, math.inf) if B != 3 else (1e-3, 0.05)
-    gen = _gen(f"ssd_prefill{shape}{B}{dtypes}")
-    ns = 2 * B + 3
-    pool = _pool(ns, (H, P, N), pool_dt, gen)
-    before = pool.clone()
-    slots = _slots(B, ns, gen)
+    gen, pool, before, slots = _pool_and_slots(f"ssd_prefill{shape}{B}{dtypes}", B, (H, P, N), pool_dt)
     lengths = _lengths(B, gen)
     cu = _cu(lengths)
     hinit = _has_init(B, gen)
@@ -279,13 +275,8 @@ def test_ssd_prefill(shape, B, dtypes):
     y_ref = reference.ssd_prefill(*_d(x, dt, A, Bm, Cm, D, dt_bias), dt_limit, ref_pool, slots, cu, hinit)
     _poison_allocator(x)
     y = ssd_prefill(x, dt, A, Bm, Cm, D, dt_bias, dt_limit, pool, slots, cu, hinit)
-    torch.cuda.synchronize()
-    tm = _tok_mask(lengths, slots)
-    name = f"ssd_prefill_out[{shape}-{B}-{in_dt}-{pool_dt}]"
-    _check(name, y[tm], y_ref[tm], 1e-4 if in_dt == torch.float32 else 1e-2)
-    st_tol = 1e-5 if (in_dt == torch.float32 and pool_dt == torch.float32) else 1e-2
-    _check(name.replace("_out", "_state"), pool[_named(slots)], ref_pool[_named(slots)], st_tol)
-    _check_untouched(pool, before, slots)
+    _check_call(f"ssd_prefill_out[{shape}-{B}-{in_dt}-{pool_dt}]", y, y_ref, _tok_mask(lengths, slots),
+                _tol_prefill_out(in_dt), pool, ref_pool, before, slots, _tol_prefill_state(pool_dt, in_dt))
 
 
 # ------------------------------------------------------------------------ conv
@@ -302,11 +293,7 @@ def test_conv_decode(shape, B, dtype, act):
     from kernels.conv import conv_decode, reference
 
     C, W = CONV_DIMS[shape], 4
-    gen = _gen(f"conv_decode{shape}{B}{dtype}{act}")
-    ns = 2 * B + 3
-    pool = _pool(ns, (C, W - 1), dtype, gen)
-    before = pool.clone()
-    slots = _slots(B, ns, gen)
+    gen, pool, before, slots = _pool_and_slots(f"conv_decode{shape}{B}{dtype}{act}", B, (C, W - 1), dtype)
     x = torch.randn(B, C, generator=gen, device=DEV).to(dtype)
     w = (torch.randn(C, W, generator=gen, device=DEV) * 0.5).to(dtype)
     b = torch.randn(C, generator=gen, device=DEV).to(dtype)
@@ -330,11 +317,7 @@ def test_conv_prefill(shape, B, dtype):
     from kernels.conv import conv_prefill, reference
 
     C, W = CONV_DIMS[shape], 4
-    gen = _gen(f"conv_prefill{shape}{B}{dtype}")
-    ns = 2 * B + 3
-    pool = _pool(ns, (C, W - 1), dtype, gen)
-    before = pool.clone()
-    slots = _slots(B, ns, gen)
+    gen, pool, before, slots = _pool_and_slots(f"conv_prefill{shape}{B}{dtype}", B, (C, W - 1), dtype)
     lengths = _lengths(B, gen)
     if B == 64:
         lengths[2], lengths[3] = 1, 2        # shorter than the window: state reaches back

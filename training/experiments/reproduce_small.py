@@ -1,4 +1,4 @@
-"""Superseded by statex_capacity.py (issue 16); kept for the history of
+"""Superseded by statex_capacity.py; kept for the history of
 docs/experiments/reproduce_small.md.
 
 Small-scale StateX reproduction: pre-train a tiny GLA and Mamba2 on our data,

@@ -1,4 +1,4 @@
-"""StateX's effect where the state is the bottleneck (issue 16): base vs LPT vs
+"""StateX's effect where the state is the bottleneck: base vs LPT vs
 StateX on small GLA and Mamba2, several seeds, fixed step counts.
 
     python -m training.experiments.statex_capacity prepare --out corpus.jsonl
