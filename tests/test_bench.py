@@ -73,6 +73,22 @@ def test_quick_run_writes_json_markdown_and_plots(quick_run):
     for name in res["plots"]:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
+    assert sorted(_image_links(md)) == sorted(res["plots"])       # every plot shown, no link to a missing one
+
+
+def _image_links(md: str) -> list[str]:
+    import re
+
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_report_links_only_the_plots_the_run_drew(quick_run):
+    """A suite cut short draws no plot: its section keeps its table and loses the link."""
+    from statex_serve.bench.report import markdown
+
+    _, res, _ = quick_run
+    assert _image_links(markdown({**res, "plots": ["recall.png"]})) == ["recall.png"]
+    assert _image_links(markdown({**res, "plots": []})) == []
 
 
 def test_latency_cells_are_sane(quick_run):

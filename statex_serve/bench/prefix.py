@@ -264,7 +264,7 @@ def markdown(prefix: dict) -> list[str]:
         if failed:
             out.append(f"- errors: {'; '.join(failed[:3])}")
         out.append("")
-    return out + ["![prefix cache TTFT vs document length](prefix.png)", ""]
+    return out
 
 
 def plot(results: dict, path: Path) -> Path | None:

@@ -92,6 +92,15 @@ def _p(summary: dict, metric: str, q: str) -> str:
     return fmt_ms(s[f"{q}_ms"]) if s else "-"
 
 
+def _plot_link(results: dict, name: str, alt: str, only_if_made: bool = False) -> list[str]:
+    """The Markdown image line for a plot the run drew (``results["plots"]``); a
+    suite cut short draws none, and a link to a missing file is a broken page.
+    Results from before ``plots`` was recorded keep their link unless ``only_if_made``."""
+    plots = results.get("plots")
+    drawn = name in plots if plots is not None else not only_if_made
+    return [f"![{alt}]({name})", ""] if drawn else []
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     hw, v = env["hardware"], env["versions"]
@@ -122,13 +131,15 @@ def markdown(results: dict) -> str:
             rows) + [""]
     suites = results["suites"]
     if "latency" in suites:
-        out += _latency_md(results, suites["latency"])
+        out += _latency_md(results, suites["latency"]) + _plot_link(results, "latency.png", "latency vs context")
+        out += _plot_link(results, "throughput.png", "throughput vs concurrency", only_if_made=True)
     if "recall" in suites:
-        out += _recall_md(suites["recall"])
+        out += _recall_md(suites["recall"]) + _plot_link(results, "recall.png", "recall vs context")
     if "memory" in suites:
-        out += _memory_md(suites["memory"])
+        out += _memory_md(suites["memory"]) + _plot_link(results, "memory.png", "memory vs context")
     if "prefix" in suites:
-        out += prefix_markdown(suites["prefix"])
+        out += prefix_markdown(suites["prefix"]) + _plot_link(results, "prefix.png",
+                                                              "prefix cache TTFT vs document length")
     if "compare" in suites:
         out += _compare_md(suites["compare"])
     return "\n".join(out).rstrip() + "\n"
@@ -179,9 +190,6 @@ def _latency_md(results: dict, latency: dict) -> list[str]:
                        + (f" + KV {m['kv_bytes_per_token']} B/token × context" if m["kv_bytes_per_token"] else "")
                        + f") / {bw / 1e12:.2f} TB/s")
         out.append("")
-    out += ["![latency vs context](latency.png)", ""]
-    if "throughput.png" in results.get("plots", []):
-        out += ["![throughput vs concurrency](throughput.png)", ""]
     return out
 
 
@@ -202,7 +210,7 @@ def _recall_md(recall: dict) -> list[str]:
     out += md_table(["target", "task", "context", "tokens", "accuracy", "samples", "answers"]
                      + [f"depth {d}" for d in depths],
                      rows)
-    return out + ["", "![recall vs context](recall.png)", ""]
+    return out + [""]
 
 
 def _memory_md(memory: dict) -> list[str]:
@@ -242,7 +250,7 @@ def _memory_md(memory: dict) -> list[str]:
     out += md_table(["context", "batch", "measured bytes", "formula bytes"],
                      [[str(r["context"]), str(r["batch"]), f"{r['measured_bytes']:,}", f"{r['formula_bytes']:,}"]
                       for r in chk["rows"]])
-    return out + ["", "![memory vs context](memory.png)", ""]
+    return out + [""]
 
 
 def _compare_md(cmp: dict) -> list[str]:
