@@ -121,8 +121,11 @@ class StateXGLAConfig(_BaseConfig):
     def expanded_layers(self) -> list[int]:
         return [i for i, h in enumerate(self.layer_num_heads) if h != self.num_heads]
 
-    def state_spec(self, state_dtype: torch.dtype | None = None) -> StateSpec:
-        """Per layer: the recurrent state S [H_l, K_l, V_l] (fp32 unless told)."""
+    def state_spec(self, state_dtype: torch.dtype | None = None, conv_dtype: torch.dtype | None = None
+                   ) -> StateSpec:
+        """Per layer: the recurrent state S [H_l, K_l, V_l] (fp32 unless told). GLA
+        has no conv window: ``conv_dtype`` is accepted (one signature for both
+        families) and unused."""
         dt = state_dtype or torch.float32
         return StateSpec(tuple(LayerStateSpec(i, (StateTensorSpec("recurrent", self.head_dims(i), dt),))
                                for i in range(self.num_hidden_layers)))
