@@ -121,8 +121,8 @@ class GLAOutputNorm(nn.Module):
 class GLAMixer(StateMixer):
     def __init__(self, config: StateXGLAConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str):
         super().__init__(layer_idx, prefix)
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        s = self.shard = gla_shard(config, layer_idx, rank, tp)
+        s = self.shard = gla_shard(config, layer_idx, get_tensor_model_parallel_rank(),
+                                   get_tensor_model_parallel_world_size())
         D, Kd, Vd = config.hidden_size, config.key_dim, config.value_dim
         quant = vllm_config.quant_config
         self.scale = s.head_k ** -0.5

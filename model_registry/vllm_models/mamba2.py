@@ -110,8 +110,8 @@ class Mamba2GatedNorm(nn.Module):
 class Mamba2Mixer(StateMixer):
     def __init__(self, config: StateXMamba2Config, vllm_config: VllmConfig, layer_idx: int, prefix: str):
         super().__init__(layer_idx, prefix)
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        s = self.s = mamba2_shard(config, layer_idx, rank, tp)
+        tp = get_tensor_model_parallel_world_size()
+        s = self.s = mamba2_shard(config, layer_idx, get_tensor_model_parallel_rank(), tp)
         P, G, N = config.head_dim, config.n_groups, s.state_size
         I, conv_dim = config.intermediate_size, config.conv_dim(layer_idx)
         W = config.conv_kernel
