@@ -121,8 +121,11 @@ class StateXGLAConfig(_BaseConfig):
     def expanded_layers(self) -> list[int]:
         return [i for i, h in enumerate(self.layer_num_heads) if h != self.num_heads]
 
-    def state_spec(self, state_dtype: torch.dtype | None = None) -> StateSpec:
-        """Per layer: the recurrent state S [H_l, K_l, V_l] (fp32 unless told)."""
+    def state_spec(self, state_dtype: torch.dtype | None = None, conv_dtype: torch.dtype | None = None
+                   ) -> StateSpec:
+        """Per layer: the recurrent state S [H_l, K_l, V_l] (fp32 unless told). GLA
+        has no conv window: ``conv_dtype`` is accepted (one signature for both
+        families) and unused."""
         dt = state_dtype or torch.float32
         return StateSpec(tuple(LayerStateSpec(i, (StateTensorSpec("recurrent", self.head_dims(i), dt),))
                                for i in range(self.num_hidden_layers)))
@@ -263,3 +266,22 @@ class StateXMamba2Config(_BaseConfig):
             raise ConfigError(f"hidden_act {self.hidden_act!r} not supported (Mamba2 uses silu)")
         if not self.rms_norm:
             raise ConfigError("rms_norm=False (LayerNorm blocks) is not supported")
+
+
+# The paper's StateX setting for GLA-1.3B and Mamba2-1.3B (the config defaults):
+# every p-th layer from 0 expanded (docs/training.md), GLA's heads merged to one
+# in 4 of 24 layers, Mamba2's d_state 128 -> 512 in 4 of 48.
+STATEX_1P3B_LAYERS = {"gla": (0, 6, 12, 18), "mamba2": (0, 12, 24, 36)}
+
+
+def statex_1p3b_config(family: str, expanded: bool = True, **overrides) -> StateXGLAConfig | StateXMamba2Config:
+    """GLA-1.3B / Mamba2-1.3B, with the StateX expansion of STATEX_1P3B_LAYERS when
+    ``expanded``; ``overrides`` (e.g. vocab_size, token ids, dtype) pass through."""
+    layers = STATEX_1P3B_LAYERS[family] if expanded else ()
+    if family == "gla":
+        base = StateXGLAConfig()
+        heads = [1 if i in layers else base.num_heads for i in range(base.num_hidden_layers)]
+        return StateXGLAConfig(layer_num_heads=heads, **overrides)
+    base = StateXMamba2Config()
+    sizes = [4 * base.state_size if i in layers else base.state_size for i in range(base.num_hidden_layers)]
+    return StateXMamba2Config(layer_state_size=sizes, **overrides)

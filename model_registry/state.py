@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model_registry.dtypes import dtype_name
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
@@ -65,7 +66,7 @@ class StateSpec:
 
     def summary(self) -> str:
         mib = self.bytes_per_sequence / 2**20
-        kinds = sorted({(t.name, t.shape, str(t.dtype).removeprefix("torch."))
+        kinds = sorted({(t.name, t.shape, dtype_name(t.dtype))
                         for layer in self.layers for t in layer.tensors})
         parts = ", ".join(f"{name}{list(shape)} {dt}" for name, shape, dt in kinds)
         return f"{mib:.2f} MiB per sequence over {len(self.layers)} layers ({parts})"
@@ -76,7 +77,7 @@ class StateSpec:
             "layers": [
                 {"layer": layer.layer, "bytes": layer.nbytes,
                  "tensors": [{"name": t.name, "shape": list(t.shape),
-                              "dtype": str(t.dtype).removeprefix("torch.")} for t in layer.tensors]}
+                              "dtype": dtype_name(t.dtype)} for t in layer.tensors]}
                 for layer in self.layers
             ],
         }

@@ -30,25 +30,33 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vllm.compilation.breakable_cudagraph import eager_break_during_capture
+from model_registry.dtypes import parse_dtype
+from model_registry.state import dtype_bytes
 from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.distributed import (get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                              tensor_model_parallel_all_reduce)
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.interfaces import (HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching,
+                                                   SupportsPP)
+from vllm.model_executor.models.utils import (AutoWeightsLoader, PPMissingLayer, WeightsMapper, extract_layer_index,
+                                              make_layers, maybe_prefix)
+from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 STATE_LAYOUT_ENV = "STATEX_VLLM_STATE_LAYOUT"
 STATE_LAYOUTS = ("packed", "per_layer")
-
-_STR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-               "half": torch.float16, "float": torch.float32}
 
 
 def state_layout() -> str:
@@ -63,17 +71,12 @@ def state_dtypes(vllm_config: VllmConfig) -> tuple[torch.dtype, torch.dtype]:
     unless ``--mamba-ssm-cache-dtype`` says otherwise; the conv window is in the
     model dtype unless ``--mamba-cache-dtype`` says otherwise (as in our native engine)."""
     cache = vllm_config.cache_config
-    model_dtype = vllm_config.model_config.dtype
-    ssm = _STR_DTYPES.get(str(getattr(cache, "mamba_ssm_cache_dtype", "auto")), torch.float32)
-    conv = _STR_DTYPES.get(str(getattr(cache, "mamba_cache_dtype", "auto")), model_dtype)
+    ssm = parse_dtype(cache.mamba_ssm_cache_dtype) or torch.float32
+    conv = parse_dtype(cache.mamba_cache_dtype) or vllm_config.model_config.dtype
     return ssm, conv
 
 
 # --- the state page ----------------------------------------------------------------------
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
 
 @dataclass(frozen=True)
 class StateEntry:
@@ -87,7 +90,7 @@ class StateEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * dtype_bytes(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -99,13 +102,13 @@ class StatePage:
     def pack(cls, tensors: list[tuple[int, str, tuple[int, ...], torch.dtype]]) -> "StatePage":
         """Widest dtype first: every entry then starts at a multiple of its element
         size; the page is rounded up to the widest element (at most 7 bytes)."""
-        order = sorted(tensors, key=lambda t: -_itemsize(t[3]))   # stable: layer order kept
+        order = sorted(tensors, key=lambda t: -dtype_bytes(t[3]))   # stable: layer order kept
         entries, off = [], 0
         for layer, name, shape, dtype in order:
             e = StateEntry(layer, name, tuple(int(s) for s in shape), dtype, off)
             entries.append(e)
             off += e.nbytes
-        align = max((_itemsize(t[3]) for t in tensors), default=1)
+        align = max((dtype_bytes(t[3]) for t in tensors), default=1)
         return cls(tuple(entries), -(-off // align) * align)
 
 
@@ -312,7 +315,113 @@ def rows_loader(slices: list[tuple[int, int]], dim: int = 0, transform=None):
     return load
 
 
-def default_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
-    if tuple(loaded.shape) != tuple(param.data.shape):
-        raise ValueError(f"weight shape {tuple(loaded.shape)} does not fit parameter {tuple(param.data.shape)}")
-    param.data.copy_(loaded)
+
+# --- the backbone and causal-LM shells both families share -------------------------------
+
+class StateXBackbone(nn.Module):
+    """Embeddings, this pipeline stage's blocks with their state page(s), and the
+    forward over them. A family sets ``embeddings`` and its last stage's norm, calls
+    ``build_layers`` and says in ``final_norm`` how the hidden states leave."""
+
+    def build_layers(self, vllm_config: VllmConfig, prefix: str, num_layers: int, make_block, mixer: str,
+                     state_tensors) -> None:
+        """``make_block(layer, prefix)``; ``mixer``: the block's StateMixer attribute;
+        ``state_tensors``: the family's ``StateXForCausalLM.state_tensors``."""
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            num_layers, lambda prefix: make_block(extract_layer_index(prefix), prefix), prefix=f"{prefix}.layers")
+        local = range(self.start_layer, self.end_layer)
+        tensors = state_tensors(vllm_config, local, get_tensor_model_parallel_rank(),
+                                get_tensor_model_parallel_world_size())
+        self.state_pages = build_state_pages(self, {i: getattr(self.layers[i], mixer) for i in local}, tensors,
+                                             f"{prefix}.layers")
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if get_pp_group().is_first_rank:
+            h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        else:
+            h = intermediate_tensors["hidden_states"]
+        for i in range(self.start_layer, self.end_layer):
+            h = self.layers[i](h)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": h})
+        return self.final_norm(h)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class StateXForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching, SupportsPP):
+    """Backbone + LM head, the state description vLLM asks for before building the
+    model, and weights through vLLM's ``AutoWeightsLoader``. A family sets:
+
+    - ``backbone_cls`` (``__init__(*, vllm_config, prefix)``, ``.embeddings``,
+      ``.make_empty_intermediate_tensors``, ``.embed_input_ids``, ``forward``) and
+      ``backbone_name``, its attribute and checkpoint prefix (fla ``model``, HF ``backbone``);
+    - ``state_tensors(vllm_config, layers, rank, tp)``: what each layer keeps per
+      sequence, the same function the layers allocate with;
+    - ``hf_to_vllm_mapper``: checkpoint names -> parameter names, where they differ.
+    """
+
+    backbone_cls: type[nn.Module]
+    backbone_name: str
+    hf_to_vllm_mapper = WeightsMapper()
+
+    @staticmethod
+    def state_tensors(vllm_config: VllmConfig, layers: Iterable[int], rank: int, tp: int
+                      ) -> dict[int, list[tuple[str, tuple[int, ...], torch.dtype]]]:
+        raise NotImplementedError
+
+    # -- state description (must agree with what the layers allocate) --
+    @classmethod
+    def _model_state_tensors(cls, vllm_config: VllmConfig):
+        layers = range(vllm_config.model_config.hf_config.num_hidden_layers)
+        return cls.state_tensors(vllm_config, layers, 0, vllm_config.parallel_config.tensor_parallel_size)
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        return config_state_shapes(cls._model_state_tensors(vllm_config))[0]
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
+        return config_state_shapes(cls._model_state_tensors(vllm_config))[1]
+
+    @classmethod
+    def get_mamba_state_copy_func(cls):
+        return mamba_state_copy_funcs()
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        backbone = self.backbone_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, self.backbone_name))
+        setattr(self, self.backbone_name, backbone)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(backbone.embeddings)
+            self.logits_processor = LogitsProcessor(config.vocab_size)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.make_empty_intermediate_tensors = backbone.make_empty_intermediate_tensors
+
+    def _backbone(self) -> nn.Module:
+        return getattr(self, self.backbone_name)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._backbone().embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs):
+        return self._backbone()(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # a tied lm_head.weight is skipped (it aliases the embeddings), layers of
+        # other pipeline stages (PPMissingLayer) are passed over
+        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)

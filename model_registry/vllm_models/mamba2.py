@@ -21,26 +21,16 @@ from torch import nn
 
 import kernels.conv as conv_ops
 import kernels.mamba2 as ssd_ops
-from model_registry.layers import RMSNorm
-from model_registry.vllm_models.common import (StateMixer, build_state_pages, config_state_shapes, default_loader,
-                                               mamba_state_copy_funcs, reduce_norm_sq, rows_loader, set_loader,
-                                               state_dtypes)
+from model_registry.configs import StateXMamba2Config
+from model_registry.layers import RMSNorm, gated_rms_norm
+from model_registry.vllm_models.common import (StateMixer, StateXBackbone, StateXForCausalLM, reduce_norm_sq,
+                                               rows_loader, set_loader, state_dtypes)
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import (HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching,
-                                                   SupportsPP)
-from vllm.model_executor.models.utils import (PPMissingLayer, extract_layer_index, is_pp_missing_parameter,
-                                              make_layers, maybe_prefix)
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.sequence import IntermediateTensors
-
-
-def _as_float(x) -> float:
-    if isinstance(x, dict) and "__float__" in x:   # transformers 5 writes inf as {"__float__": "Infinity"}
-        return float(x["__float__"])
-    return float(x)
 
 
 @dataclass(frozen=True)
@@ -60,9 +50,9 @@ class Mamba2Shard:
     norm_group_size: int
 
 
-def mamba2_shard(config, layer: int, rank: int, tp: int) -> Mamba2Shard:
+def mamba2_shard(config: StateXMamba2Config, layer: int, rank: int, tp: int) -> Mamba2Shard:
     H, P, G = config.num_heads, config.head_dim, config.n_groups
-    N = config.layer_state_size[layer] if getattr(config, "layer_state_size", None) else config.state_size
+    N = config.layer_state_size[layer]
     if H % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide num_heads={H}")
     if G % tp and tp % G:
@@ -72,8 +62,8 @@ def mamba2_shard(config, layer: int, rank: int, tp: int) -> Mamba2Shard:
     hpg = H // G
     g0, g1 = h0 // hpg, (h0 + h - 1) // hpg + 1
     inner = h * P
-    I = H * P
-    gs = getattr(config, "norm_group_size", None) or I // G
+    I = config.intermediate_size
+    gs = config.norm_group_size
     if inner % gs == 0:
         ng, grp = 0, 0
     elif gs % inner == 0:
@@ -83,7 +73,8 @@ def mamba2_shard(config, layer: int, rank: int, tp: int) -> Mamba2Shard:
     return Mamba2Shard(h, h0, P, g1 - g0, g0, N, inner, inner + 2 * (g1 - g0) * N, grp, ng, gs)
 
 
-def mamba2_state_tensors(config, vllm_config: VllmConfig, layers: Iterable[int], rank: int, tp: int):
+def mamba2_state_tensors(vllm_config: VllmConfig, layers: Iterable[int], rank: int, tp: int):
+    config: StateXMamba2Config = vllm_config.model_config.hf_config
     sdt, cdt = state_dtypes(vllm_config)
     out = {}
     for i in layers:
@@ -105,29 +96,27 @@ class Mamba2GatedNorm(nn.Module):
         set_loader(self.weight, rows_loader([(s.head0 * s.head_dim, s.inner)]))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.s.norm_groups == 0:
+            # groups inside this rank: the oracle's function (GatedRMSNorm), eager as
+            # everything inside the state op
+            return gated_rms_norm.eager(x, z, self.weight, self.s.norm_group_size, self.eps)
         dtype = x.dtype
         x = x.float() * torch.nn.functional.silu(z.float())
-        if self.s.norm_groups == 0:       # groups inside this rank: the oracle's exact ops
-            shape = x.shape
-            x = x.reshape(*shape[:-1], shape[-1] // self.s.norm_group_size, self.s.norm_group_size)
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (self.weight.float() * x.reshape(shape)).to(dtype)
         sq = reduce_norm_sq(x.pow(2).sum(-1), self.s.norm_group, self.s.norm_groups)
         x = x * torch.rsqrt(sq / self.s.norm_group_size + self.eps)[..., None]
         return (self.weight.float() * x).to(dtype)
 
 
 class Mamba2Mixer(StateMixer):
-    def __init__(self, config, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+    def __init__(self, config: StateXMamba2Config, vllm_config: VllmConfig, layer_idx: int, prefix: str):
         super().__init__(layer_idx, prefix)
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        s = self.s = mamba2_shard(config, layer_idx, rank, tp)
-        H, P, G, N = config.num_heads, config.head_dim, config.n_groups, s.state_size
-        I = H * P
-        conv_dim = I + 2 * G * N
+        tp = get_tensor_model_parallel_world_size()
+        s = self.s = mamba2_shard(config, layer_idx, get_tensor_model_parallel_rank(), tp)
+        P, G, N = config.head_dim, config.n_groups, s.state_size
+        I, conv_dim = config.intermediate_size, config.conv_dim(layer_idx)
         W = config.conv_kernel
         self.activation = config.hidden_act
-        self.dt_limit = tuple(_as_float(x) for x in config.time_step_limit)
+        self.dt_limit = tuple(config.time_step_limit)
         quant = vllm_config.quant_config
         # rows of this rank in the checkpoint's xBC (x | B | C) and in_proj (z | xBC | dt)
         xbc_rows = [(s.head0 * P, s.inner), (I + s.group0 * N, s.groups * N), (I + G * N + s.group0 * N, s.groups * N)]
@@ -189,7 +178,7 @@ class Mamba2Mixer(StateMixer):
 
 
 class Mamba2Block(nn.Module):
-    def __init__(self, config, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+    def __init__(self, config: StateXMamba2Config, vllm_config: VllmConfig, layer_idx: int, prefix: str):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -201,28 +190,20 @@ class Mamba2Block(nn.Module):
         return (h.float() if self.residual_in_fp32 else h) + y
 
 
-class StateXMamba2Model(nn.Module):
+class StateXMamba2Model(StateXBackbone):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        # our config class: validate_statex has already refused rms_norm=False and other activations
+        config: StateXMamba2Config = vllm_config.model_config.hf_config
         self.config = config
         self.model_dtype = vllm_config.model_config.dtype
-        if not getattr(config, "rms_norm", True):
-            raise ValueError("Mamba2 with rms_norm=False is not supported")
         pp = get_pp_group()
         self.embeddings = (VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                   prefix=f"{prefix}.embeddings")
                            if pp.is_first_rank or config.tie_word_embeddings else PPMissingLayer())
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers,
-            lambda prefix: Mamba2Block(config, vllm_config, extract_layer_index(prefix), prefix),
-            prefix=f"{prefix}.layers")
+        self.build_layers(vllm_config, prefix, config.num_hidden_layers,
+                          lambda i, prefix: Mamba2Block(config, vllm_config, i, prefix), "mixer", mamba2_state_tensors)
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon) if pp.is_last_rank else PPMissingLayer()
-        local = range(self.start_layer, self.end_layer)
-        tensors = mamba2_state_tensors(config, vllm_config, local, get_tensor_model_parallel_rank(),
-                                       get_tensor_model_parallel_world_size())
-        self.state_pages = build_state_pages(self, {i: self.layers[i].mixer for i in local}, tensors,
-                                             f"{prefix}.layers")
 
     def make_empty_intermediate_tensors(self, batch_size: int, dtype: torch.dtype, device: torch.device):
         # between pipeline stages the residual stream travels in fp32 (residual_in_fp32)
@@ -230,78 +211,12 @@ class StateXMamba2Model(nn.Module):
         return IntermediateTensors({"hidden_states": torch.zeros(batch_size, self.config.hidden_size, dtype=dt,
                                                                  device=device)})
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(input_ids)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        if get_pp_group().is_first_rank:
-            h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        else:
-            h = intermediate_tensors["hidden_states"]
-        for i in range(self.start_layer, self.end_layer):
-            h = self.layers[i](h)
-        if not get_pp_group().is_last_rank:
-            return IntermediateTensors({"hidden_states": h})
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         # the oracle feeds lm_head in its weight dtype
         return self.norm_f(h).to(self.model_dtype)
 
 
-class StateXMamba2ForCausalLM(nn.Module, HasInnerState, IsAttentionFree, SupportsMambaPrefixCaching,
-                              SupportsPP):
-    @classmethod
-    def _state_tensors(cls, vllm_config: VllmConfig):
-        config = vllm_config.model_config.hf_config
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        return mamba2_state_tensors(config, vllm_config, range(config.num_hidden_layers), 0, tp)
-
-    @classmethod
-    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
-        return config_state_shapes(cls._state_tensors(vllm_config))[0]
-
-    @classmethod
-    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
-        return config_state_shapes(cls._state_tensors(vllm_config))[1]
-
-    @classmethod
-    def get_mamba_state_copy_func(cls):
-        return mamba_state_copy_funcs()
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.config = config
-        self.backbone = StateXMamba2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "backbone"))
-        if get_pp_group().is_last_rank:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
-            if config.tie_word_embeddings:
-                self.lm_head = self.lm_head.tie_weights(self.backbone.embeddings)
-            self.logits_processor = LogitsProcessor(config.vocab_size)
-        else:
-            self.lm_head = PPMissingLayer()
-        self.make_empty_intermediate_tensors = self.backbone.make_empty_intermediate_tensors
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.embed_input_ids(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs):
-        return self.backbone(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, w in weights:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            if is_pp_missing_parameter(name, self):
-                continue
-            if name not in params:
-                raise KeyError(f"checkpoint tensor {name} has no parameter in {type(self).__name__}")
-            param = params[name]
-            getattr(param, "weight_loader", default_loader)(param, w)
-            loaded.add(name)
-        return loaded
+class StateXMamba2ForCausalLM(StateXForCausalLM):
+    backbone_cls = StateXMamba2Model
+    backbone_name = "backbone"
+    state_tensors = staticmethod(mamba2_state_tensors)

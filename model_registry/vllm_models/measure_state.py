@@ -30,37 +30,33 @@ from pathlib import Path
 
 GIB = 1 << 30
 
-# name -> (family, config kwargs). "gla-1.3b": fla-hub/gla-1.3B-100B with 4 of 24
-# layers merged to one head (the StateX GLA setting); "mamba2-1.3b": state-spaces
-# mamba2-1.3b with 4 of 48 layers at 4x d_state.
+# name -> (family, config kwargs); None: the 1.3B shape with the paper's StateX
+# expansion (``configs.statex_1p3b_config``: fla-hub/gla-1.3B-100B with 4 of 24
+# layers merged to one head, state-spaces mamba2-1.3b with 4 of 48 at 4x d_state).
 MODELS = {
     "tiny-gla": ("gla", dict(vocab_size=259, hidden_size=64, num_hidden_layers=4, num_heads=4,
                              layer_num_heads=[1, 4, 1, 4], expand_k=0.5, expand_v=1.0, intermediate_size=128)),
     "tiny-mamba2": ("mamba2", dict(vocab_size=259, hidden_size=64, num_hidden_layers=4, state_size=16,
                                    layer_state_size=[64, 16, 64, 16], head_dim=16, expand=2, n_groups=1,
                                    chunk_size=32)),
-    "gla-1.3b": ("gla", dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_heads=4,
-                             layer_num_heads=[1 if i in (5, 11, 17, 23) else 4 for i in range(24)],
-                             expand_k=0.5, expand_v=1.0, hidden_ratio=4)),
-    "mamba2-1.3b": ("mamba2", dict(vocab_size=50288, hidden_size=2048, num_hidden_layers=48, state_size=128,
-                                   layer_state_size=[512 if i in (11, 23, 35, 47) else 128 for i in range(48)],
-                                   head_dim=64, expand=2, n_groups=1)),
+    "gla-1.3b": ("gla", None),
+    "mamba2-1.3b": ("mamba2", None),
 }
 
 
 def write_config(name: str, out: Path, dtype: str) -> int:
     """config.json for MODELS[name] in ``out``; returns the true bytes per sequence."""
-    import torch
-
-    from model_registry.configs import StateXGLAConfig, StateXMamba2Config
+    from model_registry.configs import StateXGLAConfig, StateXMamba2Config, statex_1p3b_config
+    from model_registry.dtypes import parse_dtype
 
     family, kw = MODELS[name]
-    cls = StateXGLAConfig if family == "gla" else StateXMamba2Config
-    cfg = cls(**kw, dtype=dtype)
+    if kw is None:
+        cfg = statex_1p3b_config(family, dtype=dtype)
+    else:
+        cfg = (StateXGLAConfig if family == "gla" else StateXMamba2Config)(**kw, dtype=dtype)
     cfg.architectures = ["StateXGLAForCausalLM" if family == "gla" else "StateXMamba2ForCausalLM"]
     cfg.save_pretrained(out)
-    spec = cfg.state_spec() if family == "gla" else cfg.state_spec(conv_dtype=getattr(torch, dtype))
-    return spec.bytes_per_sequence
+    return cfg.state_spec(conv_dtype=parse_dtype(dtype)).bytes_per_sequence
 
 
 def measure_one(model_dir: str, budget_gib: int, dtype: str) -> dict:

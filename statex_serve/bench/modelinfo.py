@@ -25,14 +25,13 @@ if TYPE_CHECKING:
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
 H200_BANDWIDTH = 4.25e12   # bytes/s: device-to-device copy measured on the H200 (docs/perf.md)
 
-# GLA-1.3B and Mamba2-1.3B shapes (the config defaults) and their StateX
-# versions as the paper sets them up: GLA merges the heads of layers 0, 6, 12,
-# 18; Mamba2 grows d_state 128 -> 512 in 4 of 48 layers (every 12th).
+# name -> (family, expanded): GLA-1.3B and Mamba2-1.3B and their StateX versions
+# as the paper sets them up (model_registry.configs.STATEX_1P3B_LAYERS).
 PRESETS = {
-    "gla-1.3b": ("gla", []),
-    "gla-1.3b-statex": ("gla", [0, 6, 12, 18]),
-    "mamba2-1.3b": ("mamba2", []),
-    "mamba2-1.3b-statex": ("mamba2", [0, 12, 24, 36]),
+    "gla-1.3b": ("gla", False),
+    "gla-1.3b-statex": ("gla", True),
+    "mamba2-1.3b": ("mamba2", False),
+    "mamba2-1.3b-statex": ("mamba2", True),
 }
 
 
@@ -45,16 +44,10 @@ def dtype_bytes(name: str) -> int:
 
 def preset_config(name: str, **overrides):
     """The preset's config; ``overrides`` (e.g. vocab_size, token ids) pass through."""
-    import model_registry
+    from model_registry.configs import statex_1p3b_config
 
-    family, layers = PRESETS[name]
-    if family == "gla":
-        base = model_registry.StateXGLAConfig()
-        heads = [1 if i in layers else base.num_heads for i in range(base.num_hidden_layers)]
-        return model_registry.StateXGLAConfig(layer_num_heads=heads, **overrides)
-    base = model_registry.StateXMamba2Config()
-    sizes = [4 * base.state_size if i in layers else base.state_size for i in range(base.num_hidden_layers)]
-    return model_registry.StateXMamba2Config(layer_state_size=sizes, **overrides)
+    family, expanded = PRESETS[name]
+    return statex_1p3b_config(family, expanded, **overrides)
 
 
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}

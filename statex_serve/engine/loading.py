@@ -6,13 +6,12 @@ from pathlib import Path
 
 import torch
 
+from model_registry.dtypes import DTYPES, parse_dtype
+from model_registry.dtypes import parse_state_dtype as resolve_state_dtype  # noqa: F401  (native.py's name)
 from model_registry.state import StateSpec
 from statex_serve.engine.args import EngineArgs
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,18 +35,7 @@ def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: torch.dtype
         if device.type == "cpu":
             return torch.float32
         return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: one of auto, {', '.join(sorted(set(DTYPES)))}")
-    return DTYPES[name]
-
-
-def resolve_state_dtype(name: str) -> torch.dtype | None:
-    """``auto`` -> None: the model's own choice (fp32 recurrent state)."""
-    if name == "auto":
-        return None
-    if name not in ("float32", "fp32", "bfloat16", "bf16"):
-        raise ValueError(f"--state-dtype {name!r}: one of auto, float32, bfloat16")
-    return DTYPES[name]
+    return parse_dtype(name)
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype | None:

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from model_registry.checkpoint import read_config_dict
+from model_registry.dtypes import dtype_name, parse_state_dtype
 from statex_serve.engine.args import EngineArgs
 from statex_serve.engine.base import (
     MAX_N, EngineDeadError, EngineOverloadedError, EngineStats, GenerationRequest, InvalidRequestError,
@@ -72,9 +73,7 @@ def _state_spec(config: dict, state_dtype: str, dtype: torch.dtype):
         raise ValueError(f"model_type {mt!r} is not served by the StateX vLLM plugin "
                          f"(statex_gla, statex_mamba2, gla)")
     cfg = cls.from_dict(config)
-    sdt = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16}[state_dtype]
-    return cfg, (cfg.state_spec(sdt) if mt != "statex_mamba2" else cfg.state_spec(sdt, conv_dtype=dtype))
+    return cfg, cfg.state_spec(parse_state_dtype(state_dtype), conv_dtype=dtype)
 
 
 def _top(position, k: int) -> list[tuple[int, float]]:
@@ -262,8 +261,7 @@ class VLLMEngine(LoadedModelEngine):
         if args.seed is not None:
             kw["seed"] = args.seed
         if args.state_dtype != "auto":
-            kw["mamba_ssm_cache_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}.get(args.state_dtype,
-                                                                                        args.state_dtype)
+            kw["mamba_ssm_cache_dtype"] = dtype_name(parse_state_dtype(args.state_dtype))
         kw["kv_cache_memory_bytes"] = budget
         if args.max_model_len > int(config.get("max_position_embeddings") or 0):
             # recurrent models have no position limit; vLLM checks max_position_embeddings
