@@ -120,12 +120,6 @@ class StateXPreTrainedModel(PreTrainedModel):
             h = block.decode(h, pools[i], slots)
         return self._logits(h)
 
-    def write_states_(self, pools: StatePools, slots: list[int], states: list[dict[str, torch.Tensor]]) -> None:
-        """Hand states from path (a) (batch-major) to pool slots."""
-        for layer, st in zip(pools.pools, states):
-            for name, t in layer.items():
-                t[torch.as_tensor(slots, device=t.device)] = st[name].to(t.dtype)
-
     @torch.no_grad()
     def greedy_generate(self, prompt_ids: list[int], max_new_tokens: int, pools: StatePools | None = None,
                         slot: int = 0) -> list[int]:

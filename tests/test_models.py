@@ -72,13 +72,20 @@ def test_prefill_then_decode_matches_whole_sequence(model):
             assert rel_err(out[i], ref) < 1e-4
 
 
+def _write_states(pools, slots: list[int], states: list[dict[str, torch.Tensor]]) -> None:
+    """Path (a)'s states (batch-major) into pool slots."""
+    for layer, st in zip(pools.pools, states):
+        for name, t in layer.items():
+            t[torch.as_tensor(slots, device=t.device)] = st[name].to(t.dtype)
+
+
 def test_states_from_whole_sequence_hand_over_to_decode(model):
     """Path (a) returns final states; written to a slot, decode continues exactly."""
     V = model.config.vocab_size
     ids = torch.randint(0, V, (2, 41))
     out = model(ids[:, :40], return_states=True)
     pools = model.allocate_state_pools(4)
-    model.write_states_(pools, [3, 1], out.states)
+    _write_states(pools, [3, 1], out.states)
     step = model.decode(ids[:, 40], torch.tensor([3, 1], dtype=torch.int32), pools)
     ref = model(ids).logits[:, -1]
     assert rel_err(step, ref) < 1e-4

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+# names -> bytes without importing torch (model_registry.dtypes does): the bench's
+# argument checks answer before the heavy imports
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
 H200_BANDWIDTH = 4.25e12   # bytes/s: device-to-device copy measured on the H200 (docs/perf.md)
 
@@ -124,11 +126,7 @@ def statex_facts(config, name: str, source: str, params: int | None = None, weig
                  state_dtype: str = "float32") -> ModelFacts:
     import torch
 
-    sdt = getattr(torch, state_dtype)
-    if config.model_type == "statex_mamba2":
-        spec = config.state_spec(sdt, conv_dtype=getattr(torch, weights_dtype))
-    else:
-        spec = config.state_spec(sdt)
+    spec = config.state_spec(getattr(torch, state_dtype), conv_dtype=getattr(torch, weights_dtype))
     return ModelFacts(
         name=name, source=source, model_type=config.model_type,
         params=params if params is not None else _meta_numel(config), weights_dtype=weights_dtype,

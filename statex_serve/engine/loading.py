@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from model_registry.dtypes import DTYPES, parse_dtype
-from model_registry.dtypes import parse_state_dtype as resolve_state_dtype  # noqa: F401  (native.py's name)
 from model_registry.state import StateSpec
 from statex_serve.engine.args import EngineArgs
 

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from model_registry.checkpoint import load_model, read_config_dict
+from model_registry.dtypes import parse_state_dtype
 from statex_serve.engine import sampler as sampling
 from statex_serve.engine.args import EngineArgs
 from kernels.autotune import limit_autotune_search
@@ -41,7 +42,6 @@ from statex_serve.engine.base import (
 )
 from statex_serve.engine.loading import (
     checkpoint_dtype, eos_token_ids, load_tokenizer, pool_slots, resolve_device, resolve_dtype,
-    resolve_state_dtype,
 )
 from statex_serve.engine.prefix_cache import PrefixCache, PrefixHasher
 from statex_serve.engine.runner import ModelRunner
@@ -111,7 +111,7 @@ class NativeEngine(LoadedModelEngine):
             logger.info("autotune: %s", f"{FAST_AUTOTUNE_CONFIGS} launch configs per library kernel (--autotune "
                         "full tries all: slower first start)" if args.autotune == "fast" else "full search")
         self.dtype = resolve_dtype(args.dtype, self.device, checkpoint_dtype(config))
-        self.state_dtype = resolve_state_dtype(args.state_dtype)
+        self.state_dtype = parse_state_dtype(args.state_dtype)
         self.model = load_model(args.model, device=self.device, dtype=self.dtype)
         self.model.fuse_projections_()
         self._tokenizer = load_tokenizer(args.tokenizer or args.model)

@@ -250,7 +250,7 @@ class VLLMEngine(LoadedModelEngine):
         extra.update(json.loads(os.environ.get(ENGINE_ARGS_ENV, "{}") or "{}"))
         kw: dict[str, Any] = dict(
             model=str(args.model), served_model_name=list(args.served_model_names) or None,
-            dtype=str(self.dtype).removeprefix("torch."), max_model_len=self._max_model_len,
+            dtype=dtype_name(self.dtype), max_model_len=self._max_model_len,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_seqs + args.prefill_chunk_for(self.device.type),
             enable_prefix_caching=bool(args.prefix_cache), enable_chunked_prefill=True,
