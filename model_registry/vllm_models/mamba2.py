@@ -146,6 +146,7 @@ class Mamba2Mixer(StateMixer):
                                           quant_config=quant, return_bias=False, prefix=f"{prefix}.out_proj")
 
     def forward_impl(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+        """The mixer inside the custom op: this step's decodes and prefills into ``output``."""
         split = self.step()
         n = hidden_states.shape[0] if split is None else split.num_actual_tokens
         s = self.s

@@ -526,6 +526,8 @@ def kind_loss(logits, tgt, kinds):
 
 def train(model, stream: Stream, steps: int, lr: float, warmup: int, device, p: Preset, label: str,
           deadline: float | None = None) -> dict:
+    """``steps`` AdamW steps on ``stream`` (warmup, cosine to 10%), stopping at
+    ``deadline``; the loss curve and what was trained, for the arm's JSON."""
     import torch
 
     from training.train import TrainConfig, lr_at, param_groups
@@ -605,133 +607,180 @@ class StepTimer:
 
 # --- one pipeline (one process) ----------------------------------------------------------
 
-def worker(args) -> int:
+def limit_autotuning(configs: int) -> None:
+    """On CUDA, every Triton autotuner tries at most ``configs`` configurations.
+    fla's and mamba-ssm's try up to ~100 per kernel: on 2026-11-30 the GLA
+    pipelines had not compiled after 240 s. Any configuration computes the same
+    function (kernels/autotune.py)."""
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
-    if args.autotune_configs > 0 and torch.cuda.is_available():
-        # fla's and mamba-ssm's autotuners try up to ~100 configurations per kernel:
-        # on 2026-11-30 the GLA pipelines had not compiled after 240 s. Any
-        # configuration computes the same function (kernels/autotune.py).
+    if configs > 0 and torch.cuda.is_available():
         from kernels.autotune import limit_autotune_search
 
-        limit_autotune_search(args.autotune_configs)
-    p = preset(args.preset, args.set)
-    out = Path(args.out)
-    fam, seed, kind = args.family, args.seed, args.kind
-    arm_dir = out / "arms" / fam / (f"seed{seed}" if kind == "main" else "scratch")
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    name = f"{fam}/{'seed' + str(seed) if kind == 'main' else 'scratch'}"
-    corpus = Corpus(Path(args.corpus))
-    deadline = args.deadline
+        limit_autotune_search(configs)
 
-    def write(arm: str, rec: dict) -> None:
-        rec |= {"family": fam, "seed": seed, "arm": arm}
-        tmp = arm_dir / f".{arm}.json"
+
+class Pipeline:
+    """One process: a (family, seed) pipeline of every arm, or the first seed's
+    from-scratch upper bound. ``probe`` builds, compiles and times; the
+    coordinator's plan sets the steps; ``run_arms`` trains and evaluates."""
+
+    def __init__(self, args):
+        import torch
+
+        self.args, self.p, self.out = args, preset(args.preset, args.set), Path(args.out)
+        self.fam, self.seed, self.kind, self.deadline = args.family, args.seed, args.kind, args.deadline
+        self.arm_dir = self.out / "arms" / self.fam / (f"seed{self.seed}" if self.kind == "main" else "scratch")
+        self.arm_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+        self.name = f"{self.fam}/{'seed' + str(self.seed) if self.kind == 'main' else 'scratch'}"
+        self.corpus = Corpus(Path(args.corpus))
+        self.eval_set = build_eval_set(self.corpus, self.p)
+        self.base = new_model(self.fam, self.p, self.seed, expanded=(self.kind == "scratch")).to(self.device)
+        self.probe_result: dict = {}
+
+    def pre_stream(self) -> Stream:
+        p = self.p
+        return Stream(self.corpus, p, p.pre_seq, p.pre_batch, p.pre_pairs, seed=1000 + self.seed)
+
+    def post_stream(self) -> Stream:
+        """A fresh copy of the one post-training stream: every arm sees the same batches."""
+        p = self.p
+        return Stream(self.corpus, p, p.post_seq, p.post_batch, p.post_pairs, seed=2000 + self.seed)
+
+    def probe(self) -> dict:
+        """Compile (and autotune) every step and evaluation shape, signal ready,
+        then time them together with the other pipelines once ``go`` appears."""
+        p, dev, out = self.p, self.device, self.out
+        t0 = time.perf_counter()
+        probe_pre = Stream(self.corpus, p, p.pre_seq, p.pre_batch, p.pre_pairs, seed=99)
+        probe_post = Stream(self.corpus, p, p.post_seq, p.post_batch, p.post_pairs, seed=99)
+        warm, timed = (1, 1) if self.args.preset == "tiny" else (3, 5)
+        timers = {"pre_step_s": StepTimer(self.base, probe_pre, dev),
+                  "post_step_s": StepTimer(self.base, probe_post, dev)}
+        if self.kind == "main":   # the expanded layers' kernels too
+            timers["post_step_expanded_s"] = StepTimer(expand(self.fam, self.base, p, self.seed)[0], probe_post, dev)
+        for t in timers.values():
+            t.run(warm)
+        evaluate(self.base, self.eval_set, p, dev, first_rows_only=2)
+        time_eval(self.base, self.eval_set, p, dev, warm=True)
+        log(f"{self.name}: compiled in {time.perf_counter() - t0:.0f} s")
+        (out / "ready").mkdir(exist_ok=True)
+        (out / "ready" / f"{self.fam}_{self.kind}_{self.seed}").touch()
+        while not (out / "go").exists() and time.time() < self.deadline:
+            time.sleep(0.1)
+        probe = {k: t.run(timed) for k, t in timers.items()}
+        del timers
+        probe["eval_s"] = time_eval(self.base, self.eval_set, p, dev)
+        probe["setup_s"] = time.perf_counter() - t0
+        n_alt = int(self.args.alt and self.kind == "main")
+        probe["evals_s"] = ((4 + n_alt) if self.kind == "main" else 1) * probe["eval_s"]
+        probe["train_s"] = p.pre_steps * probe["pre_step_s"] + p.post_steps * (
+            probe["post_step_s"] + (1 + n_alt) * probe.get("post_step_expanded_s", 0.0))
+        (out / "probes").mkdir(exist_ok=True)
+        (out / "probes" / f"{self.fam}_{self.kind}_{self.seed}.json").write_text(json.dumps(probe))
+        log(f"{self.name}: probe {json.dumps({k: round(v, 4) for k, v in probe.items()})}")
+        self.probe_result = probe
+        return probe
+
+    def wait_for_plan(self) -> dict | None:
+        """The coordinator's plan.json, or None at the deadline."""
+        plan_path = self.out / "plan.json"
+        while not plan_path.exists():
+            if time.time() > self.deadline:
+                log(f"{self.name}: no plan before the deadline")
+                return None
+            time.sleep(0.2)
+        return json.loads(plan_path.read_text())
+
+    def until(self, evals_left: int) -> float:
+        """Training stops in time for the evaluations still to come."""
+        return self.deadline - evals_left * 1.5 * self.probe_result["eval_s"] - 5
+
+    def train(self, model, stream: Stream, steps: int, phase: str, label: str, evals_left: int) -> dict:
+        p = self.p
+        lr, warmup = (p.pre_lr, p.pre_warmup) if phase == "pre" else (p.post_lr, p.post_warmup)
+        return train(model, stream, steps, lr, warmup, self.device, p, f"{self.name} {label}", self.until(evals_left))
+
+    def write(self, arm: str, rec: dict) -> None:
+        rec |= {"family": self.fam, "seed": self.seed, "arm": arm}
+        tmp = self.arm_dir / f".{arm}.json"
         tmp.write_text(json.dumps(rec, indent=1))
-        tmp.replace(arm_dir / f"{arm}.json")
-        log(f"{name}: wrote {arm}")
+        tmp.replace(self.arm_dir / f"{arm}.json")
+        log(f"{self.name}: wrote {arm}")
 
-    # 1. probe: build, compile, time; then wait for the coordinator's plan
-    t0 = time.perf_counter()
-    base = new_model(fam, p, seed, expanded=(kind == "scratch")).to(device)
-    pre = Stream(corpus, p, p.pre_seq, p.pre_batch, p.pre_pairs, seed=1000 + seed)
-    def post():   # a fresh copy of the one post-training stream: every arm sees the same batches
-        return Stream(corpus, p, p.post_seq, p.post_batch, p.post_pairs, seed=2000 + seed)
-    probe_pre = Stream(corpus, p, p.pre_seq, p.pre_batch, p.pre_pairs, seed=99)
-    probe_post = Stream(corpus, p, p.post_seq, p.post_batch, p.post_pairs, seed=99)
-    warm, timed = (1, 1) if args.preset == "tiny" else (3, 5)
-    timers = {"pre_step_s": StepTimer(base, probe_pre, device), "post_step_s": StepTimer(base, probe_post, device)}
-    if kind == "main":   # the expanded layers' kernels too
-        timers["post_step_expanded_s"] = StepTimer(expand(fam, base, p, seed)[0], probe_post, device)
-    eval_set = build_eval_set(corpus, p)
-    for t in timers.values():      # compile (and autotune) everything first ...
-        t.run(warm)
-    evaluate(base, eval_set, p, device, first_rows_only=2)
-    time_eval(base, eval_set, p, device, warm=True)
-    log(f"{name}: compiled in {time.perf_counter() - t0:.0f} s")
-    (out / "ready").mkdir(exist_ok=True)
-    (out / "ready" / f"{fam}_{kind}_{seed}").touch()
-    while not (out / "go").exists() and time.time() < deadline:   # ... then time together with the others
-        time.sleep(0.1)
-    probe = {k: t.run(timed) for k, t in timers.items()}
-    del timers
-    probe["eval_s"] = time_eval(base, eval_set, p, device)
-    probe["setup_s"] = time.perf_counter() - t0
-    n_alt = int(args.alt and kind == "main")
-    probe["evals_s"] = ((4 + n_alt) if kind == "main" else 1) * probe["eval_s"]
-    probe["train_s"] = p.pre_steps * probe["pre_step_s"] + p.post_steps * (
-        probe["post_step_s"] + (1 + n_alt) * probe.get("post_step_expanded_s", 0.0))
-    (out / "probes").mkdir(exist_ok=True)
-    (out / "probes" / f"{fam}_{kind}_{seed}.json").write_text(json.dumps(probe))
-    log(f"{name}: probe {json.dumps({k: round(v, 4) for k, v in probe.items()})}")
-    plan_path = out / "plan.json"
-    while not plan_path.exists():
-        if time.time() > deadline:
-            log(f"{name}: no plan before the deadline")
-            return 1
-        time.sleep(0.2)
-    plan = json.loads(plan_path.read_text())
-    if plan.get("stop"):
-        log(f"{name}: the plan says stop ({plan['reason']})")
-        return 0
-    pre_steps, post_steps = plan["pre_steps"], plan["post_steps"]
-
-    def run_eval(model, arm: str, extra: dict, evals_after: int = 0) -> None:
-        if time.time() > deadline:
-            log(f"{name}: no time left to evaluate {arm}")
+    def run_eval(self, model, arm: str, extra: dict, evals_after: int = 0) -> None:
+        """Evaluate, write the arm's JSON, and save the first seed's servable checkpoints."""
+        if time.time() > self.deadline:
+            log(f"{self.name}: no time left to evaluate {arm}")
             return
-        r = evaluate(model, eval_set, p, device, grow_until=until(evals_after + 1))
-        write(arm, {"eval": r, "state_elements": state_elements(model),
-                    "parameters": sum(q.numel() for q in model.parameters()), **extra})
-        if args.save_checkpoints and arm in ("base", "lpt", "statex"):
-            save_checkpoint(model, arm, extra)
+        r = evaluate(model, self.eval_set, self.p, self.device, grow_until=self.until(evals_after + 1))
+        self.write(arm, {"eval": r, "state_elements": state_elements(model),
+                         "parameters": sum(q.numel() for q in model.parameters()), **extra})
+        if self.args.save_checkpoints and arm in ("base", "lpt", "statex"):
+            self.save_checkpoint(model, arm, extra)
 
-    def save_checkpoint(model, arm: str, extra: dict) -> None:
+    def save_checkpoint(self, model, arm: str, extra: dict) -> None:
         """A servable checkpoint (our format, the byte tokenizer; key / value
         tokens have no text) for the bench's recall suite through the server."""
         from model_registry.checkpoint import save_checkpoint as save
         from model_registry.tokenizer import save_byte_tokenizer
 
-        tok = out / "checkpoints" / ".byte-tokenizer"
+        tok = self.out / "checkpoints" / ".byte-tokenizer"
         if not (tok / "tokenizer.json").is_file():
             save_byte_tokenizer(tok)
-        prov = {"kind": f"statex capacity experiment: {arm}", "family": fam, "seed": seed, "arm": arm,
+        prov = {"kind": f"statex capacity experiment: {arm}", "family": self.fam, "seed": self.seed, "arm": arm,
                 **{k: v for k, v in extra.items() if k == "expansion"},
                 "training": [{k: v for k, v in t.items() if k != "curve"} for t in extra.get("train", [])]}
-        save(copy.deepcopy(model).to("cpu"), out / "checkpoints" / fam / arm, tokenizer_src=tok, provenance=prov,
-             overwrite=True)
+        save(copy.deepcopy(model).to("cpu"), self.out / "checkpoints" / self.fam / arm, tokenizer_src=tok,
+             provenance=prov, overwrite=True)
 
-    def until(evals_left: int) -> float:
-        """Training stops in time for the evaluations still to come."""
-        return deadline - evals_left * 1.5 * probe["eval_s"] - 5
+    def run_scratch(self, pre_steps: int, post_steps: int) -> None:
+        """The upper bound: the expanded architecture through both phases."""
+        tr_pre = self.train(self.base, self.pre_stream(), pre_steps, "pre", "pre", 1)
+        tr_post = self.train(self.base, self.post_stream(), post_steps, "post", "post", 1)
+        self.run_eval(self.base, "scratch", {"train": [tr_pre, tr_post]})
 
-    # 2. the arms
-    if kind == "scratch":
-        tr_pre = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} pre", until(1))
-        tr_post = train(base, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} post", until(1))
-        run_eval(base, "scratch", {"train": [tr_pre, tr_post]})
+    def run_arms(self, pre_steps: int, post_steps: int) -> None:
+        """Base, StateX at 0 steps, LPT, StateX (and its alternative), each evaluated when done."""
+        arms = [("statex", False)] + ([("statex_alt", True)] if self.args.alt else [])
+        base = self.base
+        tr = self.train(base, self.pre_stream(), pre_steps, "pre", "base", 3 + len(arms))
+        self.run_eval(base, "base", {"train": [tr]}, evals_after=2 + len(arms))
+        expanded = {}
+        for arm, alt in arms:
+            m, record = expand(self.fam, base, self.p, self.seed, alt)
+            expanded[arm] = (m.to(self.device), record)
+        self.run_eval(expanded["statex"][0], "statex0", {"expansion": expanded["statex"][1], "train": [tr]},
+                      evals_after=1 + len(arms))
+        lpt = copy.deepcopy(base)
+        post_tr = self.train(lpt, self.post_stream(), post_steps, "post", "lpt", 1 + len(arms))
+        self.run_eval(lpt, "lpt", {"train": [tr, post_tr]}, evals_after=len(arms))
+        del lpt
+        for i, (arm, _) in enumerate(arms):
+            m, record = expanded[arm]
+            post_tr = self.train(m, self.post_stream(), post_steps, "post", arm, len(arms) - i)
+            self.run_eval(m, arm, {"expansion": record, "train": [tr, post_tr]}, evals_after=len(arms) - i - 1)
+
+
+def worker(args) -> int:
+    """One pipeline process: probe, wait for the plan, then the arms."""
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    limit_autotuning(args.autotune_configs)
+    pipe = Pipeline(args)
+    pipe.probe()
+    plan = pipe.wait_for_plan()
+    if plan is None:
+        return 1
+    if plan.get("stop"):
+        log(f"{pipe.name}: the plan says stop ({plan['reason']})")
         return 0
-    arms = [("statex", False)] + ([("statex_alt", True)] if args.alt else [])
-    tr = train(base, pre, pre_steps, p.pre_lr, p.pre_warmup, device, p, f"{name} base", until(3 + len(arms)))
-    run_eval(base, "base", {"train": [tr]}, evals_after=2 + len(arms))
-    expanded = {}
-    for arm, alt in arms:
-        m, record = expand(fam, base, p, seed, alt)
-        expanded[arm] = (m.to(device), record)
-    run_eval(expanded["statex"][0], "statex0", {"expansion": expanded["statex"][1], "train": [tr]},
-             evals_after=1 + len(arms))
-    lpt = copy.deepcopy(base)
-    post_tr = train(lpt, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} lpt",
-                    until(1 + len(arms)))
-    run_eval(lpt, "lpt", {"train": [tr, post_tr]}, evals_after=len(arms))
-    del lpt
-    for i, (arm, _) in enumerate(arms):
-        m, record = expanded[arm]
-        post_tr = train(m, post(), post_steps, p.post_lr, p.post_warmup, device, p, f"{name} {arm}",
-                        until(len(arms) - i))
-        run_eval(m, arm, {"expansion": record, "train": [tr, post_tr]}, evals_after=len(arms) - i - 1)
+    if pipe.kind == "scratch":
+        pipe.run_scratch(plan["pre_steps"], plan["post_steps"])
+    else:
+        pipe.run_arms(plan["pre_steps"], plan["post_steps"])
     return 0
 
 
@@ -744,10 +793,7 @@ def pilot(args) -> int:
     Minutes on a GPU, where gate 1 of a full run costs the whole run."""
     import torch
 
-    if args.autotune_configs > 0 and torch.cuda.is_available():
-        from kernels.autotune import limit_autotune_search
-
-        limit_autotune_search(args.autotune_configs)
+    limit_autotuning(args.autotune_configs)
     p = replace(preset(args.preset, args.set), frac_text=0.0, frac_passkey=0.0)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     corpus = Corpus(Path(args.corpus))
@@ -812,6 +858,8 @@ def plan_steps(p: Preset, probes: dict, elapsed: float, budget: float) -> dict:
 
 
 def run(args) -> int:
+    """The ``run`` command: start every pipeline (the first seed of each family
+    first), then coordinate them (_coordinate)."""
     p = preset(args.preset, args.set)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -925,6 +973,7 @@ def collect(out: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line: prepare, run, pilot, report (and the internal _worker)."""
     ap = argparse.ArgumentParser(prog="python -m training.experiments.statex_capacity",
                                  description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
