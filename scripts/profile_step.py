@@ -71,6 +71,7 @@ def _kernel_table(fn, path: Path, title: str, rows=25) -> str:
 
 @torch.inference_mode()   # as the engine runs (the runner's graph buffers are inference tensors)
 def main(argv=None) -> int:
+    """Time one preset shape's decode steps and prefills on the GPU; writes the JSON and kernel tables to --out."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shape", help="a bench preset, e.g. gla-1.3b-statex, mamba2-1.3b-statex")
     ap.add_argument("--batch", type=_int_list, default="1,16", help="decode batch sizes")

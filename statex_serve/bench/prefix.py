@@ -167,6 +167,7 @@ def _summary(results: list[Timed]) -> dict:
 
 
 async def run_prefix(target: Target, cfg: PrefixConfig, log=lambda msg: None) -> dict:
+    """The prefix suite on one target: per document length, the TTFT of each mode (``MODES``)."""
     pool = prompt_token_pool(target.tokenizer())
     max_len = target.max_model_len
     pinnable = can_pin(target)
@@ -230,6 +231,7 @@ _LABELS = {"uncached": "uncached", "first_followup": "first follow-up", "cached"
 
 
 def markdown(prefix: dict) -> list[str]:
+    """The prefix suite's section of the report: a TTFT table per target, flatness, skips, errors."""
     out = ["## Prefix cache: a question after a long document", "",
            (f"TTFT in milliseconds (p50, p90 in brackets) of a {QUESTION_TOKENS}-token question after a document, one "
             "request at a time. uncached: a new document each time; first follow-up: the second question about "
@@ -268,6 +270,7 @@ def markdown(prefix: dict) -> list[str]:
 
 
 def plot(results: dict, path: Path) -> Path | None:
+    """TTFT p50 vs document length, a line per target and mode; None without rows."""
     prefix = results["suites"].get("prefix") or {}
     if not any(res["rows"] for res in prefix.values()):
         return None
