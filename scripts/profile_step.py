@@ -148,7 +148,6 @@ def main(argv=None) -> int:
         result["prefill"].append({"tokens": T, "ms": ms, "tok_per_s": T / ms * 1e3})
         print(f"prefill T={T}: {ms:.2f} ms ({T / ms * 1e3 / 1e3:.0f}K tok/s)", flush=True)
         print(_kernel_table(run, tables, f"prefill T={T}"), flush=True)
-
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return 0
 
