@@ -1,27 +1,8 @@
 """Prefix suite: the time to the first token of a short question asked after
 a long document, with the document's state reused (the prefix cache) and
 without, vs document length. ``python -m statex_serve.bench prefix ...``
-(not part of ``all``).
-
-For each document length D (``--contexts``), one request at a time, greedy:
-
-- ``uncached``: a fresh random document of D tokens + a question, each time
-  (nothing to reuse: the cost of reading the document);
-- ``first follow-up``: one document; ``doc + q0`` is sent untimed (it stores
-  the state at its prefill segment ends), then ``doc + q1`` is timed: it
-  restores the last segment end before the end of ``doc`` and, since it parts
-  from ``doc + q0`` there, cuts a segment at the end of ``doc``;
-- ``cached``: ``doc + q2``, ``doc + q3``, ...: each restores the state at the
-  end of ``doc`` and prefills only its question;
-- ``pinned`` (servers with the prefix cache's API): the document is pinned
-  (``POST /v1/prefixes``, timed as ``pin``), then each question is sent alone
-  with ``prefix_id``; the pin is deleted afterwards.
-
-A question is ``QUESTION_TOKENS`` random tokens; each request generates
-``OUTPUT_TOKENS``. Prompts are token ids. ``cached_tokens`` (the server's
-``usage.prompt_tokens_details.cached_tokens``, or the engine's count) says how
-much of each prompt was restored, so a table shows whether the cache was hit,
-not just how fast the answer came.
+(not part of ``all``). The four modes (``MODES``), what each request sends and
+how to read the table: docs/prefix-cache.md ("Results").
 """
 from __future__ import annotations
 
