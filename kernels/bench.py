@@ -264,6 +264,7 @@ def bench_gla_prefill(H, K, V, T, nseq, impl, quick, sdt=torch.float32, in_dt=to
 
 
 def bench_ssd_prefill(H, P, N, T, nseq, impl, quick, sdt=torch.float32, in_dt=torch.bfloat16, G=1):
+    """(median us, bytes moved) of one SSD prefill of ``T`` tokens in ``nseq`` sequences, ours or mamba-ssm's."""
     x, dt, A, Bm, Cm, D, dt_bias = _ssd_inputs(T, H, P, N, G, in_dt)
     cu, has_init = _prefill_layout(T, nseq)
     pool = torch.randn(nseq + 4, H, P, N, device="cuda").to(sdt)

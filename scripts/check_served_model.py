@@ -43,6 +43,7 @@ def wait_healthy(base_url: str, timeout: float) -> None:
 
 
 def main() -> int:
+    """Run the checks against --base-url: 0 when every one passes, else 1."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     ap.add_argument("--length", type=int, default=1100, help="prompt length in tokens (bytes)")

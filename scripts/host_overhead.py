@@ -39,6 +39,7 @@ def bookkeeping_us(tokenizer, streams: int, tokens: int) -> float:
 
 
 def engine_loop(model_dir: str, streams: int, tokens: int) -> tuple[float, float]:
+    """(ms per engine step, us per token) of ``streams`` concurrent requests with a zero-cost model."""
     from statex_serve.engine import EngineArgs, GenerationRequest, SamplingParams
     from statex_serve.engine.native import NativeEngine
 

@@ -71,6 +71,7 @@ def _kernel_table(fn, path: Path, title: str, rows=25) -> str:
 
 @torch.inference_mode()   # as the engine runs (the runner's graph buffers are inference tensors)
 def main(argv=None) -> int:
+    """Time one preset shape's decode steps and prefills on the GPU; writes the JSON and kernel tables to --out."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shape", help="a bench preset, e.g. gla-1.3b-statex, mamba2-1.3b-statex")
     ap.add_argument("--batch", type=_int_list, default="1,16", help="decode batch sizes")
@@ -147,7 +148,6 @@ def main(argv=None) -> int:
         result["prefill"].append({"tokens": T, "ms": ms, "tok_per_s": T / ms * 1e3})
         print(f"prefill T={T}: {ms:.2f} ms ({T / ms * 1e3 / 1e3:.0f}K tok/s)", flush=True)
         print(_kernel_table(run, tables, f"prefill T={T}"), flush=True)
-
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return 0
 

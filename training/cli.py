@@ -149,6 +149,7 @@ def add_expand(sub) -> None:
 
 
 def add_train(sub) -> None:
+    """The ``train`` subcommand: data, output and every field of the run config as an option."""
     p, d = _config_command(sub, "train", TrainConfig, cmd_train,
                            "long-context post-training (the same loop for LPT and StateX)",
                            "Train a checkpoint on packed sequences; writes OUT/model (final checkpoint), "
@@ -209,6 +210,7 @@ def add_eval(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``statex-train`` parser: --log-level and the five subcommands."""
     p = argparse.ArgumentParser(
         prog="statex-train",
         description="StateX for GLA and Mamba2: start from a fresh (init) or an upstream (import) checkpoint, "

@@ -1,29 +1,9 @@
 """StateX: expand the recurrent state of chosen layers of a pre-trained model.
 
-GLA: merge the H heads of a layer into H' heads (``expand_gla_heads``); every
-projection keeps its shape, only the output-norm weight grows, and the layer's
-state grows by H/H'. Mamba2: grow d_state N -> N' (``expand_mamba2_state``);
-only the B/C rows of in_proj and the B/C conv channels grow.
-
-Initialisation follows the StateX reference code (thunlp/StateX) as described
-in docs/training.md (`expand`):
-
-GLA   reinit   fresh mixer: Xavier-uniform (gain 2^-2.5) Linear weights, zero
-               biases, output norm 1; the block's pre-mixer norm reset to 1
-      inherit  keep the projections, tile the output-norm weight H/H' times;
-               the pre-mixer norm is reset to 1 as well (the reference code
-               replaces ``attn_norm`` for every mode)
-Mamba2 reinit  keep z/x/dt rows of in_proj and the x conv channels; fresh B/C
-               rows and conv channels (PyTorch default Linear / Conv1d init)
-      merge_copy  old B/C rows and conv channels tiled N'/N times
-      merge_zero  old B/C rows and conv channels, then zeros
-      every mode resets the gated norm to 1 and keeps D, out_proj and the block
-      norm; dt_bias / A_log follow ``dt_init``: official (the reference code:
-      dt_bias 1, A_log log(1..H)), inherit (kept), init (mamba_ssm's draw)
-
-Everything outside the expanded layers' mixers (and their pre-mixer norm, for
-GLA) is copied bit for bit. Expansion builds a new state dict and loads it
-strictly into a model built from the new config, so shapes are checked once.
+GLA merges a layer's H heads into H' (``expand_gla_heads``); Mamba2 grows
+d_state N -> N' (``expand_mamba2_state``). What each ``--init`` keeps and what
+it redraws (following the StateX reference code, thunlp/StateX), and the
+parameter and state bookkeeping: docs/training.md (`expand`).
 """
 from __future__ import annotations
 
@@ -140,6 +120,9 @@ def _build(model, new_config, sd: dict[str, torch.Tensor]):
     tied = getattr(new_config, "tie_word_embeddings", False)
     if tied:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    # strict: the expanded state dict must fill the new config's model exactly, so every
+    # shape is checked here, once; everything outside the expanded mixers was copied
+    # bit for bit into ``sd``
     check_and_load(new, sd, "expanded model", allow_missing=("lm_head.weight",) if tied else ())
     return new.to(dtype=next(model.parameters()).dtype).eval()
 

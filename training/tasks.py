@@ -144,6 +144,7 @@ def _pseudo_word(rng: random.Random, syllables: int = 3) -> str:
 
 
 def niah(rng: random.Random, codec: Codec, length: int, needles: int = 4, depth: float | None = None) -> Sample:
+    """Multi-key NIAH: ``needles`` "magic number for <key>" lines in varied filler, the asked one at ``depth``."""
     keys: list[str] = []
     while len(keys) < needles:
         k = _pseudo_word(rng)

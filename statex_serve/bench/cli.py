@@ -64,6 +64,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The bench's command line: suites, targets, each suite's knobs; the module docstring's body as epilog."""
     p = _Parser(prog=PROG, description="Long-context latency, recall and memory of statex-serve (or any "
                                        "OpenAI-compatible server), with JSON, Markdown and PNG output.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -353,6 +354,7 @@ def _model_facts(targets, log) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the bench from the command line: exit code 0, 2 on bad input, 130/143 when stopped."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

@@ -15,6 +15,7 @@ def _ratio(a, b):
 
 
 def compare(a: str, b: str, latency: dict, recall: dict, memory: dict | None) -> dict:
+    """Target ``a``'s and ``b``'s latency cells, recall rows and memory paired up, with B/A ratios."""
     out = {"a": a, "b": b, "latency": [], "recall": [], "memory": None}
     if a in latency and b in latency:
         cells_b = {(c["context"], c["concurrency"]): c for c in latency[b]["cells"]}

@@ -107,6 +107,7 @@ def flatness(cells: list[dict]) -> dict:
 
 async def run_latency(target: Target, cfg: LatencyConfig, facts: ModelFacts | None, bandwidth: float,
                       progress=None) -> dict:
+    """The latency suite on one target: a cell per (context, concurrency), the skipped contexts, flatness, the floor."""
     tok = target.tokenizer()
     pool = prompt_token_pool(tok, facts.vocab_size if facts else None)
     max_len = target.max_model_len

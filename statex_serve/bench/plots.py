@@ -38,6 +38,7 @@ def _finish(fig, path: Path) -> Path:
 
 
 def latency_plot(results: dict, path: Path) -> Path | None:
+    """TTFT, TPOT (with the floor where shown) and output tok/s vs context; None without latency cells."""
     latency = results["suites"].get("latency") or {}
     if not any(res["cells"] for res in latency.values()):
         return None
@@ -112,6 +113,7 @@ def throughput_plot(results: dict, path: Path) -> Path | None:
 
 
 def recall_plot(results: dict, path: Path) -> Path | None:
+    """A panel per recall task: accuracy vs context, a line per target; None without recall rows."""
     recall = results["suites"].get("recall") or {}
     tasks = list(dict.fromkeys(r["task"] for res in recall.values() for r in res["rows"]))
     if not tasks:
@@ -143,6 +145,7 @@ def recall_plot(results: dict, path: Path) -> Path | None:
 
 
 def memory_plot(results: dict, path: Path) -> Path | None:
+    """Bytes per sequence and sequences in the budget vs context, the Transformer dashed; None without entries."""
     memory = results["suites"].get("memory")
     if not memory or not memory["entries"]:
         return None

@@ -1,27 +1,8 @@
 """Prefix suite: the time to the first token of a short question asked after
 a long document, with the document's state reused (the prefix cache) and
 without, vs document length. ``python -m statex_serve.bench prefix ...``
-(not part of ``all``).
-
-For each document length D (``--contexts``), one request at a time, greedy:
-
-- ``uncached``: a fresh random document of D tokens + a question, each time
-  (nothing to reuse: the cost of reading the document);
-- ``first follow-up``: one document; ``doc + q0`` is sent untimed (it stores
-  the state at its prefill segment ends), then ``doc + q1`` is timed: it
-  restores the last segment end before the end of ``doc`` and, since it parts
-  from ``doc + q0`` there, cuts a segment at the end of ``doc``;
-- ``cached``: ``doc + q2``, ``doc + q3``, ...: each restores the state at the
-  end of ``doc`` and prefills only its question;
-- ``pinned`` (servers with the prefix cache's API): the document is pinned
-  (``POST /v1/prefixes``, timed as ``pin``), then each question is sent alone
-  with ``prefix_id``; the pin is deleted afterwards.
-
-A question is ``QUESTION_TOKENS`` random tokens; each request generates
-``OUTPUT_TOKENS``. Prompts are token ids. ``cached_tokens`` (the server's
-``usage.prompt_tokens_details.cached_tokens``, or the engine's count) says how
-much of each prompt was restored, so a table shows whether the cache was hit,
-not just how fast the answer came.
+(not part of ``all``). The four modes (``MODES``), what each request sends and
+how to read the table: docs/prefix-cache.md ("Results").
 """
 from __future__ import annotations
 
@@ -167,6 +148,7 @@ def _summary(results: list[Timed]) -> dict:
 
 
 async def run_prefix(target: Target, cfg: PrefixConfig, log=lambda msg: None) -> dict:
+    """The prefix suite on one target: per document length, the TTFT of each mode (``MODES``)."""
     pool = prompt_token_pool(target.tokenizer())
     max_len = target.max_model_len
     pinnable = can_pin(target)
@@ -230,6 +212,7 @@ _LABELS = {"uncached": "uncached", "first_followup": "first follow-up", "cached"
 
 
 def markdown(prefix: dict) -> list[str]:
+    """The prefix suite's section of the report: a TTFT table per target, flatness, skips, errors."""
     out = ["## Prefix cache: a question after a long document", "",
            (f"TTFT in milliseconds (p50, p90 in brackets) of a {QUESTION_TOKENS}-token question after a document, one "
             "request at a time. uncached: a new document each time; first follow-up: the second question about "
@@ -268,6 +251,7 @@ def markdown(prefix: dict) -> list[str]:
 
 
 def plot(results: dict, path: Path) -> Path | None:
+    """TTFT p50 vs document length, a line per target and mode; None without rows."""
     prefix = results["suites"].get("prefix") or {}
     if not any(res["rows"] for res in prefix.values()):
         return None

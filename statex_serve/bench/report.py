@@ -102,6 +102,7 @@ def _plot_link(results: dict, name: str, alt: str, only_if_made: bool = False) -
 
 
 def markdown(results: dict) -> str:
+    """The run as a Markdown report: command, host, targets, then each suite's tables and plots."""
     env = results["environment"]
     hw, v = env["hardware"], env["versions"]
     gpu = ", ".join(g["name"] for g in hw["gpus"]) or "none"

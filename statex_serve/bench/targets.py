@@ -243,6 +243,7 @@ class OpenAITarget(Target):
             self.client = None
 
     async def generate(self, prompt_ids: list[int], max_tokens: int) -> RequestResult:
+        """One greedy completion streamed from ``/v1/completions``, every chunk timed as it arrives."""
         body = {"model": self.model_name, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
                 "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
@@ -372,6 +373,7 @@ class EngineTarget(Target):
             self.engine = None
 
     async def generate(self, prompt_ids: list[int], max_tokens: int) -> RequestResult:
+        """One greedy request through the engine, tokens timed as it hands them over."""
         from statex_serve.engine import EngineError, GenerationRequest, SamplingParams
 
         res = RequestResult(prompt_tokens=len(prompt_ids), token_ids=[])

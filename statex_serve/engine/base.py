@@ -1,26 +1,6 @@
 """The engine interface: what the API, the bench and the tests talk to, whichever
 engine runs (the built-in ``NativeEngine`` or the ``VLLMEngine`` adapter).
-
-Contract, in the order a caller meets it:
-
-1. Construction loads the model and may block or raise (bad checkpoint, not
-   enough memory for one sequence's state): a server fails before it listens.
-2. ``await engine.start()`` runs inside the event loop that will call
-   ``generate``; ``await engine.shutdown()`` stops the engine and ends every
-   open stream with ``EngineDeadError``.
-3. ``engine.generate(request)`` is a plain (not async) call that checks and
-   queues the request *before it returns*, so a caller can still answer with an
-   error status: it raises ``InvalidRequestError`` (bad input: 400) or
-   ``EngineOverloadedError`` (queue full: 503 with Retry-After). It returns an
-   async iterator of ``RequestOutput`` *deltas*; the last one has
-   ``finished=True``. Closing the iterator early (``aclose()``, or cancelling the
-   task that iterates it, e.g. when the HTTP client goes away) aborts the
-   request and frees its state slots at once. An engine failure while the
-   request runs raises ``RequestFailedError`` from the iterator.
-4. Text is produced by the engine: it detokenizes incrementally (a delta never
-   ends inside a UTF-8 character) and applies stop strings, holding back text
-   that could be the start of one. The concatenation of a sequence's ``text``
-   deltas is its final text; of its ``token_ids`` deltas, its generated tokens.
+The contract a caller meets, from construction to the last delta: docs/engine.md.
 """
 from __future__ import annotations
 
@@ -363,7 +343,7 @@ class EngineStats:
 # --- the interface --------------------------------------------------------------------
 
 class Engine(abc.ABC):
-    """What every engine offers. See the module docstring for the contract."""
+    """What every engine offers. The contract: docs/engine.md."""
 
     @property
     @abc.abstractmethod

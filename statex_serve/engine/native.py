@@ -241,6 +241,7 @@ class NativeEngine(LoadedModelEngine):
             stream._queue.put_nowait(EngineDeadError(self._dead))
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Check and queue ``request`` now (raises if it is refused); the stream it returns yields its outputs."""
         if self._dead is not None or self._loop is None:
             raise EngineDeadError(self._dead or "the engine has not been started")
         prefix, pin_reserved = None, False

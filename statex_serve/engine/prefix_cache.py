@@ -1,51 +1,9 @@
 """The recurrent-state prefix cache: the state after a token prefix, kept so a
 later request that starts with the same tokens prefills only the rest.
 
-A recurrent model's whole context is its state, a constant-size object (one
-pool slot), so a snapshot of all layers' state *is* the prefix: no per-token
-KV blocks, no alignment to block boundaries. The engine stores a snapshot
-wherever a prefill segment ends (the end of every prompt, every
-``--prefill-chunk`` boundary, and the cut points below), keyed by a hash of the
-token prefix; a new request restores the longest stored prefix of its prompt
-into its slot and prefills from there.
-
-Cut points. Two prompts about one document (``doc + q1``, ``doc + q2``) share
-``doc``, whose end is usually not a segment boundary. When a new prompt shares
-more tokens with a recently cached one than its best hit covers, the engine
-ends a prefill segment exactly where the two part (the *branch point*) and
-snapshots there; every later question about ``doc`` then restores the state at
-the end of ``doc`` and prefills only itself. A pinned prefix is cut the same way.
-
-Lookup. Keys are BLAKE2b digests of the int32 token bytes; the index groups
-stored prefixes by their first ``HEAD_TOKENS`` tokens and keeps the lengths
-present in each group, so a lookup hashes its prompt once, left to right,
-stopping at each stored length of its own group (unrelated entries cost
-nothing), and takes the longest key that is present and ready.
-
-Store. Snapshots live on the engine's device up to ``device_budget`` bytes;
-the least recently used ones spill to host memory (``host_budget``), and the
-least recently used host ones are dropped. Pinned snapshots (the API's
-``pin_prefix``) are never dropped, only spilled, until deleted. Byte counts are
-exact (``StateSpec.bytes_per_sequence`` per snapshot) and the budgets are never
-exceeded: a snapshot that cannot be placed is not stored.
-
-Readiness. A snapshot is published only when its copy is complete: on CUDA each
-copy records an event and lookups skip an entry until its event has fired (a
-spill to host makes the entry unready again until the copy lands), so nothing
-ever restores from a half-written snapshot; on CPU copies are synchronous.
-
-Scopes. Every key also hashes the request's scope (``cache_scope``: the API
-key's namespace and the request's ``cache_salt``), so a request only ever
-hits, cuts at branch points of, and continues prefixes of its own scope: the
-prefix cache (and ``cached_tokens``) tells nothing about another scope's
-prompts. Pinned prefixes belong to the API key's namespace (``owner``): other
-namespaces neither see, continue nor delete them (404, as for an unknown id).
-The unscoped scope (no key, no salt) hashes nothing extra.
-
-Threads. The engine thread stores, looks up and restores; the API's threads
-resolve pinned ids, list and delete. One lock guards the index and the byte
-counts; a reference count keeps an entry that a queued request will restore
-from alive through a delete.
+What is stored and when (segment ends, branch and pin points), keys and lookup,
+the two tiers and their budgets, readiness, scopes and which thread does what:
+docs/prefix-cache.md ("Design", "Scopes").
 """
 from __future__ import annotations
 
@@ -165,7 +123,7 @@ class CacheStats:
 
 
 class PrefixCache:
-    """Snapshots of ``pools`` slots keyed by token prefix. See the module docstring."""
+    """Snapshots of ``pools`` slots keyed by token prefix (docs/prefix-cache.md)."""
 
     def __init__(self, pools: StatePools, device: torch.device, device_budget: int, host_budget: int,
                  host_pool: bool | None = None):
@@ -188,6 +146,10 @@ class PrefixCache:
         self._zombies: set[CacheEntry] = set()       # dropped while a request still needs them
         # recently stored prompts (branch points are cut against those of the same scope)
         self._recent: collections.OrderedDict[int, tuple[bytes, np.ndarray]] = collections.OrderedDict()
+        # Guards the index, the pins and the byte counts. The engine thread stores,
+        # looks up, restores and moves snapshots; the API's threads only resolve
+        # pinned ids, list and delete (``refs`` keeps an entry a queued request will
+        # restore from alive through a delete).
         self._lock = threading.RLock()
         # The host tier of a GPU cache is one pinned pool allocated here, a slot per
         # snapshot: allocating pinned memory per spill (cudaHostAlloc) stalled the
@@ -283,7 +245,7 @@ class PrefixCache:
     def _spill(self, e: CacheEntry) -> None:
         if self._host_pool:                # on CPU without a pool the device is host memory: a relabel
             e.state, e.host_slot = self._to_host_slot(e.state)
-            e.ready = _copy_done(self.device)
+            e.ready = _copy_done(self.device)    # unready again until the copy to host lands
         self.used[DEVICE] -= self.entry_bytes
         self.used[HOST] += self.entry_bytes
         del self._lru[DEVICE][e.key]

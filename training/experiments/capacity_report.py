@@ -111,6 +111,7 @@ def _fmt(x: float | None, pct: bool = True) -> str:
 
 
 def table(fam: dict) -> list[str]:
+    """A family's table: mean ± 95% interval per cell and arm, bits per byte, and how the intervals were made."""
     arms = [a for a in ORDER if a in fam]
     any_rec = next(iter(fam[arms[0]].values()))
     cells = (cell_names(any_rec, "gate") + cell_names(any_rec, "capacity") + cell_names(any_rec, "length", "mqar")
@@ -164,6 +165,7 @@ def training_lines(fam: dict) -> list[str]:
 
 
 def plot(fam_name: str, fam: dict, path: Path) -> None:
+    """A family's three panels (MQAR vs pairs, MQAR vs length, passkey vs length), a line per arm, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,6 +217,7 @@ def _kept_reading(out_md: Path) -> str | None:
 
 
 def write_report(results: Path, out_md: Path) -> dict:
+    """Write the report (gates, criteria, a section per family) and its assets; returns each family's verdicts."""
     data = load(results)
     meta = data["meta"]
     fams = by_family(data)

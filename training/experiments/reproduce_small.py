@@ -337,6 +337,7 @@ def plot_losses(results: dict, path: Path) -> None:
 
 
 def run(args) -> dict:
+    """Each family in turn (skipped when the deadline would not allow it), results written after every phase."""
     p = PRESETS[args.preset]
     corpus = Path(args.corpus) / CORPUS_FILE
     if not corpus.is_file():
@@ -375,6 +376,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """``prepare`` the corpus or ``run`` the experiment."""
     ap = argparse.ArgumentParser(prog="reproduce_small", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="write the text corpus (JSONL)")
