@@ -1,30 +1,8 @@
-"""What the vLLM classes of both families share.
-
-The state page (why there is no padding)
-----------------------------------------
-vLLM gives every state-holding layer (``MambaBase``) a page per sequence and
-pads all pages to the largest one, so a model whose expanded layers hold 4x
-the state is charged the expanded size for every layer. We present vLLM with
-ONE state layer per pipeline stage, ``StateXStatePage``, whose page is a flat
-byte buffer holding every layer's state tensors of one sequence back to back
-(widest dtype first, so every tensor is aligned). vLLM then allocates exactly
-``sum over layers`` bytes per sequence, one block per sequence, and one block
-id (the slot) addresses the sequence in every layer, as in the native engine.
-Each mixer reads its own typed, slot-indexed view of the page
-(``[num_blocks, *shape]``, block stride = page size) and hands it to our
-kernels (``kernels.gla`` / ``kernels.conv`` / ``kernels.mamba2``: the torch
-reference on CPU, Triton on CUDA), which update it in place.
-
-``STATEX_VLLM_STATE_LAYOUT=per_layer`` instead gives every layer its own state
-layer (vLLM's usual scheme, padded); it exists to measure the difference.
-
-Tensor parallelism
-------------------
-Heads are split across ranks. A layer with fewer heads than ranks (a merged
-StateX GLA head) is split along V inside the head; the per-head output RMSNorm
-then needs the sum of squares over the whole head, which ``reduce_norm_sq``
-all-reduces across the ranks sharing the head. Mamba2's gated norm is reduced
-the same way when its norm group spans ranks.
+"""What the vLLM classes of both families share: the one state page per
+sequence (no padding), the backbone and LM-head base classes, weight loading,
+and the tensor-parallel norm reductions. Why and how: docs/vllm.md ("No
+padding: one state page per sequence", "The pieces", "Tensor parallelism";
+``STATEX_VLLM_STATE_LAYOUT=per_layer`` gives vLLM's padded scheme, to measure it).
 """
 from __future__ import annotations
 

@@ -1,32 +1,12 @@
-"""StateX's effect where the state is the bottleneck: base vs LPT vs
-StateX on small GLA and Mamba2, several seeds, fixed step counts.
+"""StateX's effect where the state is the bottleneck: base vs LPT vs StateX on
+small GLA and Mamba2, several seeds, fixed step counts. Design: docs/training.md
+("The capacity experiment"); results: docs/experiments/statex_capacity.md.
 
     python -m training.experiments.statex_capacity prepare --out corpus.jsonl
+    python -m training.experiments.statex_capacity pilot --corpus corpus.jsonl --out P      # does MQAR learn?
     python -m training.experiments.statex_capacity run --corpus corpus.jsonl --out RESULTS --seeds 0,1,2
     python -m training.experiments.statex_capacity report --results RESULTS --out docs/experiments/statex_capacity.md
     python -m training.experiments.statex_capacity run --corpus corpus.jsonl --out R --tiny    # CPU, < 1 min
-
-Design (docs/training.md, "The capacity experiment"; results in docs/experiments/):
-
-1. Vocabulary: byte ids, EOS/BOS/PAD, then ``n_keys`` key tokens and ``n_values``
-   value tokens, so one MQAR key and one value are one token each.
-2. Base pre-training from scratch: half the rows text, the rest MQAR (4-48
-   pairs) and a few passkey rows, loss averaged per kind (text; recall answers).
-3. Arms per (family, seed): base; LPT (base post-trained); StateX (layers
-   expanded with ``reinit``, post-trained on the identical stream); StateX at
-   0 steps. Per family, for the first seed: the expanded architecture trained
-   from scratch on all the data (pre-training then post-training: the upper
-   bound). Post-training rows are longer (2K) with up to 96 pairs.
-4. Evaluation with a fixed seed (the same rows for every arm): capacity (MQAR
-   at 2K, 8-128 pairs), length (MQAR with 32 pairs and passkey, 512-8K),
-   the gate cell (8 pairs at 512) and held-out bits per byte.
-
-Every (family, seed) pipeline is its own process (they share the GPU). Stage
-1 (``probe``): every process builds its models, compiles the kernels and
-times a few steps; the coordinator projects the run and writes ``plan.json``
-(steps x1, or shrunk to fit the deadline, or stop). Results are written per
-arm as they finish (``arms/FAMILY/SEED/ARM.json``), so a cut-short run keeps
-what it measured.
 """
 from __future__ import annotations
 
