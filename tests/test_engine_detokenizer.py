@@ -45,6 +45,39 @@ def test_arbitrary_bytes_concatenate_to_the_full_decode(tok):
         assert "".join(_stream(tok, ids, prompt)) == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_long_invalid_runs_still_concatenate_to_the_full_decode(tok):
+    """Runs of bytes >= 0x80 and of EOS long enough that held text is released early."""
+    rng = random.Random(1)
+    for _ in range(150):
+        ids = []
+        while len(ids) < 120:
+            kind = rng.randrange(4)
+            run = rng.randrange(1, 40)
+            ids += [rng.randrange(128, 256) if kind < 2 else EOS_ID if kind == 2 else rng.randrange(256)
+                    for _ in range(run)]
+        prompt = [rng.randrange(256) for _ in range(rng.randrange(0, 6))]
+        assert "".join(_stream(tok, ids, prompt)) == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("stuck", [[0x80], [0xE2, 0x82], [EOS_ID], [0xF0, 0x41, 0xC3]])
+def test_tokens_that_never_complete_text_keep_the_window_short(tok, stuck):
+    """Invalid bytes or skipped special tokens, thousands of times: the text still
+    concatenates to the full decode, it comes out as it goes, and the window that
+    is re-decoded per token stays a few tokens long (it grew with the sequence)."""
+    ids = [ord("a")] + stuck * (3000 // len(stuck)) + [0xE2, 0x82, 0xAC, ord("!")]
+    detok = IncrementalDetokenizer(tok, [])
+    pieces, widest = [], 0
+    for t in ids:
+        pieces.append(detok.add(t))
+        widest = max(widest, len(detok.ids) - detok.prefix_offset)
+    pieces.append(detok.flush())
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert widest <= 3 * 8
+    assert "".join(pieces).endswith("€!")
+    if stuck != [EOS_ID]:
+        assert sum(1 for p in pieces[:1000] if p) > 50          # released as it goes, not at the end
+
+
 def test_stop_string_matcher_holds_back_and_cuts():
     m = StopStringMatcher(("STOP", "xy"))
     assert m.add("abcS") is None

@@ -2,7 +2,8 @@
 
 Tokens can end in the middle of a UTF-8 character (a byte-level tokenizer emits
 single bytes), so text is released only when the decoded window does not end in
-U+FFFD; what is held back comes out with the next token or at the end. Stop
+U+FFFD; what is held back comes out with the next token or at the end (or,
+after HOLD_LIMIT tokens, as the invalid bytes it is, so the window stays short). Stop
 strings are matched on the text, and a tail of text that could still grow into
 a stop string is held back from the stream until it either does (the sequence
 stops and that text is cut) or cannot any more.
@@ -18,6 +19,12 @@ REPLACEMENT_CHAR = "\ufffd"
 # that render a token differently at the start of a text (SentencePiece's
 # leading space) render it as it reads in context.
 CONTEXT_TOKENS = 5
+# A character is at most 4 bytes (tokens), so text still held back after this
+# many tokens is invalid bytes or tokens that decode to nothing (skipped special
+# tokens), not a character being completed. Without a bound, a sequence stuck
+# on such tokens re-decodes an ever longer window at every token: quadratic
+# host time on the engine thread that every request shares.
+HOLD_LIMIT = 8
 
 
 class IncrementalDetokenizer:
@@ -33,6 +40,10 @@ class IncrementalDetokenizer:
         # calls underneath (cleanup off), without ~15 us of Python around it per
         # call, which at 64+ streams was most of an engine step's host time.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        # special tokens that decoding skips add no text: kept out of the window,
+        # so a run of them (EOS under ignore_eos) costs nothing to re-decode
+        self._skipped = frozenset(getattr(tokenizer, "all_special_ids", ()) or ()) if skip_special_tokens \
+            else frozenset()
         self._prefix_text: str | None = None     # decode of the window [prefix_offset, read_offset)
         context = list(prompt_token_ids[-CONTEXT_TOKENS:])
         if context and REPLACEMENT_CHAR in self._decode(context):
@@ -49,6 +60,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Take one more token; return the text it completes (maybe empty)."""
+        if token_id in self._skipped:
+            return ""
         self.ids.append(token_id)
         return self._release(final=False)
 
@@ -62,11 +75,32 @@ class IncrementalDetokenizer:
         prefix_text = self._prefix_text
         new_text = self._decode(self.ids[self.prefix_offset:])
         if len(new_text) <= len(prefix_text) or (new_text.endswith(REPLACEMENT_CHAR) and not final):
-            return ""
+            held = len(self.ids) - self.read_offset
+            return self._release_held(prefix_text, new_text) if held and held % HOLD_LIMIT == 0 else ""
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         self._prefix_text = None
         return new_text[len(prefix_text):]
+
+    def _release_held(self, prefix_text: str, new_text: str) -> str:
+        """Release long-held text up to a split that changes no text now and
+        leaves the last 3 tokens that carry bytes held (a character still to be
+        completed has at most 3 of its bytes here); "" and keep holding if no
+        split qualifies."""
+        bearing, tried = 0, 0
+        for k in range(len(self.ids) - 1, self.read_offset, -1):
+            bearing += self._decode([self.ids[k]]) != ""
+            if bearing < 3:
+                continue
+            head = self._decode(self.ids[self.prefix_offset:k])
+            if head.startswith(prefix_text) and head + self._decode(self.ids[k:]) == new_text:
+                self.prefix_offset, self.read_offset = self.read_offset, k
+                self._prefix_text = None
+                return head[len(prefix_text):]
+            tried += 1
+            if tried == 4:
+                break
+        return ""
 
 
 class StopStringMatcher:
