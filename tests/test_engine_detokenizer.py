@@ -20,32 +20,38 @@ def tok(tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(d))
 
 
-def _stream(tok, ids, prompt=()):
-    detok = IncrementalDetokenizer(tok, list(prompt))
+def _stream(tok, ids, prompt=(), fast=True):
+    detok = IncrementalDetokenizer(tok, list(prompt), byte_fast_path=fast)
     pieces = [detok.add(t) for t in ids]
     pieces.append(detok.flush())
     return pieces
 
 
-def test_never_splits_a_character(tok):
+PATHS = pytest.mark.parametrize("fast", [True, False], ids=["byte-table", "window"])
+
+
+@PATHS
+def test_never_splits_a_character(tok, fast):
     text = "héllo wörld € 😀 日本語!"
     ids = tok.encode(text, add_special_tokens=False)
     assert len(ids) == len(text.encode())          # one token per byte
-    pieces = _stream(tok, ids, prompt=tok.encode("say: ", add_special_tokens=False))
+    pieces = _stream(tok, ids, prompt=tok.encode("say: ", add_special_tokens=False), fast=fast)
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
     assert pieces.count("") >= 3                  # multi-byte characters were held back
 
 
-def test_arbitrary_bytes_concatenate_to_the_full_decode(tok):
+@PATHS
+def test_arbitrary_bytes_concatenate_to_the_full_decode(tok, fast):
     rng = random.Random(0)
     for _ in range(200):
         ids = [rng.choice([rng.randrange(256), rng.randrange(128, 256), EOS_ID]) for _ in range(rng.randrange(1, 30))]
         prompt = [rng.randrange(256) for _ in range(rng.randrange(0, 6))]   # may end mid-character
-        assert "".join(_stream(tok, ids, prompt)) == tok.decode(ids, skip_special_tokens=True)
+        assert "".join(_stream(tok, ids, prompt, fast)) == tok.decode(ids, skip_special_tokens=True)
 
 
-def test_long_invalid_runs_still_concatenate_to_the_full_decode(tok):
+@PATHS
+def test_long_invalid_runs_still_concatenate_to_the_full_decode(tok, fast):
     """Runs of bytes >= 0x80 and of EOS long enough that held text is released early."""
     rng = random.Random(1)
     for _ in range(150):
@@ -56,7 +62,18 @@ def test_long_invalid_runs_still_concatenate_to_the_full_decode(tok):
             ids += [rng.randrange(128, 256) if kind < 2 else EOS_ID if kind == 2 else rng.randrange(256)
                     for _ in range(run)]
         prompt = [rng.randrange(256) for _ in range(rng.randrange(0, 6))]
-        assert "".join(_stream(tok, ids, prompt)) == tok.decode(ids, skip_special_tokens=True)
+        assert "".join(_stream(tok, ids, prompt, fast)) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_the_byte_table_is_taken_for_a_byte_level_tokenizer_only(tok):
+    from statex_serve.engine.detokenizer import byte_table
+
+    table = byte_table(tok)
+    assert table is byte_table(tok)                       # built once per tokenizer
+    assert table[ord("a")] == b"a" and table[0xE2] == bytes([0xE2]) and table[EOS_ID] is None
+    assert IncrementalDetokenizer(tok, [])._table is table
+    assert IncrementalDetokenizer(tok, [], skip_special_tokens=False)._table is None
+    assert byte_table(object()) is None
 
 
 @pytest.mark.parametrize("stuck", [[0x80], [0xE2, 0x82], [EOS_ID], [0xF0, 0x41, 0xC3]])
@@ -65,7 +82,7 @@ def test_tokens_that_never_complete_text_keep_the_window_short(tok, stuck):
     concatenates to the full decode, it comes out as it goes, and the window that
     is re-decoded per token stays a few tokens long (it grew with the sequence)."""
     ids = [ord("a")] + stuck * (3000 // len(stuck)) + [0xE2, 0x82, 0xAC, ord("!")]
-    detok = IncrementalDetokenizer(tok, [])
+    detok = IncrementalDetokenizer(tok, [], byte_fast_path=False)
     pieces, widest = [], 0
     for t in ids:
         pieces.append(detok.add(t))

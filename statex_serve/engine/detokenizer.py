@@ -10,6 +10,8 @@ stops and that text is cut) or cannot any more.
 """
 from __future__ import annotations
 
+import codecs
+import weakref
 from functools import lru_cache
 
 from model_registry.tokenizer import bytes_to_unicode
@@ -33,9 +35,15 @@ class IncrementalDetokenizer:
     The released pieces concatenate to ``tokenizer.decode(token_ids)`` (with the
     same ``skip_special_tokens``) for byte-level and SentencePiece tokenizers."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 byte_fast_path: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # Byte-level BPE: each token is a fixed byte string, so the text is an
+        # incremental UTF-8 decode of their concatenation (C, no re-decoding);
+        # the general path below re-decodes a short window per token.
+        self._table = byte_table(tokenizer) if byte_fast_path and skip_special_tokens else None
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._table is not None else None
         # A fast tokenizer's Rust decoder directly: what transformers' decode()
         # calls underneath (cleanup off), without ~15 us of Python around it per
         # call, which at 64+ streams was most of an engine step's host time.
@@ -60,6 +68,9 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Take one more token; return the text it completes (maybe empty)."""
+        if self._utf8 is not None:
+            piece = self._table[token_id] if 0 <= token_id < len(self._table) else None
+            return self._utf8.decode(piece) if piece else ""
         if token_id in self._skipped:
             return ""
         self.ids.append(token_id)
@@ -67,6 +78,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character decodes as U+FFFD)."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
@@ -160,6 +173,45 @@ def _is_byte_level(tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     decoder = getattr(backend, "decoder", None)
     return decoder is not None and "ByteLevel" in repr(decoder)
+
+
+_BYTE_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def byte_table(tokenizer) -> list[bytes | None] | None:
+    """Each token id's exact bytes (None for a special token), when every other
+    token of the tokenizer is a byte-level BPE piece; else None. Built once per
+    tokenizer (a vocabulary walk) and shared by its sequences."""
+    try:
+        return _BYTE_TABLES[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:            # not weakly referenceable: build it every time would be too slow
+        return None
+    table = _build_byte_table(tokenizer)
+    _BYTE_TABLES[tokenizer] = table
+    return table
+
+
+def _build_byte_table(tokenizer) -> list[bytes | None] | None:
+    if not _is_byte_level(tokenizer):
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    try:
+        vocab = tokenizer.get_vocab()
+        added = tokenizer.get_added_vocab()
+    except Exception:     # noqa: BLE001 - a tokenizer without these lists: the general path
+        return None
+    if any(i not in special for i in added.values()):
+        return None                  # plain-text added tokens: decode() renders them its own way
+    table: list[bytes | None] = [None] * (max(vocab.values(), default=-1) + 1)
+    for piece, i in vocab.items():
+        if i in special:
+            continue
+        if not all(c in _UNICODE_TO_BYTE for c in piece):
+            return None
+        table[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
+    return table
 
 
 class TokenStrings:
