@@ -92,6 +92,9 @@ def test_prefill_chunk_defaults_per_device(checkpoints):
     assert EngineArgs(model=checkpoints["gla"], prefill_chunk=96).prefill_chunk_for("cuda") == 96
     engine = NativeEngine(args)
     assert engine.prefill_chunk == 512 and engine.scheduler.prefill_chunk == 512
+    from statex_serve.engine.detokenizer import _BYTE_TABLES
+
+    assert _BYTE_TABLES.get(engine.tokenizer) is not None     # built at start, not in the first request's step
     assert engine.describe()["prefill_chunk"] == 512
     with pytest.raises(ValueError, match="--prefill-chunk must be at least 1"):
         EngineArgs(model=checkpoints["gla"], prefill_chunk=0)

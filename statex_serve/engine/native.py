@@ -43,6 +43,7 @@ from statex_serve.engine.base import (
 from statex_serve.engine.loading import (
     checkpoint_dtype, eos_token_ids, load_tokenizer, pool_slots, resolve_device, resolve_dtype,
 )
+from statex_serve.engine.detokenizer import byte_table
 from statex_serve.engine.prefix_cache import PrefixCache, PrefixHasher
 from statex_serve.engine.runner import ModelRunner
 from statex_serve.engine.scheduler import PrefillChunk, Scheduler
@@ -115,6 +116,7 @@ class NativeEngine(LoadedModelEngine):
         self.model = load_model(args.model, device=self.device, dtype=self.dtype)
         self.model.fuse_projections_()
         self._tokenizer = load_tokenizer(args.tokenizer or args.model)
+        byte_table(self._tokenizer)    # the detokenizer's table, built here rather than in the first request's step
         sampling.set_server_seed(args.seed)
         self.config = self.model.config
         self.spec = self.model.state_spec(self.state_dtype)
