@@ -44,6 +44,8 @@ class IncrementalDetokenizer:
         # the general path below re-decodes a short window per token.
         self._table = byte_table(tokenizer) if byte_fast_path and skip_special_tokens else None
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._table is not None else None
+        if self._utf8 is not None:
+            return               # no window, no context decode, no special-id set: none is used
         # A fast tokenizer's Rust decoder directly: what transformers' decode()
         # calls underneath (cleanup off), without ~15 us of Python around it per
         # call, which at 64+ streams was most of an engine step's host time.
