@@ -13,9 +13,10 @@
 # SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 390), ALT=1 (also the
 # alternative expansion arm), PY (python3); arguments are passed to `run`,
 # e.g. `bash scripts/gpu_capacity_run.sh --set pre_steps=3000`.
-# PILOT=1 first runs the pilot (MQAR only, a few learning rates; both families
-# at once, PILOT_S seconds at most, PILOT_ARGS e.g. "--set mqar_layout=zoology");
-# RUN=0 skips the full run.
+# PILOT=1 first runs the pilot (MQAR only, a few learning rates; every family and
+# layout at once, PILOT_S seconds at most): PILOT_LAYOUTS (e.g. "text zoology"),
+# PILOT_ARGS for both families, PILOT_ARGS_GLA / PILOT_ARGS_MAMBA2 for one (e.g.
+# "--set pilot_lrs=1e-2,3e-3"). RUN=0 skips the full run.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT}
@@ -41,9 +42,14 @@ cat "$R/gpu.txt"
 
 [ -f "$W/corpus.jsonl" ] || stage prepare 90 $PY -m training.experiments.statex_capacity prepare --out "$W/corpus.jsonl"
 if [ -n "${PILOT:-}" ]; then
-    for fam in gla mamba2; do
-        stage "pilot-$fam" "${PILOT_S:-150}" $PY -m training.experiments.statex_capacity pilot --corpus "$W/corpus.jsonl" \
-            --out "$R/pilot-$fam" --families $fam ${PILOT_ARGS:-} &
+    for layout in ${PILOT_LAYOUTS:-default}; do
+        [ "$layout" = default ] && set_layout= || set_layout="--set mqar_layout=$layout"
+        for fam in gla mamba2; do
+            fam_args=PILOT_ARGS_${fam^^}
+            stage "pilot-$fam-$layout" "${PILOT_S:-150}" $PY -m training.experiments.statex_capacity pilot \
+                --corpus "$W/corpus.jsonl" --out "$R/pilot-$fam-$layout" --families $fam $set_layout \
+                ${PILOT_ARGS:-} ${!fam_args:-} &
+        done
     done
     wait
 fi
