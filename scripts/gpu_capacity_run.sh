@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One H200 call for the StateX capacity experiment (docs/training.md;
 # training/experiments/statex_capacity.py): both families, seeds 0,1,2, every
-# arm, evaluation and the report, in about 8 minutes. Every stage is capped
+# arm, evaluation and the report, in about 8 minutes (7.5 for the run). Every stage is capped
 # in wall-clock time; whatever finished (per-arm JSON, logs, the report) is
 # packed into ONE file, $OUT/capacity.tar.gz (the device tool returns few files);
 # seed 0's base / LPT / StateX checkpoints (for serving) into $OUT/checkpoints-FAMILY.tar.gz.
@@ -10,7 +10,7 @@
 #
 # .whl holds the fla and mamba-ssm wheels (pure Python + Triton), installed
 # into a --target dir as scripts/gpu_bench_run.sh does. Environment knobs:
-# SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 390), ALT=1 (also the
+# SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 450), ALT=1 (also the
 # alternative expansion arm), PY (python3); arguments are passed to `run`,
 # e.g. `bash scripts/gpu_capacity_run.sh --set pre_steps=3000`.
 # PILOT=1 first runs the pilot (MQAR only, a few learning rates; every family and
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT}
 W=${WORK:-/tmp/statex-capacity}
 PY=${PY:-python3}
-BUDGET_S=${BUDGET_S:-390}
+BUDGET_S=${BUDGET_S:-450}
 R=$W/results
 rm -rf "$R" "$W/checkpoints"
 mkdir -p "$W" "$R" "$OUT"

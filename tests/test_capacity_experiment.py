@@ -122,6 +122,7 @@ def test_plan_keeps_shrinks_or_stops():
     shrunk = sc.plan_steps(p, probes, elapsed=50, budget=225)                      # 1.1 * (135 + 20) <= 175
     assert shrunk["scale"] == 0.75 and shrunk["pre_steps"] == round(0.75 * p.pre_steps)
     assert shrunk["post_steps"] == round(0.75 * p.post_steps)
+    assert shrunk["mqar_steps"] == round(0.75 * p.mqar_steps) > 0                 # every phase scales
     assert sc.plan_steps(p, probes, elapsed=50, budget=110)["stop"]              # 1.1 * (45 + 20) > 60
     assert sc.plan_steps(p, {}, elapsed=0, budget=100)["stop"]
 
@@ -191,9 +192,16 @@ def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
         # StateX grew the state, LPT did not; LPT and StateX saw the same post-training stream
         assert by[(fam, "statex")]["state_elements"] > by[(fam, "lpt")]["state_elements"]
         assert by[(fam, "statex")]["state_elements"] == by[(fam, "scratch")]["state_elements"]
-        lpt_post, sx_post = by[(fam, "lpt")]["train"][1], by[(fam, "statex")]["train"][1]
+        lpt_post, sx_post = by[(fam, "lpt")]["train"][-1], by[(fam, "statex")]["train"][-1]
         assert lpt_post["steps"] == sx_post["steps"] == plan["post_steps"]
         assert lpt_post["data_seed"] == sx_post["data_seed"]
+        # the MQAR-only phase, then pre-training, then post-training; the upper bound has them all too
+        tiny = sc.PRESETS["tiny"]
+        for arm in ("lpt", "scratch"):
+            mqar, pre, post = by[(fam, arm)]["train"]
+            assert (mqar["seq"], mqar["steps"], mqar["lr"]) == (tiny.mqar_seq, plan["mqar_steps"], tiny.mqar_lr)
+            assert (pre["seq"], post["seq"]) == (tiny.pre_seq, tiny.post_seq)
+        assert [t["seq"] for t in by[(fam, "base")]["train"]] == [tiny.mqar_seq, tiny.pre_seq]
         # the expansions are the preset's: reinit, and the alternative
         assert by[(fam, "statex")]["expansion"]["init"] == "reinit"
         assert by[(fam, "statex_alt")]["expansion"]["init"] == ("inherit" if fam == "gla" else "merge_copy")

@@ -52,14 +52,21 @@ class Preset:
     n_values: int = 512
     # MQAR rows: "text" (queries at uniform places in text filler, the first H200 run) or
     # "zoology" (Zoology's multiquery_ar: every query after the pairs at power-law gaps, random
-    # byte filler), see mqar_row
-    mqar_layout: str = "text"
+    # byte filler; learnt far sooner in the pilots), see mqar_row
+    mqar_layout: str = "zoology"
     mqar_power_a: float = 0.01
+    # an MQAR-only phase before pre-training (0: none): the pilot's recipe, which crossed
+    # MQAR's plateau in 600-800 steps on the H200, where mixed pre-training left 2 of 3 seeds near chance
+    mqar_steps: int = 1200
+    mqar_seq: int = 256
+    mqar_pairs: tuple = (4, 32)
+    mqar_lr: float = 1e-2
+    mqar_warmup: int = 100
     # pre-training (base, and the from-scratch upper bound's first phase)
     pre_seq: int = 512
     pre_batch: int = 64
-    pre_steps: int = 3000
-    pre_lr: float = 3e-3
+    pre_steps: int = 2000
+    pre_lr: float = 1e-2
     pre_warmup: int = 100
     pre_pairs: tuple = (4, 48)
     # post-training (LPT, StateX, the upper bound's second phase): identical streams
@@ -104,7 +111,8 @@ PRESETS = {
     "tiny": Preset(d_model=32, layers=2, gla_heads=2, mamba2_state=4, mamba2_head_dim=16, expand_layers=(0,),
                    mamba2_expanded_state=8, n_keys=32, n_values=32, pre_seq=96, pre_batch=8, pre_steps=4,
                    pre_warmup=1, pre_pairs=(2, 6), post_seq=160, post_batch=4, post_steps=3, post_warmup=1,
-                   post_pairs=(2, 8), gate_cell=(96, 2), capacity_len=160, capacity_pairs=(2, 8), length_pairs=4,
+                   post_pairs=(2, 8), mqar_steps=2, mqar_seq=96, mqar_pairs=(2, 6), mqar_warmup=1, gate_cell=(96, 2),
+                   capacity_len=160, capacity_pairs=(2, 8), length_pairs=4,
                    lengths=(300, 400), mqar_answers=16, min_rows=4, passkey_rows=4, max_rows=8, bpb_windows=2,
                    eval_tokens_per_batch=4096, log_every=1),
 }
@@ -129,6 +137,11 @@ def preset(name: str, overrides: list[str]) -> Preset:
         except ValueError:
             raise SystemExit(f"--set {o}: {val!r} is not a valid {type(cur).__name__}") from None
     return replace(p, **changes)
+
+
+def mqar_only(p: Preset) -> Preset:
+    """The preset with every training row MQAR (the pilot and the MQAR-only phase)."""
+    return replace(p, frac_text=0.0, frac_passkey=0.0)
 
 
 def log(msg: str) -> None:
@@ -619,6 +632,12 @@ class Pipeline:
         self.base = new_model(self.fam, self.p, self.seed, expanded=(self.kind == "scratch")).to(self.device)
         self.probe_result: dict = {}
 
+    def mqar_stream(self, seed: int | None = None) -> Stream:
+        """MQAR rows only (no text, no passkey), for the phase before pre-training."""
+        p = self.p
+        return Stream(self.corpus, mqar_only(p), p.mqar_seq, p.pre_batch, p.mqar_pairs,
+                      seed=500 + self.seed if seed is None else seed)
+
     def pre_stream(self) -> Stream:
         p = self.p
         return Stream(self.corpus, p, p.pre_seq, p.pre_batch, p.pre_pairs, seed=1000 + self.seed)
@@ -638,6 +657,8 @@ class Pipeline:
         warm, timed = (1, 1) if self.args.preset == "tiny" else (3, 5)
         timers = {"pre_step_s": StepTimer(self.base, probe_pre, dev),
                   "post_step_s": StepTimer(self.base, probe_post, dev)}
+        if p.mqar_steps:
+            timers["mqar_step_s"] = StepTimer(self.base, self.mqar_stream(seed=99), dev)
         if self.kind == "main":   # the expanded layers' kernels too
             timers["post_step_expanded_s"] = StepTimer(expand(self.fam, self.base, p, self.seed)[0], probe_post, dev)
         for t in timers.values():
@@ -655,7 +676,7 @@ class Pipeline:
         probe["setup_s"] = time.perf_counter() - t0
         n_alt = int(self.args.alt and self.kind == "main")
         probe["evals_s"] = ((4 + n_alt) if self.kind == "main" else 1) * probe["eval_s"]
-        probe["train_s"] = p.pre_steps * probe["pre_step_s"] + p.post_steps * (
+        probe["train_s"] = p.mqar_steps * probe.get("mqar_step_s", 0.0) + p.pre_steps * probe["pre_step_s"] + p.post_steps * (
             probe["post_step_s"] + (1 + n_alt) * probe.get("post_step_expanded_s", 0.0))
         (out / "probes").mkdir(exist_ok=True)
         (out / "probes" / f"{self.fam}_{self.kind}_{self.seed}.json").write_text(json.dumps(probe))
@@ -679,7 +700,8 @@ class Pipeline:
 
     def train(self, model, stream: Stream, steps: int, phase: str, label: str, evals_left: int) -> dict:
         p = self.p
-        lr, warmup = (p.pre_lr, p.pre_warmup) if phase == "pre" else (p.post_lr, p.post_warmup)
+        lr, warmup = {"mqar": (p.mqar_lr, p.mqar_warmup), "pre": (p.pre_lr, p.pre_warmup),
+                      "post": (p.post_lr, p.post_warmup)}[phase]
         return train(model, stream, steps, lr, warmup, self.device, p, f"{self.name} {label}", self.until(evals_left))
 
     def write(self, arm: str, rec: dict) -> None:
@@ -715,32 +737,40 @@ class Pipeline:
         save(copy.deepcopy(model).to("cpu"), self.out / "checkpoints" / self.fam / arm, tokenizer_src=tok,
              provenance=prov, overwrite=True)
 
-    def run_scratch(self, pre_steps: int, post_steps: int) -> None:
-        """The upper bound: the expanded architecture through both phases."""
-        tr_pre = self.train(self.base, self.pre_stream(), pre_steps, "pre", "pre", 1)
-        tr_post = self.train(self.base, self.post_stream(), post_steps, "post", "post", 1)
-        self.run_eval(self.base, "scratch", {"train": [tr_pre, tr_post]})
+    def pretrain(self, mqar_steps: int, pre_steps: int, label: str, evals_left: int) -> list[dict]:
+        """The MQAR-only phase (if any), then pre-training: their train records."""
+        records = []
+        if mqar_steps:
+            records.append(self.train(self.base, self.mqar_stream(), mqar_steps, "mqar", f"{label} mqar", evals_left))
+        records.append(self.train(self.base, self.pre_stream(), pre_steps, "pre", label, evals_left))
+        return records
 
-    def run_arms(self, pre_steps: int, post_steps: int) -> None:
+    def run_scratch(self, mqar_steps: int, pre_steps: int, post_steps: int) -> None:
+        """The upper bound: the expanded architecture through every phase."""
+        tr_pre = self.pretrain(mqar_steps, pre_steps, "pre", 1)
+        tr_post = self.train(self.base, self.post_stream(), post_steps, "post", "post", 1)
+        self.run_eval(self.base, "scratch", {"train": [*tr_pre, tr_post]})
+
+    def run_arms(self, mqar_steps: int, pre_steps: int, post_steps: int) -> None:
         """Base, StateX at 0 steps, LPT, StateX (and its alternative), each evaluated when done."""
         arms = [("statex", False)] + ([("statex_alt", True)] if self.args.alt else [])
         base = self.base
-        tr = self.train(base, self.pre_stream(), pre_steps, "pre", "base", 3 + len(arms))
-        self.run_eval(base, "base", {"train": [tr]}, evals_after=2 + len(arms))
+        tr = self.pretrain(mqar_steps, pre_steps, "base", 3 + len(arms))
+        self.run_eval(base, "base", {"train": tr}, evals_after=2 + len(arms))
         expanded = {}
         for arm, alt in arms:
             m, record = expand(self.fam, base, self.p, self.seed, alt)
             expanded[arm] = (m.to(self.device), record)
-        self.run_eval(expanded["statex"][0], "statex0", {"expansion": expanded["statex"][1], "train": [tr]},
+        self.run_eval(expanded["statex"][0], "statex0", {"expansion": expanded["statex"][1], "train": tr},
                       evals_after=1 + len(arms))
         lpt = copy.deepcopy(base)
         post_tr = self.train(lpt, self.post_stream(), post_steps, "post", "lpt", 1 + len(arms))
-        self.run_eval(lpt, "lpt", {"train": [tr, post_tr]}, evals_after=len(arms))
+        self.run_eval(lpt, "lpt", {"train": [*tr, post_tr]}, evals_after=len(arms))
         del lpt
         for i, (arm, _) in enumerate(arms):
             m, record = expanded[arm]
             post_tr = self.train(m, self.post_stream(), post_steps, "post", arm, len(arms) - i)
-            self.run_eval(m, arm, {"expansion": record, "train": [tr, post_tr]}, evals_after=len(arms) - i - 1)
+            self.run_eval(m, arm, {"expansion": record, "train": [*tr, post_tr]}, evals_after=len(arms) - i - 1)
 
 
 def worker(args) -> int:
@@ -758,9 +788,9 @@ def worker(args) -> int:
         log(f"{pipe.name}: the plan says stop ({plan['reason']})")
         return 0
     if pipe.kind == "scratch":
-        pipe.run_scratch(plan["pre_steps"], plan["post_steps"])
+        pipe.run_scratch(plan.get("mqar_steps", 0), plan["pre_steps"], plan["post_steps"])
     else:
-        pipe.run_arms(plan["pre_steps"], plan["post_steps"])
+        pipe.run_arms(plan.get("mqar_steps", 0), plan["pre_steps"], plan["post_steps"])
     return 0
 
 
@@ -774,7 +804,7 @@ def pilot(args) -> int:
     import torch
 
     limit_autotuning(args.autotune_configs)
-    p = replace(preset(args.preset, args.set), frac_text=0.0, frac_passkey=0.0)
+    p = mqar_only(preset(args.preset, args.set))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     corpus = Corpus(Path(args.corpus))
     cells = [{"group": "pilot", "task": "mqar", "length": p.pilot_seq, "pairs": n,
@@ -830,7 +860,8 @@ def plan_steps(p: Preset, probes: dict, elapsed: float, budget: float) -> dict:
     for scale in SCALES:
         need = max(pr["train_s"] * scale + pr["evals_s"] for pr in probes.values())
         if need * 1.1 <= left:
-            return {"stop": False, "scale": scale, "pre_steps": max(1, round(p.pre_steps * scale)),
+            return {"stop": False, "scale": scale, "mqar_steps": round(p.mqar_steps * scale),
+                    "pre_steps": max(1, round(p.pre_steps * scale)),
                     "post_steps": max(1, round(p.post_steps * scale)), "projected_s": elapsed + need,
                     "left_s": left}
     return {"stop": True, "reason": f"projected {need:.0f} s of work even at {SCALES[-1]} of the steps; "
