@@ -65,7 +65,10 @@ for s in "$@"; do
             --sweep-out "$OUT/kernels-sweep.json" ;;
     tests)
         xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 4")
-        stage tests "${TESTS_S:-300}" $PY -m pytest -m gpu tests/gpu -rA -q $xdist --durations=15 ;;
+        # the slow files first (each engine test compiles a model for ~3 minutes), so a cap cuts
+        # the short kernel tests; -v names every test as it passes, so a cut run still says which did
+        stage tests "${TESTS_S:-480}" $PY -m pytest -m gpu tests/gpu/test_engine_gpu.py tests/gpu/test_training_gpu.py \
+            tests/gpu/test_fused_gpu.py tests/gpu -rA -v $xdist --durations=15 ;;
     isolate)
         for fn in gla_decode gla_prefill ssd_decode ssd_prefill conv_decode conv_prefill; do
             stage "isolate-tiny-$fn" "${ISOLATE_S:-90}" env CUDA_LAUNCH_BLOCKING=1 $PY -m pytest -m gpu -x -q -rA \
