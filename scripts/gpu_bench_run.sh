@@ -22,6 +22,8 @@
 #            shapes (random weights), in-process engine, contexts up to 32K
 #   fused    the GPU tests of the fused decode path and of the engine
 #   profile-fused  profile_step.py before (--unfused) and after the fusions, decode only
+#   gemv     python -m kernels.gemv.bench --sweep --rows 1,8: the decode projections, our
+#            split-K kernel against cuBLAS, and the best of a grid of launch configurations
 #   load     per shape in E2E_SHAPES: a cold engine start (compile, autotune,
 #            capture) then the load table (1K prompts, 128 tokens, concurrency
 #            LOAD_CONC), then a warm start with the same cache (startup only)
@@ -98,6 +100,8 @@ for s in "$@"; do
                 --prefill 1024 --out $OUT/profile --unfused && $PY scripts/profile_step.py $shape --batch 1,64 \
                 --prefill 1024,8192 --out $OUT/profile"
         done ;;
+    gemv)
+        stage gemv "${GEMV_S:-240}" $PY -m kernels.gemv.bench --sweep --rows "${GEMV_ROWS:-1,8}" --out "$OUT/gemv.json" ;;
     load)
         for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
             ckpt "$shape"

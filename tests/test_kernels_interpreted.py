@@ -302,3 +302,37 @@ def test_conv_decode_and_prefill(C, dtype):
     # the new windows are copies of inputs and old windows: exact
     _check_prefill(y, y_ref, pool, ref, before, slots, lengths, 1e-5 if dtype == torch.float32 else 1e-2,
                    exact_state=True)
+
+
+# ----------------------------------------------------------------------------- gemv
+
+# (N, K) of the 1.3B shapes' decode projections: GLA's fused q|k|v|g|gk-low-rank, o_proj, MLP gate|up and
+# down, the LM head; Mamba2's in_proj and out_proj. Every launch configuration gemv_config picks for them
+# at 1-16 rows runs, on N cut to a few column blocks (N only sets how many blocks there are).
+GEMV_SHAPES = [(6160, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048), (8512, 2048),
+               (2048, 4096), (72, 40)]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_gemv_every_config(dtype):
+    from kernels.gemv import reference
+    from kernels.gemv import triton as fast
+
+    gen = _gen("gemv", str(dtype))
+    seen = set()
+    for N, K in GEMV_SHAPES:
+        for M in (1, 2, 3, 8, 16):
+            cfg = fast.gemv_config(M, N, K)
+            if (cfg, K) in seen:
+                continue
+            seen.add((cfg, K))
+            n = min(N, 2 * cfg[0] + 5)                   # a ragged last block
+            x = torch.randn(M, K + 3, generator=gen)[:, 3:].to(dtype)    # rows not contiguous with each other
+            w = (torch.randn(n, K, generator=gen) / K ** 0.5).to(dtype)
+            b = torch.randn(n, generator=gen).to(dtype)
+            want = reference.gemv(x.double(), w.double(), b.double())
+            got = fast.gemv_launch(x, w, b, *cfg)
+            assert got.dtype == dtype and got.shape == (M, n)
+            _close(got, want, 1e-5 if dtype == torch.float32 else 4e-3, f"gemv M{M} N{N} K{K} {cfg}")
+    assert len({c for c, _ in seen}) >= 3, seen        # split-K on and off, several splits

@@ -336,3 +336,27 @@ def test_conv_prefill(shape, B, dtype):
     _check(name, y[tm], y_ref[tm], _tol_out(dtype))
     assert torch.equal(_bits(pool[_named(slots)]), _bits(ref_pool[_named(slots)].to(dtype)))
     _check_untouched(pool, before, slots)
+
+
+# ----------------------------------------------------------------------------- gemv
+
+@pytest.mark.parametrize("M", [1, 2, 8, 16])
+@pytest.mark.parametrize("N,K", [(6160, 2048), (2048, 5632), (32000, 2048), (8512, 2048), (72, 40)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_gemv(N, K, M, dtype):
+    """The decode projection kernel (through the dispatch) against float64, bias on and off."""
+    from kernels.gemv import gemv, reference
+
+    gen = _gen(f"gemv{N}{K}{M}{dtype}")
+    x = torch.randn(M, K, generator=gen, device=DEV).to(dtype)
+    w = (torch.randn(N, K, generator=gen, device=DEV) / K ** 0.5).to(dtype)
+    b = torch.randn(N, generator=gen, device=DEV).to(dtype)
+    for bias in (None, b):
+        want = reference.gemv(x.double(), w.double(), None if bias is None else bias.double())
+        _poison_allocator(torch.empty(16 * M * N, device=DEV))      # the split-K partials' size
+        got = gemv(x, w, bias)
+        assert got.dtype == dtype and got.shape == (M, N) and torch.isfinite(got).all()
+        err = ((got.double() - want).norm() / want.norm()).item()
+        ERRS[f"gemv N{N} K{K} M{M} {dtype}"] = max(err, ERRS.get(f"gemv N{N} K{K} M{M} {dtype}", 0.0))
+        assert err <= 4e-3, f"relative error {err:.2e} (seed {SEED})"

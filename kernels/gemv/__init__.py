@@ -1,0 +1,24 @@
+"""Decode's skinny projections (a few rows of x times a weight): a split-K Triton
+kernel on CUDA for up to ``MAX_ROWS`` rows of a 16-bit dtype, torch elsewhere.
+Not yet wired into the models: its speed against cuBLAS is measured first
+(``python -m kernels.gemv.bench``, docs/perf.md)."""
+from __future__ import annotations
+
+import torch
+
+from kernels._dispatch import use_fast_path
+from kernels.gemv import reference
+
+MAX_ROWS = 16
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if (x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and use_fast_path(x, weight, bias)):
+        from kernels.gemv import triton as fast
+
+        return fast.gemv(x, weight, bias)
+    return reference.gemv(x, weight, bias)
+
+
+__all__ = ["MAX_ROWS", "gemv", "reference"]
