@@ -46,7 +46,7 @@ if [ -n "${PILOT:-}" ]; then
         [ "$layout" = default ] && set_layout= || set_layout="--set mqar_layout=$layout"
         for fam in gla mamba2; do
             fam_args=PILOT_ARGS_${fam^^}
-            stage "pilot-$fam-$layout" "${PILOT_S:-150}" $PY -m training.experiments.statex_capacity pilot \
+            stage "pilot-$fam-$layout" "${PILOT_S:-300}" $PY -m training.experiments.statex_capacity pilot \
                 --corpus "$W/corpus.jsonl" --out "$R/pilot-$fam-$layout" --families $fam $set_layout \
                 ${PILOT_ARGS:-} ${!fam_args:-} &
         done

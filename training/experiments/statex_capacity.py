@@ -96,7 +96,7 @@ class Preset:
     # the pilot (``pilot``): MQAR rows only, one length, a few learning rates
     pilot_seq: int = 256
     pilot_pairs: tuple = (4, 32)
-    pilot_steps: int = 1000
+    pilot_steps: int = 2000
     pilot_lrs: tuple = (1e-3, 3e-3, 1e-2)
     pilot_eval_pairs: tuple = (4, 8, 16, 32)
 
