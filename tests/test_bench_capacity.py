@@ -183,3 +183,8 @@ def test_served_answers_are_the_models_greedy_tokens(trained, served_run):
         for a in got:
             assert a["got_ids"][0] == pred[a["sample"], a["prompt_tokens"] - 1]
             assert a["correct"] == (a["got_ids"] == a["expected_ids"])
+
+
+def test_plots_call_a_capacity_cell_by_its_name():
+    assert capacity.title("capacity:mqar@2048/16p?mqar_layout=zoology") == "mqar@2048/16p"
+    assert capacity.title("niah?needles=8") == "niah?needles=8"

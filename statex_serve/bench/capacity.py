@@ -42,6 +42,11 @@ def is_capacity(task: str) -> bool:
     return task.split("?", 1)[0].split(":", 1)[0] == KIND
 
 
+def title(task: str) -> str:
+    """What a plot calls a recall task: a capacity cell by its name (the options make it too long)."""
+    return task.split("?", 1)[0].partition(":")[2] if is_capacity(task) else task
+
+
 def parse(text: str) -> CapacityTask:
     """``capacity:CELL?options`` -> CapacityTask (raises BenchError); row 0 is built
     here, so a cell that does not fit its length fails before any target starts."""
