@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory bandwidth for the decode floor (default 4.25TB/s, the H200's measured copy rate)")
     g = p.add_argument_group("recall")
     g.add_argument("--tasks", default="passkey,niah,mqar",
-                   help="training.tasks names with options, comma-separated (e.g. passkey,niah?needles=8,mqar)")
+                   help="training.tasks names with options, comma-separated (e.g. passkey,niah?needles=8,mqar), "
+                        "or the capacity experiment's cells (capacity:mqar@2048/16p?mqar_layout=zoology)")
     g.add_argument("--recall-contexts", type=_int_list, help="context lengths (full: 1K..128K; quick: 384..1024)")
     g.add_argument("--samples", type=_positive, help="samples per task and context; passkey/niah depths cycle "
                    "0, .25, .5, .75, 1 (full 10, quick 5)")
@@ -266,7 +267,8 @@ async def run(args: argparse.Namespace, cfg: dict, argv: list[str], results: dic
 
             async def recall(t):
                 codec = recall_mod.make_codec(t)
-                cells = await asyncio.to_thread(recall_mod.plan, codec, rc, t.max_model_len)
+                vocab = facts[t.label].vocab_size if facts[t.label] else None   # checked by capacity cells
+                cells = await asyncio.to_thread(recall_mod.plan, codec, rc, t.max_model_len, vocab, t.label)
                 total = sum(len(c.get("queries", ())) for c in cells)
                 with _progress(total, f"recall {t.label}", show) as bar:
                     return await recall_mod.run_recall(t, rc, cells, codec, bar)

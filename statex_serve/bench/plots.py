@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from statex_serve.bench.capacity import title as capacity_title
 from statex_serve.bench.formatting import DPI, ctx_label, log2_x, show_floor
 from statex_serve.bench.prefix import plot as prefix_plot
 from training.report import plain_log10_formatter, task_kind
@@ -135,7 +136,7 @@ def recall_plot(results: dict, path: Path) -> Path | None:
         if untrained:
             ax.text(0.5, 0.5, f"never trained on {task_kind(task)}:\n" + "\n".join(untrained),
                     transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.35")
-        ax.set_title(f"{task} accuracy", fontsize=9)
+        ax.set_title(f"{capacity_title(task)} accuracy", fontsize=9)
         log2_x(ax, xs)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("context (tokens)", fontsize=8)

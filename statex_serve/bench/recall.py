@@ -11,6 +11,7 @@ returns them, else the decoded text). For a causal model that is the same
 verdict as training's teacher-forced argmax. MQAR samples have many answers; at
 most ``mqar_queries`` of them per sample are asked (evenly spread over the
 sample's queries), each with the earlier queries' true answers in its prompt.
+``capacity:CELL`` tasks are the capacity experiment's own rows (``capacity.py``).
 """
 from __future__ import annotations
 
@@ -56,17 +57,22 @@ def make_codec(target: Target):
 
 
 def check_tasks(tasks: list[str]) -> None:
+    from statex_serve.bench import capacity
     from training.data import parse_source_spec
     from training.errors import UsageError
     from training.tasks import TASKS
 
     for t in tasks:
+        if capacity.is_capacity(t):
+            capacity.parse(t)
+            continue
         try:
             kind = parse_source_spec(t).kind
         except UsageError as e:
             raise BenchError(f"--tasks: {e}") from None
         if kind not in TASKS:
-            raise BenchError(f"--tasks: {t!r} is not a recall task (one of {', '.join(TASKS)})")
+            raise BenchError(f"--tasks: {t!r} is not a recall task (one of {', '.join(TASKS)}, "
+                             f"{capacity.KIND}:CELL)")
 
 
 def pick_spans(spans: list[tuple[int, int]], limit: int) -> list[int]:
@@ -96,16 +102,26 @@ def build_queries(task: str, codec, ctx: int, cfg: RecallConfig) -> tuple[list[d
     return queries, samples
 
 
-def plan(codec, cfg: RecallConfig, max_len: int | None) -> list[dict]:
-    """Every (task, context) cell with its queries, or the reason it is skipped."""
+def plan(codec, cfg: RecallConfig, max_len: int | None, vocab_size: int | None = None, label: str = ""
+         ) -> list[dict]:
+    """Every (task, context) cell with its queries, or the reason it is skipped. A
+    capacity cell has its own context; ``vocab_size`` (the target's) is checked for it."""
+    from statex_serve.bench import capacity
+
     cells = []
     for task in cfg.tasks:
-        for ctx in cfg.contexts:
+        cap = capacity.parse(task) if capacity.is_capacity(task) else None
+        if cap is not None:
+            capacity.check_vocabulary(cap, codec, vocab_size, label)
+        for ctx in [cap.length] if cap else cfg.contexts:
             if max_len and ctx > max_len:
                 cells.append({"task": task, "context": ctx, "skip": f"context > max_model_len {max_len}"})
+                continue
+            if cap:
+                queries, samples = capacity.build_queries(cap, cfg.samples, cfg.seed, cfg.mqar_queries)
             else:
                 queries, samples = build_queries(task, codec, ctx, cfg)
-                cells.append({"task": task, "context": ctx, "queries": queries, "samples": samples})
+            cells.append({"task": task, "context": ctx, "queries": queries, "samples": samples})
     return cells
 
 
@@ -115,17 +131,21 @@ async def run_recall(target: Target, cfg: RecallConfig, cells: list[dict], codec
     rows, skipped = [], []
 
     async def ask(q):
+        ids_only = q.get("token_ids", False)   # answers without text (capacity cells)
         async with sem:
-            r = await target.generate(q["prompt"], len(q["expected"]))
+            r = await target.generate(q["prompt"], len(q["expected"]), token_ids=ids_only)
         if progress is not None:
             progress.update(1)
         if r.token_ids is not None:
             correct = r.ok and r.token_ids == q["expected"]
         else:
-            correct = r.ok and r.text == codec.decode(q["expected"])
-        return {"sample": q["sample"], "span": q["span"], "depth": q["depth"], "prompt_tokens": len(q["prompt"]),
-                "expected": codec.decode(q["expected"]), "got": r.text, "correct": bool(correct),
-                "latency_s": r.e2e, "error": r.error}
+            correct = r.ok and not ids_only and r.text == codec.decode(q["expected"])
+        answer = {"sample": q["sample"], "span": q["span"], "depth": q["depth"], "prompt_tokens": len(q["prompt"]),
+                  "expected": codec.decode(q["expected"]), "got": r.text, "correct": bool(correct),
+                  "latency_s": r.e2e, "error": r.error}
+        if ids_only:
+            answer.update(expected_ids=q["expected"], got_ids=r.token_ids)
+        return answer
 
     for cell in cells:
         task, ctx = cell["task"], cell["context"]

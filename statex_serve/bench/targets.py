@@ -167,8 +167,9 @@ class Target:
     async def stop(self) -> None:
         pass
 
-    async def generate(self, prompt_ids: list[int], max_tokens: int) -> RequestResult:
-        """Greedy, EOS ignored: exactly ``max_tokens`` tokens unless something fails."""
+    async def generate(self, prompt_ids: list[int], max_tokens: int, token_ids: bool = False) -> RequestResult:
+        """Greedy, EOS ignored: exactly ``max_tokens`` tokens unless something fails;
+        ``token_ids``: the result must carry the generated ids (tokens without text)."""
         raise NotImplementedError
 
     # facts the suites need -------------------------------------------------------------
@@ -242,12 +243,15 @@ class OpenAITarget(Target):
             await self.client.aclose()
             self.client = None
 
-    async def generate(self, prompt_ids: list[int], max_tokens: int) -> RequestResult:
-        """One greedy completion streamed from ``/v1/completions``, every chunk timed as it arrives."""
+    async def generate(self, prompt_ids: list[int], max_tokens: int, token_ids: bool = False) -> RequestResult:
+        """One greedy completion streamed from ``/v1/completions``, every chunk timed as it arrives;
+        ``token_ids``: the ids too, named in logprobs (vLLM's ``return_tokens_as_token_ids``)."""
         body = {"model": self.model_name, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
                 "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-        res = RequestResult(prompt_tokens=len(prompt_ids))
+        if token_ids:   # only when asked: logprobs cost time in the latency suite
+            body |= {"logprobs": 0, "return_tokens_as_token_ids": True}
+        res = RequestResult(prompt_tokens=len(prompt_ids), token_ids=[] if token_ids else None)
         counted = 0                       # tokens seen through chunks without usage
         parts: list[str] = []
         t0 = time.perf_counter()
@@ -273,6 +277,8 @@ class OpenAITarget(Target):
                     for c in choices:
                         parts.append(c.get("text") or "")
                         res.finish_reason = c.get("finish_reason") or res.finish_reason
+                        if token_ids:
+                            res.token_ids += _named_ids((c.get("logprobs") or {}).get("tokens") or [])
                     if choices:
                         res.chunks += 1
                         counted += 1
@@ -290,7 +296,19 @@ class OpenAITarget(Target):
         res.text = "".join(parts)
         if res.error is None and res.ttft is None:
             res.error = "the stream ended without a token"
+        if token_ids and res.error is None and len(res.token_ids) != res.completion_tokens:
+            res.error = (f"asked for token ids, got {len(res.token_ids)} for {res.completion_tokens} tokens "
+                         "(does the server support return_tokens_as_token_ids?)")
         return res
+
+
+def _named_ids(tokens: list[str]) -> list[int]:
+    """``["token_id:42", ...]`` -> ``[42, ...]``; a token not named by id is -1 (never a match)."""
+    out = []
+    for t in tokens:
+        name, _, n = str(t).partition(":")
+        out.append(int(n) if name == "token_id" and n.isdigit() else -1)
+    return out
 
 
 _SPAWN_OWN = {"label", "model", "tokenizer", "dir", "api_key", "backend"}
@@ -372,8 +390,8 @@ class EngineTarget(Target):
             await self.engine.shutdown()
             self.engine = None
 
-    async def generate(self, prompt_ids: list[int], max_tokens: int) -> RequestResult:
-        """One greedy request through the engine, tokens timed as it hands them over."""
+    async def generate(self, prompt_ids: list[int], max_tokens: int, token_ids: bool = False) -> RequestResult:
+        """One greedy request through the engine, tokens timed as it hands them over (always with their ids)."""
         from statex_serve.engine import EngineError, GenerationRequest, SamplingParams
 
         res = RequestResult(prompt_tokens=len(prompt_ids), token_ids=[])
