@@ -80,7 +80,7 @@ def test_mqar_queries_spreads_the_asked_answers():
     ("capacity:mqar@512/8p?mqar_layout=zoology&pairs=8", "'pairs' is not preset, corpus or a field"),
     ("capacity:mqar@512/8p?n_keys=many&mqar_layout=zoology", "'many' is not a valid int"),
     ("capacity:mqar@512/8p?preset=huge", "preset must be one of full, tiny"),
-    ("capacity:mqar@512/8p", "add corpus=FILE"),
+    ("capacity:mqar@512/8p?mqar_layout=text", "add corpus=FILE"),
     ("capacity:mqar@512/8p?corpus=/no/such.jsonl", "corpus: [Errno 2]"),
 ])
 def test_bad_spec_is_one_line_and_nonzero(spec, message, capsys, tmp_path):
