@@ -47,6 +47,7 @@ def gla_config(hf_config) -> StateXGLAConfig:
         "use_gk=False": not config.use_gk,
         "use_gv=True": config.use_gv,
         "elementwise_affine=False": config.elementwise_affine is False,
+        "use_short_conv=True (the native engine runs it)": config.use_short_conv,
     }
     bad = [k for k, v in bad.items() if v]
     if bad:
