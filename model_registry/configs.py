@@ -121,13 +121,21 @@ class StateXGLAConfig(_BaseConfig):
     def expanded_layers(self) -> list[int]:
         return [i for i, h in enumerate(self.layer_num_heads) if h != self.num_heads]
 
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the short conv (``use_short_conv``): q | k | v, in that order."""
+        return 2 * self.key_dim + self.value_dim
+
     def state_spec(self, state_dtype: torch.dtype | None = None, conv_dtype: torch.dtype | None = None
                    ) -> StateSpec:
-        """Per layer: the recurrent state S [H_l, K_l, V_l] (fp32 unless told). GLA
-        has no conv window: ``conv_dtype`` is accepted (one signature for both
-        families) and unused."""
+        """Per layer: with ``use_short_conv`` the conv window [2*key_dim + value_dim,
+        conv_size-1] (model dtype, as Mamba2's), then the recurrent state S
+        [H_l, K_l, V_l] (fp32 unless told). Merging heads leaves the conv window as is."""
         dt = state_dtype or torch.float32
-        return StateSpec(tuple(LayerStateSpec(i, (StateTensorSpec("recurrent", self.head_dims(i), dt),))
+        cdt = conv_dtype or _config_dtype(self)
+        conv = ((StateTensorSpec("conv", (self.conv_dim, self.conv_size - 1), cdt),) if self.use_short_conv
+                else ())
+        return StateSpec(tuple(LayerStateSpec(i, (*conv, StateTensorSpec("recurrent", self.head_dims(i), dt)))
                                for i in range(self.num_hidden_layers)))
 
     def validate_statex(self) -> None:
@@ -138,10 +146,11 @@ class StateXGLAConfig(_BaseConfig):
             if h < 1 or self.key_dim % h or self.value_dim % h:
                 raise ConfigError(f"layer {i}: {h} heads do not divide key_dim {self.key_dim} "
                                   f"and value_dim {self.value_dim}")
+        if self.use_short_conv and self.conv_size < 2:
+            raise ConfigError(f"conv_size {self.conv_size} with use_short_conv: a short conv needs at least 2 taps")
         unsupported = {
             "num_kv_heads": self.num_kv_heads not in (None, self.num_heads),
             "feature_map": self.feature_map is not None,
-            "use_short_conv": bool(self.use_short_conv),
             "use_output_gate": not self.use_output_gate,
             "hidden_act": self.hidden_act not in ("swish", "silu"),
         }
@@ -149,8 +158,8 @@ class StateXGLAConfig(_BaseConfig):
         if bad:
             raise ConfigError("GLA options not supported by statex-serve: "
                               + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
-                              + " (supported: the fla-hub GLA layout: no short conv, output gate, "
-                                "swish, num_kv_heads == num_heads, no feature map)")
+                              + " (supported: the fla-hub GLA layout, with or without fla's short conv: "
+                                "output gate, swish, num_kv_heads == num_heads, no feature map)")
 
 
 class StateXMamba2Config(_BaseConfig):

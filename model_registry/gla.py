@@ -2,15 +2,21 @@
 
 Module and tensor names follow fla's ``GLAForCausalLM`` so fla checkpoints load
 by name. The math is fla's ``GatedLinearAttention`` without the options the
-fla-hub models do not use (short conv, feature maps, grouped kv heads).
+fla-hub models do not use (feature maps, grouped kv heads). fla's optional short
+conv (``use_short_conv``: q, k and v each through a depthwise causal conv + SiLU
+right after their projections) runs as one conv over q|k|v (``kernels.conv``,
+Mamba2's), its window kept per sequence as the state ``conv``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+import kernels.conv as conv_ops
 import kernels.gla as gla_ops
 from model_registry.base import StateXPreTrainedModel
 from model_registry.configs import StateXGLAConfig
@@ -43,17 +49,35 @@ class GLAMixer(nn.Module):
                                      nn.Linear(config.gate_low_rank_dim, Kd, bias=True))
         self.o_proj = nn.Linear(Vd, D, bias=False)
         self.g_norm_swish_gate = HeadRMSNormSwishGate(self.head_v_dim, eps=config.norm_eps)
+        self.use_short_conv = config.use_short_conv
+        if self.use_short_conv:   # fla's ShortConvolution: an nn.Conv1d, no bias (fla's GLA never sets conv_bias)
+            W = config.conv_size
+            self.q_conv1d = nn.Conv1d(Kd, Kd, W, groups=Kd, padding=W - 1, bias=False)
+            self.k_conv1d = nn.Conv1d(Kd, Kd, W, groups=Kd, padding=W - 1, bias=False)
+            self.v_conv1d = nn.Conv1d(Vd, Vd, W, groups=Vd, padding=W - 1, bias=False)
         self._in_weight: torch.Tensor | None = None      # see fuse_projections_
+        self._conv_weight: torch.Tensor | None = None
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.o_proj, *self.gk_proj):
             lin.xavier_gain = MIXER_XAVIER_GAIN    # read by _init_weights: fla inits mixers apart
 
     def fuse_projections_(self) -> None:
-        """For inference: q, k, v, g and the gate's first low-rank factor become one GEMM."""
+        """For inference: q, k, v, g and the gate's first low-rank factor become one GEMM
+        (and the three short convs' weights one [C, 1, W] tensor, read by one conv)."""
         self._in_weight = fuse_linear_weights_([self.q_proj, self.k_proj, self.v_proj, self.g_proj,
                                                 self.gk_proj[0]])
+        if self.use_short_conv:
+            self._conv_weight = fuse_linear_weights_([self.q_conv1d, self.k_conv1d, self.v_conv1d])[:, 0]
+
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        """The q | k | v short convs as one depthwise weight [2*Kd + Vd, W]."""
+        if self._conv_weight is not None and not torch.is_grad_enabled():
+            return self._conv_weight
+        return torch.cat([self.q_conv1d.weight[:, 0], self.k_conv1d.weight[:, 0], self.v_conv1d.weight[:, 0]])
 
     def _project(self, x):
-        """x [..., D] -> q, k, log-decay g [..., H, K]; v, output gate [..., H, V]."""
+        """x [..., D] -> q, k, v [..., Kd | Kd | Vd] (flat, before any short conv),
+        log-decay g [..., H, K], output gate [..., H, V]."""
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         if self._in_weight is not None and not torch.is_grad_enabled():
             q, k, v, gate, gk = F.linear(x, self._in_weight).split(
@@ -62,25 +86,45 @@ class GLAMixer(nn.Module):
         else:
             q, k, v, gate, gk = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x), self.gk_proj(x)
         g = gla_log_decay(gk, self.gate_logit_normalizer, self.clamp_min)
-        return (q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)), g.unflatten(-1, (H, K)),
-                gate.unflatten(-1, (H, V)))
+        return q, k, v, g.unflatten(-1, (H, K)), gate.unflatten(-1, (H, V))
+
+    def _heads(self, q, k, v):
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        return q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V))
+
+    def _split_qkv(self, qkv):
+        return qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
 
     def _out(self, o, gate):
         return self.o_proj(self.g_norm_swish_gate(o, gate).flatten(-2))
 
     def forward(self, x, state=None):
         q, k, v, g, gate = self._project(x)
-        o, final = gla_ops.gla_chunk(q, k, v, g, self.scale, state["recurrent"] if state is not None else None)
-        return self._out(o, gate), {"recurrent": final}
+        final = {}
+        if self.use_short_conv:
+            qkv, final["conv"] = conv_ops.causal_conv(torch.cat([q, k, v], -1), self.conv_weight, None,
+                                                      state["conv"] if state is not None else None, "silu")
+            q, k, v = self._split_qkv(qkv)
+        o, final["recurrent"] = gla_ops.gla_chunk(*self._heads(q, k, v), g, self.scale,
+                                                  state["recurrent"] if state is not None else None)
+        return self._out(o, gate), final
 
     def prefill(self, x, pool, slots, cu_seqlens, has_initial_state):
         q, k, v, g, gate = self._project(x)
-        o = gla_ops.gla_prefill(q, k, v, g, pool["recurrent"], slots, cu_seqlens, has_initial_state, self.scale)
+        if self.use_short_conv:
+            q, k, v = self._split_qkv(conv_ops.conv_prefill(torch.cat([q, k, v], -1), pool["conv"], slots,
+                                                            cu_seqlens, has_initial_state, self.conv_weight,
+                                                            None, "silu"))
+        o = gla_ops.gla_prefill(*self._heads(q, k, v), g, pool["recurrent"], slots, cu_seqlens, has_initial_state,
+                                self.scale)
         return self._out(o, gate)
 
     def decode(self, x, pool, slots):
         q, k, v, g, gate = self._project(x)
-        o = gla_ops.gla_decode(q, k, v, g, pool["recurrent"], slots, self.scale)
+        if self.use_short_conv:
+            q, k, v = self._split_qkv(conv_ops.conv_decode(torch.cat([q, k, v], -1), pool["conv"], slots,
+                                                           self.conv_weight, None, "silu"))
+        o = gla_ops.gla_decode(*self._heads(q, k, v), g, pool["recurrent"], slots, self.scale)
         return self._out(o, gate)
 
 
@@ -149,9 +193,13 @@ class StateXGLAForCausalLM(StateXPreTrainedModel):
     def _init_weights(self, module):
         """fla's from-scratch init: mixer projections Xavier-uniform with gain 2^-2.5
         (GatedLinearAttention._initialize_weights), every other Linear and the
-        embedding N(0, initializer_range); biases 0, norm weights 1."""
+        embedding N(0, initializer_range); biases 0, norm weights 1. The short
+        convs keep PyTorch's Conv1d default, U(+-1/sqrt(conv_size)) (Mamba's and
+        Zoology's; fla 0.6's _init_weights would draw N(0, initializer_range))."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, nn.Linear):
             gain = getattr(module, "xavier_gain", None)
             if gain is not None:
                 init.xavier_uniform_(module.weight, gain=gain)
@@ -165,4 +213,4 @@ class StateXGLAForCausalLM(StateXPreTrainedModel):
             init.ones_(module.weight)
 
     def state_spec(self, state_dtype: torch.dtype | None = None) -> StateSpec:
-        return self.config.state_spec(state_dtype)
+        return self.config.state_spec(state_dtype, conv_dtype=self.dtype)

@@ -35,6 +35,17 @@ def corpus(corpus_file):
     return sc.Corpus(corpus_file)
 
 
+def test_gla_models_have_the_short_conv_unless_turned_off():
+    for name in ("full", "tiny"):
+        p = sc.PRESETS[name]
+        assert p.gla_short_conv
+        for expanded in (False, True):
+            cfg = sc.model_config("gla", p, expanded)
+            assert cfg.use_short_conv and cfg.conv_size == 4
+    off = sc.preset("tiny", ["gla_short_conv="])
+    assert not off.gla_short_conv and not sc.model_config("gla", off).use_short_conv
+
+
 def test_mqar_rows_ask_every_key_once_with_its_value(corpus):
     p = sc.PRESETS["full"]
     rng = np.random.default_rng(0)

@@ -21,9 +21,18 @@ def _seed():
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
 
 
+def short_conv_reference(x, weight):
+    """fla's ShortConvolution without a cache: silu(Conv1d(padding=W-1)) cut to the
+    first T outputs. x [B, T, C], weight [C, 1, W]."""
+    T = x.shape[1]
+    y = F.conv1d(x.transpose(1, 2), weight, padding=weight.shape[-1] - 1, groups=weight.shape[0])
+    return F.silu(y[..., :T]).transpose(1, 2)
+
+
 def fla_reference_logits(fla_model, ids):
     """fla's GLA math written out from fla's own modules' weights and fla's naive
-    recurrence (fla's fused kernels need CUDA): an independent check of ours."""
+    recurrence (fla's fused kernels need CUDA): an independent check of ours. Also
+    reads our models (same tensor names; per-layer heads from ``layer_num_heads``)."""
     from fla.ops.gla.naive import naive_recurrent_gla
 
     cfg = fla_model.config
@@ -33,11 +42,13 @@ def fla_reference_logits(fla_model, ids):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
     h = F.embedding(ids, sd["model.embeddings.weight"])
-    H = cfg.num_heads
     for i in range(cfg.num_hidden_layers):
+        H = getattr(cfg, "layer_num_heads", [cfg.num_heads] * cfg.num_hidden_layers)[i]
         p = f"model.layers.{i}."
         x = rms(h, sd[p + "attn_norm.weight"])
         q, k, v, gt = (F.linear(x, sd[p + f"attn.{n}_proj.weight"]) for n in "qkvg")
+        if cfg.use_short_conv:   # fla: projection -> conv + silu, before the head split and the gate
+            q, k, v = (short_conv_reference(t, sd[p + f"attn.{n}_conv1d.weight"]) for t, n in zip((q, k, v), "qkv"))
         gk = F.linear(F.linear(x, sd[p + "attn.gk_proj.0.weight"]), sd[p + "attn.gk_proj.1.weight"],
                       sd[p + "attn.gk_proj.1.bias"])
         gk = F.logsigmoid(gk) / 16
@@ -71,6 +82,34 @@ def test_fla_gla_checkpoint_imports_exports_and_reloads(tmp_path):
         # export again (our format -> our format) and reload: identical
         again = import_checkpoint(out, tmp_path / "again")
         assert torch.equal(load_model(again)(ids).logits, logits)
+
+
+def test_fla_gla_with_short_conv_imports_exports_and_reloads(tmp_path):
+    """fla's use_short_conv: the q/k/v conv weights load by name, the logits are
+    fla's math, and our export round-trips bit for bit."""
+    from fla.models import GLAConfig, GLAForCausalLM
+
+    _seed()
+    src = tmp_path / "fla-gla-conv"
+    fla = GLAForCausalLM(GLAConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_heads=4,
+                                   use_short_conv=True, conv_size=4))
+    with torch.no_grad():   # fla 0.6 draws the convs from N(0, 0.02): make them matter
+        for name, w in fla.named_parameters():
+            if "conv1d" in name:
+                w.uniform_(-0.5, 0.5)
+    fla.save_pretrained(src)
+    save_byte_tokenizer(src)
+    out = import_checkpoint(src, tmp_path / "ours")
+    ours = load_model(out)
+    assert ours.config.use_short_conv and ours.config.conv_size == 4
+    assert torch.equal(ours.state_dict()["model.layers.1.attn.v_conv1d.weight"],
+                       fla.state_dict()["model.layers.1.attn.v_conv1d.weight"])
+    ids = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        logits = ours(ids).logits
+        assert ((logits - fla_reference_logits(fla, ids)).norm() / logits.norm()) < 1e-4
+        again = load_model(import_checkpoint(out, tmp_path / "again"))
+        assert again.config.use_short_conv and torch.equal(again(ids).logits, logits)
 
 
 def _hf_mamba2(n_groups=1):

@@ -18,7 +18,8 @@ from statex_serve.engine.native import NativeEngine
 
 from engine_helpers import run_engine
 
-FAMILIES = ["gla", "mamba2"]
+FAMILIES = ["gla", "gla_conv", "mamba2"]
+VARIANTS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}), "mamba2": ("mamba2", {})}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {f: str(make_tiny_checkpoint(root / f, family=f, seed=1)) for f in FAMILIES}
+    return {f: str(make_tiny_checkpoint(root / f, family=VARIANTS[f][0], seed=1, **VARIANTS[f][1]))
+            for f in FAMILIES}
 
 
 async def collect(engine, rid, prompt, **params):
@@ -125,6 +127,32 @@ def test_concurrent_greedy_requests_match_the_oracle(checkpoints, family):
     model = NativeEngine(EngineArgs(model=checkpoints[family], max_num_seqs=1)).model
     for p, n, g in zip(prompts, lengths, got):
         want = model.greedy_generate(p, n)
+        assert g == want, first_divergence_gap(model, p, g, want)
+
+
+def test_gla_short_conv_engine_matches_whole_sequence_forwards(checkpoints):
+    """GLA with use_short_conv through the engine (prompts prefilled in segments
+    shorter than, and not a multiple of, the conv window; decoded in batches
+    through the pool's conv windows): the greedy tokens of re-running the whole
+    sequence with path (a) each step, which keeps no state at all."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (1, 2, 5, 23, 40)]
+
+    async def test(engine):
+        async def one(i):
+            ids, _, _ = await collect(engine, f"c{i}", prompts[i], max_tokens=8, temperature=0.0, ignore_eos=True)
+            return ids[0]
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    engine_args = dict(max_num_seqs=3, prefill_chunk=3)
+    got = run_engine(checkpoints["gla_conv"], test, **engine_args)
+    model = NativeEngine(EngineArgs(model=checkpoints["gla_conv"], max_num_seqs=1)).model
+    assert model.config.use_short_conv
+    for p, g in zip(prompts, got):
+        want = []
+        with torch.no_grad():
+            for _ in range(8):
+                want.append(int(model(torch.tensor([p + want])).logits[0, -1].argmax()))
         assert g == want, first_divergence_gap(model, p, g, want)
 
 

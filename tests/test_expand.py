@@ -174,6 +174,28 @@ def test_gla_init_rules():
                            old[p + "attn.g_norm_swish_gate.weight"].repeat(cfg.num_heads))
 
 
+@pytest.mark.parametrize("init", ["reinit", "inherit"])
+def test_gla_short_conv_carries_over_unchanged(init):
+    """Merging heads moves no channel: q, k and v are flat [Kd | Kd | Vd] when the
+    depthwise short conv reads them, the head split comes after. So an expanded
+    layer keeps its conv weights (both inits) and its conv window's shape, and
+    with inherit its window after a sequence is the base model's."""
+    base = _base("gla", use_short_conv=True)
+    new = _expand(base, "gla", init)
+    old_sd, new_sd = base.state_dict(), new.state_dict()
+    conv_keys = [k for k in old_sd if "_conv1d." in k]
+    assert len(conv_keys) == 3 * base.config.num_hidden_layers
+    assert all(torch.equal(new_sd[k], old_sd[k]) for k in conv_keys)
+    for l0, l1 in zip(base.state_spec().layers, new.state_spec().layers):
+        assert l1.tensors[0] == l0.tensors[0] and l1.tensors[0].name == "conv"
+    if init == "inherit":
+        ids = torch.randint(0, base.config.vocab_size, (2, 19))
+        with torch.no_grad():
+            want = base(ids, return_states=True).states[LAYERS[0]]["conv"]
+            got = new(ids, return_states=True).states[LAYERS[0]]["conv"]
+        assert LAYERS[0] == 0 and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_mamba2_init_rules():
     base = _base("mamba2")
     cfg = base.config

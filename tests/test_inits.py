@@ -77,3 +77,18 @@ def test_gla_mixers_are_xavier_and_the_rest_normal():
             assert lin.weight.abs().max().item() > 3 * cfg.initializer_range       # normal, not uniform
     assert m.model.embeddings.weight.std().item() == pytest.approx(0.02, rel=0.03)
     assert m.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.03)
+
+
+def test_gla_short_convs_are_pytorch_default_conv1d():
+    """use_short_conv: q/k/v convs U(+-1/sqrt(conv_size)) (nn.Conv1d's default, depthwise
+    fan_in = conv_size, as Mamba2's conv); the projections keep their own init."""
+    torch.manual_seed(0)
+    cfg = StateXGLAConfig(vocab_size=2048, hidden_size=512, num_hidden_layers=2, num_heads=4, use_short_conv=True)
+    m = StateXGLAForCausalLM(cfg)
+    for block in m.model.layers:
+        a = block.attn
+        for conv in (a.q_conv1d, a.k_conv1d, a.v_conv1d):
+            assert conv.bias is None and conv.weight.shape[1:] == (1, cfg.conv_size)
+            _uniform_matches(conv.weight, 1 / math.sqrt(cfg.conv_size))
+        fan_out, fan_in = a.q_proj.weight.shape
+        _uniform_matches(a.q_proj.weight, 2 ** -2.5 * math.sqrt(6 / (fan_in + fan_out)))

@@ -28,6 +28,21 @@ def test_gla_1p3b_state_bytes():
     assert gla_1p3b(heads).state_spec(torch.bfloat16).bytes_per_sequence == 36 * MiB
 
 
+def test_gla_short_conv_adds_one_conv_window_per_layer():
+    """use_short_conv: a q|k|v window [2*key_dim + value_dim, conv_size-1] per layer
+    in the conv dtype (the model's), the same in merged-head layers."""
+    heads = [1 if i in (0, 6, 12, 18) else 4 for i in range(24)]
+    plain = gla_1p3b(heads).state_spec()
+    cfg = gla_1p3b(heads)
+    cfg.use_short_conv = True
+    spec = cfg.state_spec(conv_dtype=torch.bfloat16)
+    assert spec.bytes_per_sequence == plain.bytes_per_sequence + 24 * (2 * 1024 + 2048) * 3 * 2
+    for layer in (0, 1):
+        conv, recurrent = spec.layers[layer].tensors
+        assert (conv.name, conv.shape, conv.dtype) == ("conv", (4096, 3), torch.bfloat16)
+        assert recurrent == plain.layers[layer].tensors[0]
+
+
 def test_mamba2_1p3b_state_bytes():
     spec = mamba2_1p3b().state_spec(conv_dtype=torch.bfloat16)
     ssm = sum(t.nbytes for layer in spec.layers for t in layer.tensors if t.name == "ssm")

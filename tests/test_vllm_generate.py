@@ -20,7 +20,7 @@ import vllm  # noqa: F401  (a missing vLLM must fail, not skip)
 from model_registry.checkpoint import load_model
 from model_registry.testing import make_tiny_checkpoint
 
-FAMILIES = ["gla", "mamba2"]
+FAMILIES = ["gla", "gla_conv", "mamba2"]       # gla_conv: GLA with fla's short conv (use_short_conv)
 BUDGET_GIB = 1                 # VLLM_CPU_KVCACHE_SPACE
 BATCH_TOKENS = 32              # max_num_batched_tokens: every prompt over 32 tokens is chunked
 MAX_TOKENS = 8
@@ -31,7 +31,8 @@ PROMPTS = [[_rng.randrange(256) for _ in range(n)] for n in (1, 2, 7, 31, 64, 97
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_ckpt")
-    return {f: make_tiny_checkpoint(root / f, f, expanded=True, seed=7) for f in FAMILIES}
+    return {f: make_tiny_checkpoint(root / f, f.removesuffix("_conv"), expanded=True, seed=7,
+                                    **({"use_short_conv": True} if f == "gla_conv" else {})) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_vllm_charges_the_true_state_size(chunked, oracles):
     family, llm = chunked
     true = oracles[family].state_spec().bytes_per_sequence
     layer_bytes = [layer.nbytes for layer in oracles[family].state_spec().layers]
-    assert max(layer_bytes) >= 3 * min(layer_bytes)          # really mixed expanded/unexpanded layers
+    assert max(layer_bytes) >= 2.5 * min(layer_bytes)        # really mixed expanded/unexpanded layers
     padded = len(layer_bytes) * max(layer_bytes)              # what per-layer pages padded to the largest cost
 
     core = llm.llm_engine.engine_core.engine_core

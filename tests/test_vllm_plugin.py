@@ -84,18 +84,21 @@ def _fake_vllm_config(hf_config, tp=1, dtype=torch.float32, ssm="auto", conv="au
                            cache_config=SimpleNamespace(mamba_ssm_cache_dtype=ssm, mamba_cache_dtype=conv))
 
 
-@pytest.mark.parametrize("family", ["gla", "mamba2"])
+@pytest.mark.parametrize("family", ["gla", "gla_conv", "mamba2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_config_state_shape_is_the_true_state_size(family, dtype):
-    """What the classmethods report (the page vLLM allocates) is state_spec() exactly."""
+    """What the classmethods report (the page vLLM allocates) is state_spec() exactly
+    (GLA's short-conv windows included)."""
     from model_registry.vllm_models.gla import StateXGLAForCausalLM
     from model_registry.vllm_models.mamba2 import StateXMamba2ForCausalLM
 
-    cfg = tiny_gla_config() if family == "gla" else tiny_mamba2_config()
+    cfg = (tiny_gla_config(use_short_conv=family == "gla_conv") if family.startswith("gla")
+           else tiny_mamba2_config())
+    family = family.removesuffix("_conv")
     cls = StateXGLAForCausalLM if family == "gla" else StateXMamba2ForCausalLM
     vc = _fake_vllm_config(cfg, dtype=dtype)
     (shape,), (dt,) = cls.get_mamba_state_shape_from_config(vc), cls.get_mamba_state_dtype_from_config(vc)
-    true = (cfg.state_spec() if family == "gla" else cfg.state_spec(conv_dtype=dtype)).bytes_per_sequence
+    true = cfg.state_spec(conv_dtype=dtype).bytes_per_sequence
     assert dt == torch.uint8 and true <= shape[0] < true + 8
     assert len(cls.get_mamba_state_copy_func()) == 1
 
@@ -117,6 +120,14 @@ def test_gla_shards_partition_heads_and_values(tp):
         assert sum(s.local_heads * s.head_k * s.local_v for s in shards) == H * K * V
         for s in shards:      # a split head all-reduces its norm; whole heads do not
             assert (s.split > 1) == (tp > H)
+        # the short conv's rows: v's partition v_proj's rows as (head, value column) above;
+        # q's and k's are the rank's whole heads (replicated over a split head's ranks)
+        v_rows = sorted(r for s in shards for r in range(s.v_row0, s.v_row0 + s.local_heads * s.local_v))
+        assert v_rows == list(range(H * V))
+        for s in shards:
+            assert s.v_row0 == s.head_rank * s.local_heads * V + s.v_offset
+            assert s.qk_row0 == s.head_rank * s.local_heads * K
+            assert s.conv_dim == s.local_heads * (2 * K + s.local_v)
 
 
 def test_gla_shard_rejects_incompatible_tp():

@@ -99,9 +99,11 @@ def test_tensor_parallel_two_ranks_matches_oracle(tmp_path):
     all-reduced), 4-head layers split by heads; Mamba2 heads split, B/C
     replicated, gated norm all-reduced. Greedy tokens equal the 1-process oracle,
     also when a second pass resumes from prefix-cached states. Both families run
-    in one process (one vLLM import) to save start-up time."""
-    families = ["gla", "mamba2"]
-    ckpts = {f: make_tiny_checkpoint(tmp_path / f, f, expanded=True, seed=3) for f in families}
+    in one process (one vLLM import) to save start-up time. gla_conv: GLA with fla's
+    short conv, each rank convolving its own q, k, v channels."""
+    families = ["gla", "gla_conv", "mamba2"]
+    ckpts = {f: make_tiny_checkpoint(tmp_path / f, f.removesuffix("_conv"), expanded=True, seed=3,
+                                     **({"use_short_conv": True} if f == "gla_conv" else {})) for f in families}
     expected = {}
     for f in families:
         oracle = load_model(ckpts[f])

@@ -157,6 +157,8 @@ def expand_gla_heads(model, layers: list[int], num_heads: int = 1, init: str = "
         per_layer[i] = {"before": cur, "after": num_heads}
         norm_key = p + "attn.g_norm_swish_gate.weight"
         old_norm = sd[norm_key]
+        # the short convs (use_short_conv) are kept in both inits: depthwise over the flat q | k | v
+        # channels, before the head split, so merging heads moves no channel
         if init == "reinit":
             for name in ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gk_proj.0", "gk_proj.1"):
                 w = sd[p + f"attn.{name}.weight"]

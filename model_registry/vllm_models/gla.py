@@ -10,6 +10,10 @@ Tensor parallelism per layer with H heads on T ranks:
   T/H ranks (state [1, K, V*H/T]); q/k/gate projections of the head are
   replicated on those ranks and the per-head output norm all-reduces its sum of
   squares (``reduce_norm_sq``).
+
+With ``use_short_conv`` (fla's depthwise q/k/v convs) each rank convolves exactly
+the q, k and v channels its projections produce (the conv is per channel), as
+one ``kernels.conv`` call over its q|k|v; its window is the state ``conv``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels.conv as conv_ops
 import kernels.gla as gla_ops
 from model_registry.configs import StateXGLAConfig
 from model_registry.layers import RMSNorm, head_rms_norm_swish_gate, swiglu
@@ -67,28 +72,40 @@ class GLAShard:
     head_ranks: int     # number of head blocks
     v_offset: int       # offset of this rank's V slice inside its head (split heads)
     split: int          # ranks sharing one head (1: whole heads)
+    v_row0: int         # this rank's first row of v_proj (v is sharded over all ranks)
+
+    @property
+    def qk_row0(self) -> int:
+        """This rank's first row of q_proj / k_proj (sharded by head blocks)."""
+        return self.head_rank * self.local_heads * self.head_k
+
+    @property
+    def conv_dim(self) -> int:
+        """This rank's short-conv channels: its q | k | v."""
+        return self.local_heads * (2 * self.head_k + self.local_v)
 
 
 def gla_shard(config: StateXGLAConfig, layer: int, rank: int, tp: int) -> GLAShard:
     H, K, V = config.head_dims(layer)
     if H % tp == 0:
-        return GLAShard(H, K, V, H // tp, V, rank, tp, 0, 1)
+        return GLAShard(H, K, V, H // tp, V, rank, tp, 0, 1, rank * (H // tp) * V)
     if tp % H == 0:
         b = tp // H
         if V % b:
             raise ValueError(f"layer {layer}: head value dim {V} does not split over {b} ranks")
-        return GLAShard(H, K, V, 1, V // b, rank // b, H, (rank % b) * (V // b), b)
+        return GLAShard(H, K, V, 1, V // b, rank // b, H, (rank % b) * (V // b), b, rank * (V // b))
     raise ValueError(f"layer {layer}: {H} heads cannot be split over tensor_parallel_size={tp} "
                      "(one must divide the other)")
 
 
 def gla_state_tensors(vllm_config: VllmConfig, layers: Iterable[int], rank: int, tp: int):
     config = gla_config(vllm_config.model_config.hf_config)
-    sdt, _ = state_dtypes(vllm_config)
+    sdt, cdt = state_dtypes(vllm_config)
     out = {}
     for i in layers:
         s = gla_shard(config, i, rank, tp)
-        out[i] = [("recurrent", (s.local_heads, s.head_k, s.local_v), sdt)]
+        conv = [("conv", (s.conv_dim, config.conv_size - 1), cdt)] if config.use_short_conv else []
+        out[i] = [*conv, ("recurrent", (s.local_heads, s.head_k, s.local_v), sdt)]
     return out
 
 
@@ -146,15 +163,42 @@ class GLAMixer(StateMixer):
         self.o_proj = RowParallelLinear(Vd, D, bias=False, input_is_parallel=True, quant_config=quant,
                                         return_bias=False, prefix=f"{prefix}.o_proj")
         self.g_norm_swish_gate = GLAOutputNorm(s, config.norm_eps)
+        self.use_short_conv = config.use_short_conv
+        if self.use_short_conv:   # fla's q_conv1d / k_conv1d / v_conv1d.weight [C, 1, W], this rank's rows
+            qk_rows = [(s.qk_row0, s.local_heads * s.head_k)]
+            for name, rows in (("q_conv1d", qk_rows), ("k_conv1d", qk_rows),
+                               ("v_conv1d", [(s.v_row0, s.local_heads * s.local_v)])):
+                conv = nn.Module()
+                conv.weight = nn.Parameter(torch.empty(rows[0][1], config.conv_size), requires_grad=False)
+                set_loader(conv.weight, rows_loader(rows, transform=lambda w: w.reshape(w.shape[0], -1)))
+                setattr(self, name, conv)
+
+    def _short_conv(self, q, k, v, split):
+        """silu(causal depthwise conv) over this rank's q | k | v, windows in the page."""
+        qkv = torch.cat([q, k, v], dim=-1)
+        w = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
+        out = torch.zeros_like(qkv)
+        if split is not None:
+            pool = self.state_page.pool(self.layer_idx, "conv")
+            nd = split.num_decodes
+            if nd:
+                out[:nd] = conv_ops.conv_decode(qkv[:nd], pool, split.slots_d, w, None, "silu")
+            if split.num_prefills:
+                out[nd:] = conv_ops.conv_prefill(qkv[nd:], pool, split.slots_p, split.cu_seqlens_p,
+                                                 split.has_initial_state_p, w, None, "silu")
+        return out.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
 
     def forward_impl(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
         split = self.step()
         n = hidden_states.shape[0] if split is None else split.num_actual_tokens
         x = hidden_states[:n]
         s = self.shard
-        q = self.q_proj(x).view(n, s.local_heads, s.head_k)
-        k = self.k_proj(x).view(n, s.local_heads, s.head_k)
-        v = self.v_proj(x).view(n, s.local_heads, s.local_v)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            q, k, v = self._short_conv(q, k, v, split)
+        q = q.reshape(n, s.local_heads, s.head_k)
+        k = k.reshape(n, s.local_heads, s.head_k)
+        v = v.reshape(n, s.local_heads, s.local_v)
         g = F.logsigmoid(self.gk_proj[1](self.gk_proj[0](x)).float()) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             g = g.clamp_min(self.clamp_min)

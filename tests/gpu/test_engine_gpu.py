@@ -25,9 +25,11 @@ async def _generate(engine, rid, prompt, n):
     return ids
 
 
-@pytest.mark.parametrize("family", ["gla", "mamba2"])
+@pytest.mark.parametrize("family", ["gla", "gla_conv", "mamba2"])
 def test_cuda_engine_matches_eager_greedy(family, tmp_path):
-    ckpt = str(make_tiny_checkpoint(tmp_path / family, family=family, seed=int(torch.randint(0, 1000, ()).item())))
+    kw = {"use_short_conv": True} if family == "gla_conv" else {}     # GLA with fla's short conv
+    ckpt = str(make_tiny_checkpoint(tmp_path / family, family=family.removesuffix("_conv"),
+                                    seed=int(torch.randint(0, 1000, ()).item()), **kw))
     rng = random.Random(3)
     shared = [rng.randrange(256) for _ in range(90)]
     # distinct prompts, and prompts sharing a prefix (prefix cache hits on the device)

@@ -58,10 +58,11 @@ def test_compiled_ops_equal_their_eager_functions(dtype, rows):
             _close(a, b, dtype)
 
 
-@pytest.mark.parametrize("family", ["gla", "mamba2"])
+@pytest.mark.parametrize("family", ["gla", "gla_conv", "mamba2"])
 def test_fused_model_matches_unfused_eager(family, monkeypatch):
     torch.manual_seed(0)
-    ref = build_tiny_model(family, expanded=True, seed=11).to(DEV, torch.bfloat16).eval()
+    kw = {"use_short_conv": True} if family == "gla_conv" else {}
+    ref = build_tiny_model(family.removesuffix("_conv"), expanded=True, seed=11, **kw).to(DEV, torch.bfloat16).eval()
     fused = copy.deepcopy(ref)
     fused.fuse_projections_()
     V = ref.config.vocab_size

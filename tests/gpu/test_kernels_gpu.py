@@ -282,7 +282,8 @@ def test_ssd_prefill(shape, B, dtypes):
 # ------------------------------------------------------------------------ conv
 
 CONV_DIMS = {"mamba2_n128": 4096 + 2 * 128, "mamba2_n512": 4096 + 2 * 512,
-             "tiny_mamba2_n16": 128 + 2 * 16, "tiny_mamba2_n64": 128 + 2 * 64}
+             "tiny_mamba2_n16": 128 + 2 * 16, "tiny_mamba2_n64": 128 + 2 * 64,
+             "gla_1p3b_qkv": 2 * 1024 + 2048, "tiny_gla_qkv": 2 * 32 + 64}     # GLA's use_short_conv
 
 
 @pytest.mark.parametrize("act", ["silu", None])

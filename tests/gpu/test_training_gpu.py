@@ -18,10 +18,11 @@ def _loss_and_grads(model, x):
     return loss.item(), torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("family", ["gla", "mamba2"])
+@pytest.mark.parametrize("family", ["gla", "gla_conv", "mamba2"])
 def test_fast_kernels_train_like_the_reference(family, monkeypatch):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    model = build_tiny_model(family, expanded=True, seed=seed).cuda().train()
+    kw = {"use_short_conv": True} if family == "gla_conv" else {}
+    model = build_tiny_model(family.removesuffix("_conv"), expanded=True, seed=seed, **kw).cuda().train()
     x = torch.randint(0, model.config.vocab_size, (2, 300), device="cuda")
     monkeypatch.setenv("STATEX_KERNELS", "auto")
     loss_fast, g_fast = _loss_and_grads(model, x)

@@ -37,6 +37,9 @@ class Preset:
     d_model: int = 128
     layers: int = 4
     gla_heads: int = 4                # expand_k 0.5, expand_v 1: 4 heads of 16 x 32
+    # fla's short conv on GLA's q, k, v (use_short_conv, conv_size 4), as Zoology always trains GLA: without
+    # it GLA learned no MQAR in any H200 pilot. Off with `--set gla_short_conv=` (an empty value: bool("0") is True)
+    gla_short_conv: bool = True
     mamba2_state: int = 16
     mamba2_head_dim: int = 32
     expand_layers: tuple = (0, 2)
@@ -464,7 +467,7 @@ def model_config(family: str, p: Preset, expanded: bool = False):
     if family == "gla":
         heads = [1 if expanded and i in p.expand_layers else p.gla_heads for i in range(p.layers)]
         return StateXGLAConfig(num_heads=p.gla_heads, layer_num_heads=heads, expand_k=0.5, expand_v=1.0,
-                               tie_word_embeddings=False, **common)
+                               use_short_conv=p.gla_short_conv, tie_word_embeddings=False, **common)
     sizes = [p.mamba2_expanded_state if expanded and i in p.expand_layers else p.mamba2_state for i in range(p.layers)]
     return StateXMamba2Config(state_size=p.mamba2_state, layer_state_size=sizes, head_dim=p.mamba2_head_dim, expand=2,
                               n_groups=1, chunk_size=64, tie_word_embeddings=True, **common)
