@@ -142,7 +142,11 @@ def test_preset_overrides():
     p = sc.preset("full", ["pre_steps=10", "pre_lr=2e-3", "lengths=512,1024"])
     assert (p.pre_steps, p.pre_lr, p.lengths) == (10, 2e-3, (512, 1024)) and p.post_steps == sc.PRESETS["full"].post_steps
     assert sc.preset("full", ["mamba2_dt_init=init"]).mamba2_dt_init == "init"
-    for bad in ("colour=3", "pre_steps", "pre_steps=many"):
+    # booleans by name: bool("false") would be True
+    assert sc.preset("full", ["gla_short_conv=false"]).gla_short_conv is False
+    assert sc.preset("full", ["gla_short_conv=0"]).gla_short_conv is False
+    assert sc.preset("full", ["gla_short_conv=True"]).gla_short_conv is True
+    for bad in ("colour=3", "pre_steps", "pre_steps=many", "gla_short_conv=maybe", "gla_short_conv="):
         with pytest.raises(SystemExit):
             sc.preset("full", [bad])
 

@@ -38,7 +38,7 @@ class Preset:
     layers: int = 4
     gla_heads: int = 4                # expand_k 0.5, expand_v 1: 4 heads of 16 x 32
     # fla's short conv on GLA's q, k, v (use_short_conv, conv_size 4), as Zoology always trains GLA: without
-    # it GLA learned no MQAR in any H200 pilot. Off with `--set gla_short_conv=` (an empty value: bool("0") is True)
+    # it GLA learned no MQAR in any H200 pilot. Off with `--set gla_short_conv=false`
     gla_short_conv: bool = True
     mamba2_state: int = 16
     mamba2_head_dim: int = 32
@@ -122,8 +122,18 @@ PRESETS = {
 ARMS = ("base", "statex0", "lpt", "statex")
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _parse_bool(text: str) -> bool:
+    try:
+        return _BOOLS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(text) from None
+
+
 def preset(name: str, overrides: list[str]) -> Preset:
-    """A preset with ``FIELD=VALUE`` overrides (numbers, names, or comma lists for tuples)."""
+    """A preset with ``FIELD=VALUE`` overrides (numbers, names, true/false, or comma lists for tuples)."""
     p = PRESETS[name]
     changes = {}
     for o in overrides:
@@ -136,7 +146,7 @@ def preset(name: str, overrides: list[str]) -> Preset:
                 kind = type(cur[0]) if cur else int
                 changes[key] = tuple(kind(x) for x in val.split(",") if x)
             else:
-                changes[key] = type(cur)(val)
+                changes[key] = _parse_bool(val) if isinstance(cur, bool) else type(cur)(val)
         except ValueError:
             raise SystemExit(f"--set {o}: {val!r} is not a valid {type(cur).__name__}") from None
     return replace(p, **changes)
