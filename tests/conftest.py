@@ -1,6 +1,9 @@
 """Shared test setup: GPU tests run only where CUDA is present (the device machine);
-in-process engine tests run torch on one thread."""
+in-process engine tests run torch on one thread; a toy corpus for the capacity experiment."""
 from __future__ import annotations
+
+import json
+import random
 
 import pytest
 import torch
@@ -25,3 +28,16 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+
+_WORDS = "the a river old mill town train boat lake market rain park library map snow hill baker clock".split()
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """A toy text corpus (JSONL) for the capacity experiment's pipeline and the bench's capacity tasks."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with path.open("w") as f:
+        for _ in range(700):
+            f.write(json.dumps({"text": " ".join(rng.choice(_WORDS) for _ in range(60)) + "."}) + "\n")
+    return path

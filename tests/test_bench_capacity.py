@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,21 +18,10 @@ from statex_serve.bench.recall import RecallConfig, plan
 from statex_serve.bench.targets import BenchError
 from training.experiments import statex_capacity as sc
 
-WORDS = "the a river old mill town train boat lake market rain park library map snow hill baker clock".split()
 # the tiny preset, as a run with these --set overrides would have used it
 SET = {"mqar_layout": "zoology", "n_keys": 16, "n_values": 16}
 OPTS = "preset=tiny&" + "&".join(f"{k}={v}" for k, v in SET.items())
 ROWS = 12
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    with path.open("w") as f:
-        for _ in range(700):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60)) + "."}) + "\n")
-    return path
 
 
 def experiment_cell(name: str, p, corpus=None) -> sc.EvalCell:

@@ -17,17 +17,6 @@ from training.experiments import statex_capacity as sc
 from training.experiments.capacity_report import interval, verdicts
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the a river old mill town train boat lake market rain park library map snow hill baker clock".split()
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    with path.open("w") as f:
-        for _ in range(700):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60)) + "."}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +31,7 @@ def test_gla_models_have_the_short_conv_unless_turned_off():
         for expanded in (False, True):
             cfg = sc.model_config("gla", p, expanded)
             assert cfg.use_short_conv and cfg.conv_size == 4
-    off = sc.preset("tiny", ["gla_short_conv="])
+    off = sc.preset("tiny", ["gla_short_conv=false"])
     assert not off.gla_short_conv and not sc.model_config("gla", off).use_short_conv
 
 
