@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from model_registry.layers import project
 from model_registry.state import StatePools, StateSpec
 
 
@@ -78,7 +79,7 @@ class StateXPreTrainedModel(PreTrainedModel):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_norm(h)
-        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+        return project(h.to(self.lm_head.weight.dtype), self.lm_head.weight, self.lm_head.bias).float()
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 initial_states: list[dict[str, torch.Tensor]] | None = None,

@@ -22,7 +22,7 @@ from model_registry.base import StateXPreTrainedModel
 from model_registry.configs import StateXGLAConfig
 from model_registry.compile import inference_compiled
 from model_registry.layers import (
-    HeadRMSNormSwishGate, RMSNorm, SwiGLUMLP, add_rms_norm, fuse_linear_weights_, init,
+    HeadRMSNormSwishGate, RMSNorm, SwiGLUMLP, add_rms_norm, fuse_linear_weights_, init, project,
 )
 from model_registry.state import StateSpec
 
@@ -80,7 +80,7 @@ class GLAMixer(nn.Module):
         log-decay g [..., H, K], output gate [..., H, V]."""
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         if self._in_weight is not None and not torch.is_grad_enabled():
-            q, k, v, gate, gk = F.linear(x, self._in_weight).split(
+            q, k, v, gate, gk = project(x, self._in_weight).split(
                 [H * K, H * K, H * V, H * V, self.gk_proj[0].out_features], dim=-1)
             gk = self.gk_proj[1](gk)
         else:
@@ -96,7 +96,7 @@ class GLAMixer(nn.Module):
         return qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
 
     def _out(self, o, gate):
-        return self.o_proj(self.g_norm_swish_gate(o, gate).flatten(-2))
+        return project(self.g_norm_swish_gate(o, gate).flatten(-2), self.o_proj.weight)
 
     def forward(self, x, state=None):
         q, k, v, g, gate = self._project(x)

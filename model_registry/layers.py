@@ -1,6 +1,8 @@
 """Building blocks shared by the two families (all math in fp32 where upstream does it)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,21 @@ try:  # transformers >= 5: init functions that respect already-loaded weights
     from transformers import initialization as init
 except ImportError:  # pragma: no cover
     from torch.nn import init
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, what nn.Linear computes. With ``STATEX_GEMV=1``,
+    decode-sized inputs on CUDA (at most 16 rows, no autograd) take
+    ``kernels.gemv``'s split-K kernel instead of cuBLAS: off by default until the
+    H200 shows it faster (``python -m kernels.gemv.bench``, docs/perf.md)."""
+    if x.is_cuda and not torch.is_grad_enabled() and os.environ.get("STATEX_GEMV") == "1":
+        from kernels import gemv as gemv_ops
+
+        rows = x.numel() // x.shape[-1]
+        if rows <= gemv_ops.MAX_ROWS:
+            y = gemv_ops.gemv(x.reshape(rows, x.shape[-1]), weight, bias)
+            return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 # --- the math, as plain functions (compiled to one kernel each on CUDA inference) ---
@@ -120,10 +137,10 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self._gate_up).chunk(2, dim=-1)
+            gate, up = project(x, self._gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(swiglu(gate, up))
+        return project(swiglu(gate, up), self.down_proj.weight)
 
 
 def fuse_linear_weights_(linears: list[nn.Linear]) -> torch.Tensor:
@@ -143,5 +160,5 @@ def fuse_linear_weights_(linears: list[nn.Linear]) -> torch.Tensor:
 
 
 __all__ = ["GatedRMSNorm", "HeadRMSNormSwishGate", "RMSNorm", "SwiGLUMLP", "add_rms_norm", "cast_rms_norm",
-           "fuse_linear_weights_",
+           "fuse_linear_weights_", "project",
            "gated_rms_norm", "head_rms_norm_swish_gate", "init", "rms_norm", "swiglu"]

@@ -16,7 +16,7 @@ import kernels.conv as conv_ops
 import kernels.mamba2 as ssd_ops
 from model_registry.base import StateXPreTrainedModel
 from model_registry.configs import StateXMamba2Config
-from model_registry.layers import GatedRMSNorm, RMSNorm, cast_rms_norm, init
+from model_registry.layers import GatedRMSNorm, RMSNorm, cast_rms_norm, init, project
 from model_registry.state import StateSpec
 
 
@@ -59,7 +59,7 @@ class Mamba2Mixer(nn.Module):
         return self.conv1d.weight[:, 0, :]                           # [C, W]
 
     def _split_in(self, x):
-        zxbcdt = self.in_proj(x)
+        zxbcdt = project(x, self.in_proj.weight, self.in_proj.bias)
         return torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
 
     def _split_xbc(self, xbc):
@@ -82,7 +82,7 @@ class Mamba2Mixer(nn.Module):
         return self._A_cache[1]
 
     def _out(self, y, z):
-        return self.out_proj(self.norm(y.flatten(-2), z))
+        return project(self.norm(y.flatten(-2), z), self.out_proj.weight, self.out_proj.bias)
 
     def forward(self, x, state=None):
         z, xbc, dt = self._split_in(x)

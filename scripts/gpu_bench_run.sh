@@ -21,7 +21,8 @@
 #   e2e      python -m statex_serve.bench latency + prefix on both 1.3B StateX
 #            shapes (random weights), in-process engine, contexts up to 32K
 #   fused    the GPU tests of the fused decode path and of the engine
-#   profile-fused  profile_step.py before (--unfused) and after the fusions, decode only
+#   profile-fused  profile_step.py before (--unfused) and after the fusions, then with
+#            STATEX_GEMV=1 (the projections through kernels.gemv) into profile-gemv/
 #   gemv     python -m kernels.gemv.bench --sweep --rows 1,8: the decode projections, our
 #            split-K kernel against cuBLAS, and the best of a grid of launch configurations
 #   load     per shape in E2E_SHAPES: a cold engine start (compile, autotune,
@@ -98,7 +99,8 @@ for s in "$@"; do
         for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
             stage "profile-$shape" "${PROFILE_S:-200}" bash -c "$PY scripts/profile_step.py $shape --batch 1,64 \
                 --prefill 1024 --out $OUT/profile --unfused && $PY scripts/profile_step.py $shape --batch 1,64 \
-                --prefill 1024,8192 --out $OUT/profile"
+                --prefill 1024,8192 --out $OUT/profile && STATEX_GEMV=1 $PY scripts/profile_step.py $shape \
+                --batch 1,64 --prefill 1024 --out $OUT/profile-gemv"
         done ;;
     gemv)
         stage gemv "${GEMV_S:-240}" $PY -m kernels.gemv.bench --sweep --rows "${GEMV_ROWS:-1,8}" --out "$OUT/gemv.json" ;;

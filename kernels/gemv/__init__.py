@@ -1,6 +1,7 @@
 """Decode's skinny projections (a few rows of x times a weight): a split-K Triton
 kernel on CUDA for up to ``MAX_ROWS`` rows of a 16-bit dtype, torch elsewhere.
-Not yet wired into the models: its speed against cuBLAS is measured first
+The models reach it through ``model_registry.layers.project`` only with
+``STATEX_GEMV=1``, until its speed against cuBLAS is measured
 (``python -m kernels.gemv.bench``, docs/perf.md)."""
 from __future__ import annotations
 
