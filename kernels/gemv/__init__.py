@@ -10,7 +10,7 @@ import torch
 from kernels._dispatch import use_fast_path
 from kernels.gemv import reference
 
-MAX_ROWS = 16
+MAX_ROWS = 16      # rows of x the kernel takes: tl.dot's smallest tile is 16 rows
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

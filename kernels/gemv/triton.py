@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16          # rows of x one launch takes: tl.dot's smallest tile
+from kernels.gemv import MAX_ROWS      # rows of x one launch takes: tl.dot's smallest tile
 _SMS = 132             # H200 streaming multiprocessors
 _TARGET_PROGRAMS = 8 * _SMS
 

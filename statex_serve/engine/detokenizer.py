@@ -171,6 +171,14 @@ class StopStringMatcher:
 _UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
 
 
+def _piece_bytes(piece: str) -> bytes | None:
+    """A byte-level BPE piece's exact bytes; None if it is not one."""
+    try:
+        return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+    except KeyError:
+        return None
+
+
 def _is_byte_level(tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     decoder = getattr(backend, "decoder", None)
@@ -210,9 +218,9 @@ def _build_byte_table(tokenizer) -> list[bytes | None] | None:
     for piece, i in vocab.items():
         if i in special:
             continue
-        if not all(c in _UNICODE_TO_BYTE for c in piece):
+        table[i] = _piece_bytes(piece)
+        if table[i] is None:
             return None
-        table[i] = bytes(_UNICODE_TO_BYTE[c] for c in piece)
     return table
 
 
@@ -234,8 +242,9 @@ class TokenStrings:
         if token_id not in self.special_ids:
             piece = self.tokenizer.convert_ids_to_tokens(token_id)
             if isinstance(piece, str):
-                if self.byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
-                    return [_UNICODE_TO_BYTE[c] for c in piece]
+                raw = _piece_bytes(piece) if self.byte_level else None
+                if raw is not None:
+                    return list(raw)
                 if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):   # SentencePiece byte fallback
                     return [int(piece[3:5], 16)]
                 if piece.startswith("\u2581"):          # SentencePiece word boundary

@@ -689,8 +689,9 @@ class Pipeline:
         probe["setup_s"] = time.perf_counter() - t0
         n_alt = int(self.args.alt and self.kind == "main")
         probe["evals_s"] = ((4 + n_alt) if self.kind == "main" else 1) * probe["eval_s"]
-        probe["train_s"] = p.mqar_steps * probe.get("mqar_step_s", 0.0) + p.pre_steps * probe["pre_step_s"] + p.post_steps * (
-            probe["post_step_s"] + (1 + n_alt) * probe.get("post_step_expanded_s", 0.0))
+        probe["train_s"] = (p.mqar_steps * probe.get("mqar_step_s", 0.0) + p.pre_steps * probe["pre_step_s"]
+                            + p.post_steps * (probe["post_step_s"]
+                                              + (1 + n_alt) * probe.get("post_step_expanded_s", 0.0)))
         (out / "probes").mkdir(exist_ok=True)
         (out / "probes" / f"{self.fam}_{self.kind}_{self.seed}.json").write_text(json.dumps(probe))
         log(f"{self.name}: probe {json.dumps({k: round(v, 4) for k, v in probe.items()})}")
