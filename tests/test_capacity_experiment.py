@@ -117,13 +117,13 @@ def test_streams_are_a_function_of_seed_and_step(corpus):
 
 def test_plan_keeps_shrinks_or_stops():
     p = sc.PRESETS["full"]
-    probes = {"a": {"train_s": 100.0, "evals_s": 10.0}, "b": {"train_s": 180.0, "evals_s": 20.0}}
+    probes = {"a": {"train_s": 100.0, "evals_s": 10.0}, "b": {"train_s": 180.0, "mqar_s": 40.0, "evals_s": 20.0}}
     assert sc.plan_steps(p, probes, elapsed=50, budget=300)["scale"] == 1.0       # 1.1 * 200 <= 250
-    shrunk = sc.plan_steps(p, probes, elapsed=50, budget=225)                      # 1.1 * (135 + 20) <= 175
+    shrunk = sc.plan_steps(p, probes, elapsed=50, budget=235)               # 1.1 * (40 + 105 + 20) <= 185
     assert shrunk["scale"] == 0.75 and shrunk["pre_steps"] == round(0.75 * p.pre_steps)
     assert shrunk["post_steps"] == round(0.75 * p.post_steps)
-    assert shrunk["mqar_steps"] == round(0.75 * p.mqar_steps) > 0                 # every phase scales
-    assert sc.plan_steps(p, probes, elapsed=50, budget=110)["stop"]              # 1.1 * (45 + 20) > 60
+    assert shrunk["mqar_steps"] == p.mqar_steps > 0               # the MQAR phase never scales
+    assert sc.plan_steps(p, probes, elapsed=50, budget=150)["stop"]           # 1.1 * (40 + 35 + 20) > 100
     assert sc.plan_steps(p, {}, elapsed=0, budget=100)["stop"]
 
 
