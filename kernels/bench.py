@@ -425,7 +425,7 @@ class _Rows:
             return None
 
 
-def time_decode(rows: _Rows, reps, batches, sdts):
+def decode_table(rows: _Rows, reps, batches, sdts):
     """Ours and the peer for every family, shape, state dtype and batch, then the conv."""
     for family, shapes, bench_decode, _, peer, _ in FAMILIES:
         for name, dims in shapes.items():
@@ -443,7 +443,7 @@ def time_decode(rows: _Rows, reps, batches, sdts):
                 rows.add("ours", "conv_decode", name, B, "bf16", r[0], r[1], r[2])
 
 
-def time_prefill(rows: _Rows, lengths, nseqs, quick):
+def prefill_table(rows: _Rows, lengths, nseqs, quick):
     """Per prefill length: ours and the peer for every family and shape, then the conv."""
     for T in lengths:
         for nseq in nseqs:
@@ -490,11 +490,11 @@ def main(argv=None):
     rows = _Rows(device, copy, args.out)
     # 2. decode, then prefill, ours beside the peer
     if not args.no_decode:
-        time_decode(rows, 7 if args.quick else 25, (1, 64) if args.quick else (1, 8, 64, 256),
+        decode_table(rows, 7 if args.quick else 25, (1, 64) if args.quick else (1, 8, 64, 256),
                     (torch.float32,) if args.quick else (torch.float32, torch.bfloat16))
     if not args.no_prefill:
         lengths = ((8192,) if args.quick else (8192, 32768)) if args.prefill_lengths is None else args.prefill_lengths
-        time_prefill(rows, lengths, (1,) if args.quick else (1, 8), args.quick)
+        prefill_table(rows, lengths, (1,) if args.quick else (1, 8), args.quick)
     # 3. the table, and optionally the launch-configuration sweep
     print_table(rows.result)
     if args.sweep:
