@@ -102,16 +102,34 @@ class StateXPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, slots: torch.Tensor,
-                has_initial_state: torch.Tensor, pools: StatePools, all_logits: bool = False
-                ) -> torch.Tensor:
+                has_initial_state: torch.Tensor, pools: StatePools, all_logits: bool = False,
+                padded: bool = False) -> torch.Tensor:
         """Path (c). input_ids [N_tok]; returns logits of each sequence's last token
-        ``[B, vocab]`` (or of every token ``[N_tok, vocab]`` with ``all_logits``)."""
+        ``[B, vocab]`` (or of every token ``[N_tok, vocab]`` with ``all_logits``).
+
+        ``padded``: one prompt followed by padding, ``cu_seqlens`` = [0, T, N_tok] and
+        ``slots`` = [slot, -1]; returns the prompt's last logits [1, vocab]. The
+        padding leaves every state as the prompt left it (see ``supports_padded_prefill``),
+        so one call shape serves every prompt length up to N_tok: what a CUDA graph
+        captured at N_tok needs (``statex_serve.engine.runner``)."""
+        if padded and (all_logits or cu_seqlens.numel() != 3):
+            raise ValueError("a padded prefill is one prompt and its padding, last-token logits only")
+        valid = torch.arange(input_ids.numel(), device=input_ids.device) < cu_seqlens[1] if padded else None
         h = self.embeddings(input_ids)
         for i, block in enumerate(self.blocks):
-            h = block.prefill(h, pools[i], slots, cu_seqlens, has_initial_state)
-        if not all_logits:
+            h = block.prefill(h, pools[i], slots, cu_seqlens, has_initial_state, valid)
+        if padded:
+            h = h[cu_seqlens[1:2].long() - 1]
+        elif not all_logits:
             h = h[cu_seqlens[1:].long() - 1]
         return self._logits(h)
+
+    @property
+    def supports_padded_prefill(self) -> bool:
+        """Whether padding can be made to leave the recurrent states unchanged
+        (``prefill(..., padded=True)``); the families override where it depends on
+        the config."""
+        return True
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, slots: torch.Tensor, pools: StatePools) -> torch.Tensor:

@@ -109,12 +109,18 @@ class GLAMixer(nn.Module):
                                                   state["recurrent"] if state is not None else None)
         return self._out(o, gate), final
 
-    def prefill(self, x, pool, slots, cu_seqlens, has_initial_state):
+    def prefill(self, x, pool, slots, cu_seqlens, has_initial_state, valid=None):
         q, k, v, g, gate = self._project(x)
-        if self.use_short_conv:
+        if self.use_short_conv:      # padding is a sequence of its own here (slot -1: no state)
             q, k, v = self._split_qkv(conv_ops.conv_prefill(torch.cat([q, k, v], -1), pool["conv"], slots,
                                                             cu_seqlens, has_initial_state, self.conv_weight,
                                                             None, "silu"))
+        if valid is not None:
+            # padded prompt (base.prefill): the recurrence runs over every row as one sequence;
+            # a padding row with k = 0 and log decay 0 leaves the state as it is
+            k = k * valid[:, None].to(k.dtype)
+            g = g.masked_fill(~valid[:, None, None], 0.0)
+            slots, cu_seqlens, has_initial_state = slots[:1], cu_seqlens[::2], has_initial_state[:1]
         o = gla_ops.gla_prefill(*self._heads(q, k, v), g, pool["recurrent"], slots, cu_seqlens, has_initial_state,
                                 self.scale)
         return self._out(o, gate)
@@ -152,8 +158,8 @@ class GLABlock(GradientCheckpointingLayer):
         y, final = self.attn(self.attn_norm(h), state)
         return self._mlp(h, y), final
 
-    def prefill(self, h, pool, slots, cu_seqlens, has_initial_state):
-        return self._mlp(h, self.attn.prefill(self.attn_norm(h), pool, slots, cu_seqlens, has_initial_state))
+    def prefill(self, h, pool, slots, cu_seqlens, has_initial_state, valid=None):
+        return self._mlp(h, self.attn.prefill(self.attn_norm(h), pool, slots, cu_seqlens, has_initial_state, valid))
 
     def decode(self, h, pool, slots):
         return self._mlp(h, self.attn.decode(self.attn_norm(h), pool, slots))

@@ -21,6 +21,8 @@ from model_registry.state import StateSpec
 
 
 MAMBA_A_INIT_RANGE = (1.0, 16.0)    # mamba_ssm Mamba2's A_init_range
+# the raw dt of a padding row: softplus(PAD_DT + dt_bias) is exactly 0 in fp32 (and in bf16 input)
+PAD_DT = -1.0e4
 
 
 def mamba_dt_bias_init(num_heads: int, dt_min: float, dt_max: float, dt_floor: float,
@@ -94,12 +96,19 @@ class Mamba2Mixer(nn.Module):
                                          state["ssm"] if state is not None else None)
         return self._out(y, z), {"conv": conv_final, "ssm": ssm_final}
 
-    def prefill(self, x, pool, slots, cu_seqlens, has_initial_state):
+    def prefill(self, x, pool, slots, cu_seqlens, has_initial_state, valid=None):
         z, xbc, dt = self._split_in(x)
+        # padding is a sequence of its own here (slot -1: no state)
         xbc = conv_ops.conv_prefill(xbc, pool["conv"], slots, cu_seqlens, has_initial_state, self.conv_weight,
                                     self.conv1d.bias, self.activation)
         xs, B, C = self._split_xbc(xbc)
         A, D, dt_bias, dt_limit = self._ssm_args()
+        if valid is not None:
+            # padded prompt (base.prefill): the scan runs over every row as one sequence; on a
+            # padding row softplus(dt + dt_bias) underflows to 0 (no decay, no input) unless
+            # dt_limit's floor lifts it (supports_padded_prefill)
+            dt = dt.masked_fill(~valid[:, None], PAD_DT)
+            slots, cu_seqlens, has_initial_state = slots[:1], cu_seqlens[::2], has_initial_state[:1]
         y = ssd_ops.ssd_prefill(xs, dt, A, B, C, D, dt_bias, dt_limit, pool["ssm"], slots, cu_seqlens,
                                 has_initial_state)
         return self._out(y, z)
@@ -131,8 +140,8 @@ class Mamba2Block(GradientCheckpointingLayer):
         y, final = self.mixer(self._in(h), state)
         return self._add(h, y), final
 
-    def prefill(self, h, pool, slots, cu_seqlens, has_initial_state):
-        return self._add(h, self.mixer.prefill(self._in(h), pool, slots, cu_seqlens, has_initial_state))
+    def prefill(self, h, pool, slots, cu_seqlens, has_initial_state, valid=None):
+        return self._add(h, self.mixer.prefill(self._in(h), pool, slots, cu_seqlens, has_initial_state, valid))
 
     def decode(self, h, pool, slots):
         return self._add(h, self.mixer.decode(self._in(h), pool, slots))
@@ -169,6 +178,11 @@ class StateXMamba2ForCausalLM(StateXPreTrainedModel):
     @property
     def final_norm(self):
         return self.backbone.norm_f
+
+    @property
+    def supports_padded_prefill(self) -> bool:
+        # a dt floor above 0 would give padding rows a decay and an input
+        return float(self.config.time_step_limit[0]) <= 0.0
 
     def _init_weights(self, module):
         """mamba_ssm's from-scratch init (modules/mamba2.py and MixerModel's

@@ -25,6 +25,8 @@
 #            STATEX_GEMV=1 (the projections through kernels.gemv) into profile-gemv/
 #   gemv     python -m kernels.gemv.bench --sweep --rows 1,8: the decode projections, our
 #            split-K kernel against cuBLAS, and the best of a grid of launch configurations
+#   ttft     per shape in E2E_SHAPES: one request at a time (the latency goal's table): TTFT and
+#            TPOT at TTFT_CTX (1K,8K,32K) prompts, 64 output tokens, from a cold engine start
 #   load     per shape in E2E_SHAPES: a cold engine start (compile, autotune,
 #            capture) then the load table (1K prompts, 128 tokens, concurrency
 #            LOAD_CONC), then a warm start with the same cache (startup only)
@@ -104,6 +106,13 @@ for s in "$@"; do
         done ;;
     gemv)
         stage gemv "${GEMV_S:-240}" $PY -m kernels.gemv.bench --sweep --rows "${GEMV_ROWS:-1,8}" --out "$OUT/gemv.json" ;;
+    ttft)
+        for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
+            ckpt "$shape"
+            stage "ttft-$shape" "${TTFT_S:-240}" $PY -m statex_serve.bench latency --no-progress --log-level info \
+                --target "engine:$W/ckpt/$shape?label=$shape&max_model_len=40000" --contexts ${TTFT_CTX:-1K,8K,32K} \
+                --concurrency 1 --requests 4 --warmup 1 --output-len 64 --out "$OUT/ttft-$shape"
+        done ;;
     load)
         for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
             ckpt "$shape"

@@ -7,7 +7,8 @@ For decode it prints, per batch size: the captured graph's replay time (what
 the engine runs), the same step eager (launch-bound when it is much slower),
 the runner's full decode call with sampling (graph + input copies + argmax +
 ``tolist``), and the memory-bandwidth floor (weights + states read and written
-once). For prefill: the model's prefill call at each length, and tokens/s.
+once). For prefill: the model's eager prefill call at each length, tokens/s, and
+the runner's captured prefill (one segment padded to its token bucket).
 Then a ``torch.profiler`` table of the GPU kernels of one eager decode step and
 one prefill, so a gap from the floor can be attributed to kernels (how many,
 which) rather than guessed. Writes ``SHAPE.json`` and ``SHAPE-kernels.md`` to --out.
@@ -107,7 +108,9 @@ def main(argv=None) -> int:
         model.fuse_projections_()        # as the engine serves it
     batches = args.batch
     sdt = getattr(torch, args.state_dtype)
-    runner = ModelRunner(model, max(batches), torch.device("cuda"), sdt)
+    # the one-segment prefill graphs up to the longest --prefill length (not with --unfused: the "before")
+    runner = ModelRunner(model, max(batches), torch.device("cuda"), sdt,
+                         prefill_graph_tokens=0 if args.unfused else max(args.prefill, default=0))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = runner.pools.spec.bytes_per_sequence
     copy_GBps = copy_bandwidth_GBps()
@@ -145,8 +148,13 @@ def main(argv=None) -> int:
             model.prefill(ids, cu, slot, fresh, runner.pools)
 
         ms = _wall_ms(run, reps=10, warmup=2)
-        result["prefill"].append({"tokens": T, "ms": ms, "tok_per_s": T / ms * 1e3})
-        print(f"prefill T={T}: {ms:.2f} ms ({T / ms * 1e3 / 1e3:.0f}K tok/s)", flush=True)
+        row = {"tokens": T, "ms": ms, "tok_per_s": T / ms * 1e3, "graph_ms": None}
+        if runner.prefill_graphs is not None:       # the runner's call, as the engine makes it
+            ids_l = ids.tolist()
+            row["graph_ms"] = _wall_ms(lambda: runner.prefill(ids_l, [T], [0], [False]), reps=10, warmup=2)
+        result["prefill"].append(row)
+        print(f"prefill T={T}: eager {ms:.2f} ms ({T / ms * 1e3 / 1e3:.0f}K tok/s)"
+              + (f", graph {row['graph_ms']:.2f} ms" if row["graph_ms"] is not None else ""), flush=True)
         print(_kernel_table(run, tables, f"prefill T={T}"), flush=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return 0

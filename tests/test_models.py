@@ -118,6 +118,45 @@ def test_prefill_all_logits_equal_forward(model):
     assert rel_err(logits, model(ids[None]).logits[0]) < 1e-4
 
 
+@pytest.mark.parametrize("carried", [False, True], ids=["fresh", "carried"])
+def test_padded_prefill_equals_the_unpadded_one(model, carried):
+    """prefill(padded=True), what the CUDA prefill graphs run: a prompt followed by
+    padding up to a fixed length gives the prompt's last logits and leaves every
+    state (recurrent and conv windows, the slot's and every other slot's) as the
+    unpadded prefill does. Lengths below, at and above the conv window, padded
+    by 0 to 60 rows; the padding rows are random tokens, not zeros."""
+    assert model.supports_padded_prefill
+    V = model.config.vocab_size
+    for T, pad in [(1, 1), (2, 60), (3, 7), (29, 35), (64, 1), (5, 0)]:
+        ids = torch.randint(0, V, (T,))
+        slot = torch.tensor([1], dtype=torch.int32)
+        init = torch.tensor([carried])
+        ref_pools, pools = model.allocate_state_pools(3), model.allocate_state_pools(3)
+        for layer, ref_layer in zip(pools.pools, ref_pools.pools):
+            for k, t in layer.items():
+                t.normal_()
+                ref_layer[k].copy_(t)
+        ref = model.prefill(ids, torch.tensor([0, T], dtype=torch.int32), slot, init, ref_pools)
+        padded_ids = torch.cat([ids, torch.randint(0, V, (pad,))])
+        out = model.prefill(padded_ids, torch.tensor([0, T, T + pad], dtype=torch.int32),
+                            torch.tensor([1, -1], dtype=torch.int32), torch.tensor([carried, False]), pools,
+                            padded=True)
+        assert out.shape == (1, V) and rel_err(out, ref) < 1e-5, (T, pad)
+        for layer, ref_layer in zip(pools.pools, ref_pools.pools):
+            for k, t in layer.items():
+                assert rel_err(t, ref_layer[k]) < 1e-5, (T, pad, k)
+
+
+def test_padded_prefill_is_refused_where_padding_would_move_the_state():
+    model = build_tiny_model("mamba2", expanded=True, seed=0)
+    model.config.time_step_limit = (1e-3, math.inf)      # a dt floor: padding rows would decay the state
+    assert not model.supports_padded_prefill
+    with pytest.raises(ValueError, match="padded prefill"):
+        model.prefill(torch.zeros(4, dtype=torch.long), torch.tensor([0, 2, 3, 4], dtype=torch.int32),
+                      torch.tensor([0, -1, -1], dtype=torch.int32), torch.zeros(3, dtype=torch.bool),
+                      model.allocate_state_pools(1), padded=True)
+
+
 def test_padded_rows_leave_every_slot_untouched(model):
     pools = model.allocate_state_pools(3)
     for layer in pools.pools:

@@ -121,8 +121,10 @@ class NativeEngine(LoadedModelEngine):
         self.config = self.model.config
         self.spec = self.model.state_spec(self.state_dtype)
         self.num_slots = pool_slots(args, self.spec)
+        self.prefill_chunk = args.prefill_chunk_for(self.device.type)
         try:
-            self.runner = ModelRunner(self.model, self.num_slots, self.device, self.state_dtype)
+            self.runner = ModelRunner(self.model, self.num_slots, self.device, self.state_dtype,
+                                      prefill_graph_tokens=self.prefill_chunk)
         except torch.OutOfMemoryError:
             raise ValueError(f"a state pool of {self.num_slots} sequences x {self.spec.bytes_per_sequence} bytes "
                              f"does not fit on {self.device}; lower --max-num-seqs or --state-memory") from None
@@ -134,7 +136,6 @@ class NativeEngine(LoadedModelEngine):
             free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
             device_budget, host_budget = args.prefix_cache_budgets(self.device.type, free)
             self.prefix_cache = PrefixCache(self.runner.pools, self.device, device_budget, host_budget)
-        self.prefill_chunk = args.prefill_chunk_for(self.device.type)
         self.scheduler = Scheduler(self.num_slots, self.prefill_chunk, self.prefix_cache)
         self._log_startup(time.perf_counter() - t0)
         if self.device.type == "cuda" and args.warmup:
@@ -200,6 +201,7 @@ class NativeEngine(LoadedModelEngine):
             "state_bytes_per_sequence": self.spec.bytes_per_sequence, "state_pool_slots": self.num_slots,
             "state_pool_bytes": self.runner.pools.nbytes, "max_model_len": self.max_model_len,
             "prefill_chunk": self.prefill_chunk, "cuda_graphs": self.runner.graphs is not None,
+            "prefill_graph_tokens": self.runner.prefill_graphs.buckets if self.runner.prefill_graphs else None,
             "prefix_cache": None if self.prefix_cache is None else {
                 "device_budget_bytes": self.prefix_cache.budget["device"],
                 "host_budget_bytes": self.prefix_cache.budget["host"],

@@ -6,6 +6,12 @@ On CUDA, decode is captured in CUDA graphs, one per batch-size bucket (1, 2, 4,
 launch instead of hundreds of small kernel launches, which is what bounds a
 small model's decode time. A batch is padded up to its bucket with slot -1 rows,
 which the kernels skip (they neither read nor write any state for them).
+
+A prefill of one prompt segment is captured too, one graph per token-count
+bucket (64, 96, 128, 192, ... up to the prefill chunk): launched eagerly, a 1K
+prompt's prefill spends ~40 ms on the host for ~7 ms of GPU work (H200, docs/perf.md).
+The segment is padded up to its bucket with rows that leave every state as it is
+(``prefill(..., padded=True)`` in model_registry/base.py).
 """
 from __future__ import annotations
 
@@ -62,13 +68,68 @@ class _DecodeGraphs:
         return out[:b]
 
 
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Token counts with a captured prefill: 64 x 2^k and 96 x 2^k (at most 1.5x
+    padding above 64 tokens), then ``max_tokens`` itself."""
+    sizes = [m * 2 ** k for k in range(16) for m in (64, 96) if m * 2 ** k < max_tokens]
+    return sorted(sizes + [max_tokens]) if max_tokens > 0 else []
+
+
+class _PrefillGraphs:
+    """Captured one-segment prefills over static buffers (CUDA only): the prompt's
+    ids, then padding up to the bucket (``cu`` = [0, T, bucket], slots [slot, -1])."""
+
+    @torch.inference_mode()
+    def __init__(self, model, pools: StatePools, max_tokens: int, device: torch.device):
+        self.buckets = prefill_buckets(max_tokens)
+        self.ids = torch.zeros(self.buckets[-1], dtype=torch.long, device=device)
+        self.slots = torch.full((2,), -1, dtype=torch.int32, device=device)
+        self.has_init = torch.zeros(2, dtype=torch.bool, device=device)
+        self.cu = {b: torch.tensor([0, 1, b], dtype=torch.int32, device=device) for b in self.buckets}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+        def run(b):     # slot -1: warm-up and capture touch no state
+            return model.prefill(self.ids[:b], self.cu[b], self.slots, self.has_init, pools, padded=True)
+
+        mempool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):        # compile and autotune outside capture
+            for b in self.buckets:
+                run(b)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        for b in reversed(self.buckets):       # largest first: smaller graphs reuse its memory
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mempool):
+                out = run(b)
+            self.graphs[b] = (graph, out)
+        torch.cuda.synchronize(device)
+
+    def fits(self, num_tokens: int) -> bool:
+        return 0 < num_tokens <= self.buckets[-1]
+
+    def run(self, ids: torch.Tensor, slot: int, has_initial_state: bool) -> torch.Tensor:
+        """ids [T] on the device -> the last token's logits [1, V]; the slot's state advances."""
+        T = len(ids)
+        bucket = next(x for x in self.buckets if x >= T)
+        self.ids[:T].copy_(ids)                # the rows after T keep old ids: padding ignores them
+        self.cu[bucket][1].fill_(T)
+        self.slots[0].fill_(slot)
+        self.has_init[0].fill_(has_initial_state)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out.clone()                     # the next replay of this bucket overwrites out
+
+
 class ModelRunner:
     def __init__(self, model, num_slots: int, device: torch.device, state_dtype: torch.dtype | None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, prefill_graph_tokens: int = 0):
         self.model = model
         self.device = device
         self.pools: StatePools = model.allocate_state_pools(num_slots, device=device, state_dtype=state_dtype)
         self.graphs: _DecodeGraphs | None = None
+        self.prefill_graphs: _PrefillGraphs | None = None
         if device.type == "cuda" and cuda_graphs and os.environ.get("STATEX_CUDA_GRAPHS", "1") != "0":
             try:
                 t0 = time.perf_counter()
@@ -80,6 +141,20 @@ class ModelRunner:
             except Exception:   # a kernel that cannot be captured must not stop the server
                 logger.exception("CUDA graph capture failed; decoding eagerly")
                 self.graphs = None
+            if prefill_graph_tokens > 0 and model.supports_padded_prefill:
+                self._capture_prefill(prefill_graph_tokens)
+
+    def _capture_prefill(self, max_tokens: int) -> None:
+        t0 = time.perf_counter()
+        logger.info("warm-up: one-segment prefill (compile, then capture CUDA graphs for %d token counts up "
+                    "to %d)...", len(prefill_buckets(max_tokens)), max_tokens)
+        try:
+            self.prefill_graphs = _PrefillGraphs(self.model, self.pools, max_tokens, self.device)
+            logger.info("warm-up: one-segment prefill captured in CUDA graphs for %s tokens in %.1fs",
+                        self.prefill_graphs.buckets, time.perf_counter() - t0)
+        except Exception:       # as for decode: serve, eagerly
+            logger.exception("CUDA graph capture of prefill failed; prefilling eagerly")
+            self.prefill_graphs = None
 
     def _ints(self, values: list[int], dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -98,6 +173,9 @@ class ModelRunner:
                 all_logits: bool = False) -> torch.Tensor:
         """Prompt segments (flattened) -> logits of each segment's last token [B, V],
         or of every token [N_tok, V] with ``all_logits``."""
+        if self.prefill_graphs is not None and len(seq_lens) == 1 and not all_logits \
+                and self.prefill_graphs.fits(seq_lens[0]):
+            return self.prefill_graphs.run(self._ints(token_ids, torch.long), slots[0], has_initial_state[0])
         cu = [0]
         for n in seq_lens:
             cu.append(cu[-1] + n)
