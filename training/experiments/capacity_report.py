@@ -240,7 +240,10 @@ def write_report(results: Path, out_md: Path) -> dict:
           f"**Raw results:** [`{assets.name}/results.json`]({assets.name}/results.json)", "",
           f"Preset `{meta['preset_name']}`: d_model {p['d_model']}, {p['layers']} layers; GLA {p['gla_heads']} "
           f"heads, Mamba2 N {p['mamba2_state']}; layers {p['expand_layers']} expanded (GLA 1 head, Mamba2 N "
-          f"{p['mamba2_expanded_state']}). Pre-training {p['pre_steps']} steps x {p['pre_batch']} x {p['pre_seq']} "
+          f"{p['mamba2_expanded_state']}). "
+          + (f"MQAR only first, {p['mqar_steps']} steps x {p['pre_batch']} x {p['mqar_seq']} (pairs "
+             f"{p['mqar_pairs']}, lr {p['mqar_lr']:g}, never scaled); " if p.get("mqar_steps") else "")
+          + f"Pre-training {p['pre_steps']} steps x {p['pre_batch']} x {p['pre_seq']} "
           f"(MQAR pairs {p['pre_pairs']}), post-training {p['post_steps']} steps x {p['post_batch']} x "
           f"{p['post_seq']} (pairs {p['post_pairs']}), nominal counts (the plan's scale applies); seeds "
           f"{meta['seeds']}.", ""]
