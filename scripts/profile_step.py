@@ -70,6 +70,55 @@ def _kernel_table(fn, path: Path, title: str, rows=25) -> str:
     return text
 
 
+def _decode_rows(model, runner, batches, weight_bytes, state_bytes, copy_GBps, tables) -> list[dict]:
+    """Per batch size: the captured step, the eager step, the runner's call with sampling, the floor."""
+    from statex_serve.engine import sampler as sampling
+
+    out = []
+    for B in batches:
+        ids = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
+        slots = torch.arange(B, dtype=torch.int32, device="cuda")
+        graph_ms = _cuda_ms(lambda: runner.graphs.run(ids, slots)) if runner.graphs else None
+        eager_ms = _cuda_ms(lambda: model.decode(ids, slots, runner.pools))
+        rows = [sampling.SamplingRow() for _ in range(B)]
+        ids_l, slots_l = ids.tolist(), slots.tolist()
+        step_ms = _wall_ms(lambda: sampling.sample(runner.decode(ids_l, slots_l), rows))
+        # every weight read once, every state read and written once, at the copy bandwidth
+        floor = (weight_bytes + 2 * B * state_bytes) / (copy_GBps * 1e9) * 1e3
+        row = {"batch": B, "graph_ms": graph_ms, "eager_ms": eager_ms, "runner_step_ms": step_ms,
+               "floor_ms": floor}
+        out.append(row)
+        print(f"decode B={B}: graph {graph_ms:.3f} ms, eager {eager_ms:.3f} ms, runner+sample {step_ms:.3f} ms, "
+              f"floor {floor:.3f} ms -> graph/floor {graph_ms / floor:.2f}x", flush=True)
+        print(_kernel_table(lambda: model.decode(ids, slots, runner.pools), tables, f"eager decode B={B}"),
+              flush=True)
+    return out
+
+
+def _prefill_rows(model, runner, lengths, tables) -> list[dict]:
+    """Per prompt length (one sequence): the eager prefill and the runner's captured one."""
+    out = []
+    for T in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (T,), device="cuda")
+        cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+        slot = torch.zeros(1, dtype=torch.int32, device="cuda")
+        fresh = torch.zeros(1, dtype=torch.bool, device="cuda")
+
+        def run():
+            model.prefill(ids, cu, slot, fresh, runner.pools)
+
+        ms = _wall_ms(run, reps=10, warmup=2)
+        row = {"tokens": T, "ms": ms, "tok_per_s": T / ms * 1e3, "graph_ms": None}
+        if runner.prefill_graphs is not None:       # the runner's call, as the engine makes it
+            ids_l = ids.tolist()
+            row["graph_ms"] = _wall_ms(lambda: runner.prefill(ids_l, [T], [0], [False]), reps=10, warmup=2)
+        out.append(row)
+        print(f"prefill T={T}: eager {ms:.2f} ms ({T / ms * 1e3 / 1e3:.0f}K tok/s)"
+              + (f", graph {row['graph_ms']:.2f} ms" if row["graph_ms"] is not None else ""), flush=True)
+        print(_kernel_table(run, tables, f"prefill T={T}"), flush=True)
+    return out
+
+
 @torch.inference_mode()   # as the engine runs (the runner's graph buffers are inference tensors)
 def main(argv=None) -> int:
     """Time one preset shape's decode steps and prefills on the GPU; writes the JSON and kernel tables to --out."""
@@ -93,7 +142,6 @@ def main(argv=None) -> int:
     from model_registry.tokenizer import BOS_ID, EOS_ID, PAD_ID
     from kernels.bench import copy_bandwidth_GBps
     from statex_serve.bench.modelinfo import preset_config
-    from statex_serve.engine import sampler as sampling
     from statex_serve.engine.runner import ModelRunner
 
     out = Path(args.out)
@@ -106,56 +154,21 @@ def main(argv=None) -> int:
     model = MODEL_TYPES[config.model_type][1](config).to(torch.bfloat16).cuda().eval()
     if not args.unfused:
         model.fuse_projections_()        # as the engine serves it
-    batches = args.batch
     sdt = getattr(torch, args.state_dtype)
     # the one-segment prefill graphs up to the longest --prefill length (not with --unfused: the "before")
-    runner = ModelRunner(model, max(batches), torch.device("cuda"), sdt,
+    runner = ModelRunner(model, max(args.batch), torch.device("cuda"), sdt,
                          prefill_graph_tokens=0 if args.unfused else max(args.prefill, default=0))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = runner.pools.spec.bytes_per_sequence
     copy_GBps = copy_bandwidth_GBps()
-    result = {"shape": args.shape, "fused": not args.unfused, "device": torch.cuda.get_device_name(), "weight_bytes": weight_bytes,
-              "state_bytes_per_sequence": state_bytes, "state_dtype": args.state_dtype, "copy_GBps": copy_GBps,
-              "decode": [], "prefill": []}
+    result = {"shape": args.shape, "fused": not args.unfused, "device": torch.cuda.get_device_name(),
+              "weight_bytes": weight_bytes, "state_bytes_per_sequence": state_bytes, "state_dtype": args.state_dtype,
+              "copy_GBps": copy_GBps}
     print(f"{args.shape}: weights {weight_bytes / 1e9:.2f} GB, state {state_bytes / 2**20:.1f} MiB per sequence, "
           f"copy bandwidth {copy_GBps:.0f} GB/s", flush=True)
 
-    for B in batches:
-        ids = torch.randint(0, config.vocab_size, (B,), device="cuda")
-        slots = torch.arange(B, dtype=torch.int32, device="cuda")
-        graph_ms = _cuda_ms(lambda: runner.graphs.run(ids, slots)) if runner.graphs else None
-        eager_ms = _cuda_ms(lambda: model.decode(ids, slots, runner.pools))
-        rows = [sampling.SamplingRow() for _ in range(B)]
-        ids_l, slots_l = ids.tolist(), slots.tolist()
-        step_ms = _wall_ms(lambda: sampling.sample(runner.decode(ids_l, slots_l), rows))
-        # every weight read once, every state read and written once, at the copy bandwidth
-        floor = (weight_bytes + 2 * B * state_bytes) / (copy_GBps * 1e9) * 1e3
-        row = {"batch": B, "graph_ms": graph_ms, "eager_ms": eager_ms, "runner_step_ms": step_ms,
-               "floor_ms": floor}
-        result["decode"].append(row)
-        print(f"decode B={B}: graph {graph_ms:.3f} ms, eager {eager_ms:.3f} ms, runner+sample {step_ms:.3f} ms, "
-              f"floor {floor:.3f} ms -> graph/floor {graph_ms / floor:.2f}x", flush=True)
-        print(_kernel_table(lambda: model.decode(ids, slots, runner.pools), tables, f"eager decode B={B}"),
-              flush=True)
-
-    for T in args.prefill:
-        ids = torch.randint(0, config.vocab_size, (T,), device="cuda")
-        cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
-        slot = torch.zeros(1, dtype=torch.int32, device="cuda")
-        fresh = torch.zeros(1, dtype=torch.bool, device="cuda")
-
-        def run():
-            model.prefill(ids, cu, slot, fresh, runner.pools)
-
-        ms = _wall_ms(run, reps=10, warmup=2)
-        row = {"tokens": T, "ms": ms, "tok_per_s": T / ms * 1e3, "graph_ms": None}
-        if runner.prefill_graphs is not None:       # the runner's call, as the engine makes it
-            ids_l = ids.tolist()
-            row["graph_ms"] = _wall_ms(lambda: runner.prefill(ids_l, [T], [0], [False]), reps=10, warmup=2)
-        result["prefill"].append(row)
-        print(f"prefill T={T}: eager {ms:.2f} ms ({T / ms * 1e3 / 1e3:.0f}K tok/s)"
-              + (f", graph {row['graph_ms']:.2f} ms" if row["graph_ms"] is not None else ""), flush=True)
-        print(_kernel_table(run, tables, f"prefill T={T}"), flush=True)
+    result["decode"] = _decode_rows(model, runner, args.batch, weight_bytes, state_bytes, copy_GBps, tables)
+    result["prefill"] = _prefill_rows(model, runner, args.prefill, tables)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return 0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 # two-sided 95% Student t quantiles by degrees of freedom (1..10); normal beyond
