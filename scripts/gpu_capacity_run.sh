@@ -9,7 +9,9 @@
 #   (device, carry .whl)  OUT=$OUT bash scripts/gpu_capacity_run.sh
 #
 # .whl holds the fla and mamba-ssm wheels (pure Python + Triton), installed
-# into a --target dir as scripts/gpu_bench_run.sh does. Environment knobs:
+# into a --target dir as scripts/gpu_bench_run.sh does.
+# On a machine with several GPUs the run's pipelines spread over all of them
+# (`run --gpus`; CUDA_VISIBLE_DEVICES limits them). Environment knobs:
 # SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 450), ALT=1 (also the
 # alternative expansion arm), PY (python3); arguments are passed to `run`,
 # e.g. `bash scripts/gpu_capacity_run.sh --set pre_steps=3000`.

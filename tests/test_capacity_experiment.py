@@ -3,6 +3,7 @@ its plan, its verdicts, and the whole pipeline at toy size on CPU (every arm
 of both families, the report)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from training.experiments import statex_capacity as sc
 from training.experiments.capacity_report import interval, verdicts
@@ -234,3 +236,17 @@ def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path):
                            str(out), "--out", str(md)], env=env, timeout=120, cwd=REPO).returncode == 0
     again = md.read_text()
     assert again.partition("## Reading\n")[2].strip() == "StateX did X because Y." and "## Gates" in again
+
+
+def test_pipelines_spread_over_the_gpus_round_robin(monkeypatch):
+    jobs = [("mamba2", 0, "main"), ("mamba2", 1, "main"), ("mamba2", 2, "main"), ("mamba2", 0, "scratch")]
+    assert sc.assign_gpus(jobs, ["0", "1"]) == {jobs[0]: "0", jobs[1]: "1", jobs[2]: "0", jobs[3]: "1"}
+    assert set(sc.assign_gpus(jobs, []).values()) == {None}                  # CPU: the environment as it is
+    args = argparse.Namespace(device="cpu", gpus=None)
+    assert sc.visible_gpus(args) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert sc.visible_gpus(argparse.Namespace(device="auto", gpus=None)) == ["3", "5"]
+    assert sc.visible_gpus(argparse.Namespace(device="auto", gpus=1)) == ["3"]
+    with pytest.raises(SystemExit, match="only 2 visible"):
+        sc.visible_gpus(argparse.Namespace(device="auto", gpus=4))

@@ -30,6 +30,12 @@ def load(results: Path) -> dict:
     return json.loads(results.read_text())
 
 
+def gpu_note(meta: dict) -> str:
+    """How the pipelines were spread, when over more than one GPU (``run --gpus``)."""
+    gpus = sorted({g for g in meta.get("gpus", {}).values() if g is not None})
+    return f" x {len(gpus)} (the pipelines round-robin over them)" if len(gpus) > 1 else ""
+
+
 def interval(values: list[float], ses: list[float | None]) -> tuple[float, float]:
     """Mean and 95% half-width: over seeds (Student t) when there are several,
     else from the one run's standard error over rows."""
@@ -228,7 +234,7 @@ def write_report(results: Path, out_md: Path) -> dict:
           f"**Command:** `{meta['command']}`  ",
           f"**Date:** {meta['date_utc']}; wall clock {meta.get('elapsed_s', float('nan')):.0f} s of a "
           f"{meta['budget_s']:.0f} s budget  ",
-          f"**Hardware:** {env['device']}  ",
+          f"**Hardware:** {env['device']}{gpu_note(meta)}  ",
           "**Versions:** " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "host") and v)
           + "  ",
           f"**Corpus:** `{meta['corpus']['path']}` (crc32 {meta['corpus']['sha']})  ",

@@ -60,9 +60,10 @@ class Preset:
     mqar_power_a: float = 0.01
     # an MQAR-only phase before pre-training (0: none): the pilot's recipe, which crossed
     # MQAR's plateau in 600-800 steps on the H200 (seeds 0 and 1), where mixed pre-training left 2
-    # of 3 seeds near chance. It crossed inside a 2000-step schedule; a 900-step one (its learning
-    # rate decayed by step 600) did not, in any seed (run 3), so the plan never scales this phase
-    mqar_steps: int = 2000
+    # of 3 seeds near chance. A 900-step phase crossed in no seed (run 3a), so the plan never
+    # scales this phase; 2000 steps crossed in one seed of three, the other two had begun
+    # (recall loss 4.8 and 5.2 of 6.24 at the end, run 3): hence 4000
+    mqar_steps: int = 4000
     mqar_seq: int = 256
     mqar_pairs: tuple = (4, 32)
     mqar_lr: float = 1e-2
@@ -887,6 +888,32 @@ def plan_steps(p: Preset, probes: dict, elapsed: float, budget: float) -> dict:
                                     f"{left:.0f} s left", "projected_s": elapsed + need}
 
 
+def visible_gpus(args) -> list[str]:
+    """The GPUs the pipelines may use (``--gpus``, default every visible one), as
+    CUDA_VISIBLE_DEVICES entries; none on the CPU."""
+    import torch
+
+    if args.device == "cpu" or not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [g.strip() for g in visible.split(",") if g.strip()]
+    else:
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    n = len(ids) if args.gpus is None else args.gpus
+    if n > len(ids):
+        raise SystemExit(f"--gpus {n}: only {len(ids)} visible")
+    return ids[:n]
+
+
+def assign_gpus(jobs: list[tuple], gpus: list[str]) -> dict[tuple, str | None]:
+    """Pipelines round-robin over the GPUs, in job order (every family's seeds, then
+    the upper bounds), so that each GPU gets an equal share. The runs so far
+    shared one GPU among four pipelines; each pipeline's steps are small kernels,
+    and processes on one GPU take turns."""
+    return {j: (gpus[i % len(gpus)] if gpus else None) for i, j in enumerate(jobs)}
+
+
 def run(args) -> int:
     """The ``run`` command: start every pipeline (the first seed of each family
     first), then coordinate them (_coordinate)."""
@@ -915,6 +942,9 @@ def run(args) -> int:
             "arms": list(ARMS) + (["statex_alt"] if args.alt else []) + ["scratch"]}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     jobs = [(f, s, "main") for f in families for s in seeds] + [(f, seeds[0], "scratch") for f in families]
+    gpu_of = assign_gpus(jobs, visible_gpus(args))
+    meta["gpus"] = {"/".join(map(str, j)): g for j, g in gpu_of.items()}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
     (out / "logs").mkdir(exist_ok=True)
     procs = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
@@ -926,7 +956,10 @@ def run(args) -> int:
                ["--autotune-configs", str(args.autotune_configs)] + \
               (["--save-checkpoints"] if args.checkpoints and kind == "main" and seed == seeds[0] else [])
         logf = (out / "logs" / f"{fam}_{kind}_{seed}.log").open("w")
-        procs[(fam, seed, kind)] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        gpu = gpu_of[(fam, seed, kind)]
+        procs[(fam, seed, kind)] = subprocess.Popen(
+            cmd, stdout=logf, stderr=subprocess.STDOUT,
+            env=env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu})
 
     # The first seed of each family compiles (and autotunes) alone; the others
     # start when it is ready and load its kernels from the shared Triton cache
@@ -1022,6 +1055,8 @@ def main(argv=None) -> int:
     pr.add_argument("--reserve-s", type=float, default=15, help="held back from the plan for writing results")
     pr.add_argument("--probe-s", type=float, default=240, help="give up waiting for probes after this")
     pr.add_argument("--threads", type=int, default=2, help="torch CPU threads per pipeline")
+    pr.add_argument("--gpus", type=int, default=None,
+                    help="spread the pipelines over this many of the visible GPUs (default: all of them)")
     pr.add_argument("--device", default="auto", choices=("auto", "cpu"))
     pr.add_argument("--autotune-configs", type=int, default=2,
                     help="on CUDA, each Triton autotuner tries at most this many configurations (0: all)")
