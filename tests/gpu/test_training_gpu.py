@@ -15,7 +15,7 @@ def _loss_and_grads(model, x):
     model.zero_grad(set_to_none=True)
     loss = model(x, labels=x).loss
     loss.backward()
-    return loss.item(), torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
+    return loss.item(), {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", ["gla", "gla_conv", "mamba2"])
@@ -29,8 +29,18 @@ def test_fast_kernels_train_like_the_reference(family, monkeypatch):
     monkeypatch.setenv("STATEX_KERNELS", "reference")
     loss_ref, g_ref = _loss_and_grads(model, x)
     assert abs(loss_fast - loss_ref) / loss_ref < 1e-3, (seed, loss_fast, loss_ref)
+    assert g_fast.keys() == g_ref.keys()
+    flat_fast = torch.cat([g.flatten() for g in g_fast.values()])
+    flat_ref = torch.cat([g.flatten() for g in g_ref.values()])
     # chunked accumulation order in the kernels: ~1e-3 relative
-    assert ((g_fast - g_ref).norm() / g_ref.norm()).item() < 2e-2, seed
+    assert ((flat_fast - flat_ref).norm() / flat_ref.norm()).item() < 2e-2, seed
+    # and tensor by tensor: the whole-model norm is the embedding's and the LM head's, so a mixer's
+    # gate or conv gradient could be wrong inside it (GLA learned no MQAR on the GPU where it did
+    # on the CPU, docs/experiments/statex_capacity.md); a wrong gradient is off by ~100%, noise by <1%
+    top = max(g.norm().item() for g in g_ref.values())
+    bad = {n: round(((g_fast[n] - g).norm() / g.norm()).item(), 4) for n, g in g_ref.items()
+           if g.norm().item() > 1e-6 * top and ((g_fast[n] - g).norm() / g.norm()).item() > 0.1}
+    assert not bad, (seed, bad)
 
 
 @pytest.mark.parametrize("family", ["gla", "mamba2"])
