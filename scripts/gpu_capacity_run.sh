@@ -10,8 +10,8 @@
 #
 # .whl holds the fla and mamba-ssm wheels (pure Python + Triton), installed
 # into a --target dir as scripts/gpu_bench_run.sh does.
-# On a machine with several GPUs the run's pipelines spread over all of them
-# (`run --gpus`; CUDA_VISIBLE_DEVICES limits them). Environment knobs:
+# On a machine with several GPUs the run's pipelines, and the pilot's processes,
+# spread over all of them (`run --gpus`; CUDA_VISIBLE_DEVICES limits them). Environment knobs:
 # SEEDS (0,1,2), BUDGET_S (the run stage's wall clock, 450), ALT=1 (also the
 # alternative expansion arm), PY (python3); arguments are passed to `run`,
 # e.g. `bash scripts/gpu_capacity_run.sh --set pre_steps=3000`.
@@ -44,13 +44,19 @@ cat "$R/gpu.txt"
 
 [ -f "$W/corpus.jsonl" ] || stage prepare 90 $PY -m training.experiments.statex_capacity prepare --out "$W/corpus.jsonl"
 if [ -n "${PILOT:-}" ]; then
+    # one process per family and layout, round-robin over the visible GPUs (as `run --gpus` does)
+    read -ra gpus <<< "$(echo "${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader \
+        2>/dev/null | paste -sd,)}" | tr ',' ' ')"
+    i=0
     for layout in ${PILOT_LAYOUTS:-default}; do
         [ "$layout" = default ] && set_layout= || set_layout="--set mqar_layout=$layout"
         for fam in gla mamba2; do
             fam_args=PILOT_ARGS_${fam^^}
-            stage "pilot-$fam-$layout" "${PILOT_S:-300}" $PY -m training.experiments.statex_capacity pilot \
-                --corpus "$W/corpus.jsonl" --out "$R/pilot-$fam-$layout" --families $fam $set_layout \
-                ${PILOT_ARGS:-} ${!fam_args:-} &
+            gpu=${gpus[$((i % (${#gpus[@]} > 0 ? ${#gpus[@]} : 1)))]:-}
+            i=$((i + 1))
+            stage "pilot-$fam-$layout" "${PILOT_S:-300}" env ${gpu:+CUDA_VISIBLE_DEVICES=$gpu} \
+                $PY -m training.experiments.statex_capacity pilot --corpus "$W/corpus.jsonl" \
+                --out "$R/pilot-$fam-$layout" --families $fam $set_layout ${PILOT_ARGS:-} ${!fam_args:-} &
         done
     done
     wait
