@@ -165,18 +165,22 @@ class GLAMixer(StateMixer):
         self.g_norm_swish_gate = GLAOutputNorm(s, config.norm_eps)
         self.use_short_conv = config.use_short_conv
         if self.use_short_conv:   # fla's q_conv1d / k_conv1d / v_conv1d.weight [C, 1, W], this rank's rows
+            # one [q | k | v, W] tensor, what the conv kernels read; the three weights load into row views of it
+            self.conv_weight = torch.empty(s.conv_dim, config.conv_size)
             qk_rows = [(s.qk_row0, s.local_heads * s.head_k)]
+            row = 0
             for name, rows in (("q_conv1d", qk_rows), ("k_conv1d", qk_rows),
                                ("v_conv1d", [(s.v_row0, s.local_heads * s.local_v)])):
                 conv = nn.Module()
-                conv.weight = nn.Parameter(torch.empty(rows[0][1], config.conv_size), requires_grad=False)
+                conv.weight = nn.Parameter(self.conv_weight[row:row + rows[0][1]], requires_grad=False)
                 set_loader(conv.weight, rows_loader(rows, transform=lambda w: w.reshape(w.shape[0], -1)))
                 setattr(self, name, conv)
+                row += rows[0][1]
 
     def _short_conv(self, q, k, v, split):
         """silu(causal depthwise conv) over this rank's q | k | v, windows in the page."""
         qkv = torch.cat([q, k, v], dim=-1)
-        w = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
+        w = self.conv_weight
         out = torch.zeros_like(qkv)
         if split is not None:
             pool = self.state_page.pool(self.layer_idx, "conv")
