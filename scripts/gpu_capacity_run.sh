@@ -45,14 +45,14 @@ cat "$R/gpu.txt"
 [ -f "$W/corpus.jsonl" ] || stage prepare 90 $PY -m training.experiments.statex_capacity prepare --out "$W/corpus.jsonl"
 if [ -n "${PILOT:-}" ]; then
     # one process per family and layout, round-robin over the visible GPUs (as `run --gpus` does)
-    read -ra gpus <<< "$(echo "${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader \
-        2>/dev/null | paste -sd,)}" | tr ',' ' ')"
+    visible=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd,)}
+    IFS=, read -ra gpus <<< "$visible"
     i=0
     for layout in ${PILOT_LAYOUTS:-default}; do
         [ "$layout" = default ] && set_layout= || set_layout="--set mqar_layout=$layout"
         for fam in gla mamba2; do
             fam_args=PILOT_ARGS_${fam^^}
-            gpu=${gpus[$((i % (${#gpus[@]} > 0 ? ${#gpus[@]} : 1)))]:-}
+            gpu=; [ ${#gpus[@]} -gt 0 ] && gpu=${gpus[$((i % ${#gpus[@]}))]}
             i=$((i + 1))
             stage "pilot-$fam-$layout" "${PILOT_S:-300}" env ${gpu:+CUDA_VISIBLE_DEVICES=$gpu} \
                 $PY -m training.experiments.statex_capacity pilot --corpus "$W/corpus.jsonl" \

@@ -109,11 +109,12 @@ class _PrefillGraphs:
     def fits(self, num_tokens: int) -> bool:
         return 0 < num_tokens <= self.buckets[-1]
 
-    def run(self, ids: torch.Tensor, slot: int, has_initial_state: bool) -> torch.Tensor:
-        """ids [T] on the device -> the last token's logits [1, V]; the slot's state advances."""
+    def run(self, ids: list[int], slot: int, has_initial_state: bool) -> torch.Tensor:
+        """The prompt's ids -> its last token's logits [1, V]; the slot's state advances."""
         T = len(ids)
         bucket = next(x for x in self.buckets if x >= T)
-        self.ids[:T].copy_(ids)                # the rows after T keep old ids: padding ignores them
+        # straight into the static buffer; the rows after T keep old ids: padding ignores them
+        self.ids[:T].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
         self.cu[bucket][1].fill_(T)
         self.slots[0].fill_(slot)
         self.has_init[0].fill_(has_initial_state)
@@ -175,7 +176,7 @@ class ModelRunner:
         or of every token [N_tok, V] with ``all_logits``."""
         if self.prefill_graphs is not None and len(seq_lens) == 1 and not all_logits \
                 and self.prefill_graphs.fits(seq_lens[0]):
-            return self.prefill_graphs.run(self._ints(token_ids, torch.long), slots[0], has_initial_state[0])
+            return self.prefill_graphs.run(token_ids, slots[0], has_initial_state[0])
         cu = [0]
         for n in seq_lens:
             cu.append(cu[-1] + n)
