@@ -250,3 +250,5 @@ def test_pipelines_spread_over_the_gpus_round_robin(monkeypatch):
     assert sc.visible_gpus(argparse.Namespace(device="auto", gpus=1)) == ["3"]
     with pytest.raises(SystemExit, match="only 2 visible"):
         sc.visible_gpus(argparse.Namespace(device="auto", gpus=4))
+    with pytest.raises(SystemExit, match="need at least 1"):
+        sc.visible_gpus(argparse.Namespace(device="auto", gpus=0))

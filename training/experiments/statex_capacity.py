@@ -893,6 +893,8 @@ def visible_gpus(args) -> list[str]:
     CUDA_VISIBLE_DEVICES entries; none on the CPU."""
     import torch
 
+    if args.gpus is not None and args.gpus < 1:
+        raise SystemExit(f"--gpus {args.gpus}: need at least 1")
     if args.device == "cpu" or not torch.cuda.is_available():
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -940,7 +942,6 @@ def run(args) -> int:
             "preset": asdict(p), "overrides": args.set, "seeds": seeds, "families": families, "budget_s": args.budget_s,
             "environment": environment(), "corpus": {"path": str(args.corpus), "sha": Corpus(Path(args.corpus)).sha},
             "arms": list(ARMS) + (["statex_alt"] if args.alt else []) + ["scratch"]}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
     jobs = [(f, s, "main") for f in families for s in seeds] + [(f, seeds[0], "scratch") for f in families]
     gpu_of = assign_gpus(jobs, visible_gpus(args))
     meta["gpus"] = {"/".join(map(str, j)): g for j, g in gpu_of.items()}
