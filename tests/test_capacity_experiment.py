@@ -242,6 +242,11 @@ def test_pipelines_spread_over_the_gpus_round_robin(monkeypatch):
     jobs = [("mamba2", 0, "main"), ("mamba2", 1, "main"), ("mamba2", 2, "main"), ("mamba2", 0, "scratch")]
     assert sc.assign_gpus(jobs, ["0", "1"]) == {jobs[0]: "0", jobs[1]: "1", jobs[2]: "0", jobs[3]: "1"}
     assert set(sc.assign_gpus(jobs, []).values()) == {None}                  # CPU: the environment as it is
+    from training.experiments.capacity_report import gpu_note
+
+    spread = {"/".join(map(str, j)): g for j, g in sc.assign_gpus(jobs, ["0", "1"]).items()}
+    assert gpu_note({"gpus": spread}) == " x 2 (the pipelines round-robin over them)"
+    assert gpu_note({"gpus": {"/".join(map(str, j)): None for j in jobs}}) == gpu_note({}) == ""
     args = argparse.Namespace(device="cpu", gpus=None)
     assert sc.visible_gpus(args) == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
