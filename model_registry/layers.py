@@ -17,9 +17,9 @@ except ImportError:  # pragma: no cover
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``, what nn.Linear computes. With ``STATEX_GEMV=1``,
-    decode-sized inputs on CUDA (at most 16 rows, no autograd) take
-    ``kernels.gemv``'s split-K kernel instead of cuBLAS: off by default until the
-    H200 shows it faster (``python -m kernels.gemv.bench``, docs/perf.md)."""
+    decode-sized inputs on CUDA (at most ``kernels.gemv.MAX_ROWS`` rows, no
+    autograd) take ``kernels.gemv``'s kernel instead of cuBLAS: off by default
+    until the H200 shows it faster (``python -m kernels.gemv.bench``, docs/perf.md)."""
     if x.is_cuda and not torch.is_grad_enabled() and os.environ.get("STATEX_GEMV") == "1":
         from kernels import gemv as gemv_ops
 

@@ -308,7 +308,7 @@ def test_conv_decode_and_prefill(C, dtype):
 
 # (N, K) of the 1.3B shapes' decode projections: GLA's fused q|k|v|g|gk-low-rank, o_proj, MLP gate|up and
 # down, the LM head; Mamba2's in_proj and out_proj. Every launch configuration gemv_config picks for them
-# at 1-16 rows runs, on N cut to a few column blocks (N only sets how many blocks there are).
+# at 1-8 rows runs, on N cut to a few column blocks (N only sets how many blocks there are).
 GEMV_SHAPES = [(6160, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048), (8512, 2048),
                (2048, 4096), (72, 40)]
 
@@ -322,7 +322,7 @@ def test_gemv_every_config(dtype):
     gen = _gen("gemv", str(dtype))
     seen = set()
     for N, K in GEMV_SHAPES:
-        for M in (1, 2, 3, 8, 16):
+        for M in (1, 2, 3, 8):
             cfg = fast.gemv_config(M, N, K)
             if (cfg, K) in seen:
                 continue
@@ -335,4 +335,4 @@ def test_gemv_every_config(dtype):
             got = fast.gemv_launch(x, w, b, *cfg)
             assert got.dtype == dtype and got.shape == (M, n)
             _close(got, want, 1e-5 if dtype == torch.float32 else 4e-3, f"gemv M{M} N{N} K{K} {cfg}")
-    assert len({c for c, _ in seen}) >= 3, seen        # split-K on and off, several splits
+    assert len({c for c, _ in seen}) >= 3, seen        # several block widths and depths

@@ -1,4 +1,4 @@
-"""Decode's skinny projections (a few rows of x times a weight): a split-K Triton
+"""Decode's skinny projections (a few rows of x times a weight): a Triton
 kernel on CUDA for up to ``MAX_ROWS`` rows of a 16-bit dtype, torch elsewhere.
 The models reach it through ``model_registry.layers.project`` only with
 ``STATEX_GEMV=1``, until its speed against cuBLAS is measured
@@ -10,7 +10,7 @@ import torch
 from kernels._dispatch import use_fast_path
 from kernels.gemv import reference
 
-MAX_ROWS = 16      # rows of x the kernel takes: tl.dot's smallest tile is 16 rows
+MAX_ROWS = 8       # rows of x the kernel takes; above that the weight is reused enough for cuBLAS's GEMM tiles
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -341,8 +341,8 @@ def test_conv_prefill(shape, B, dtype):
 
 # ----------------------------------------------------------------------------- gemv
 
-@pytest.mark.parametrize("M", [1, 2, 8, 16])
-@pytest.mark.parametrize("N,K", [(6160, 2048), (2048, 5632), (32000, 2048), (8512, 2048), (72, 40)],
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
+@pytest.mark.parametrize("N,K", [(6160, 2048), (2048, 2048), (2048, 5632), (32000, 2048), (8512, 2048), (72, 40)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_gemv(N, K, M, dtype):
@@ -355,7 +355,7 @@ def test_gemv(N, K, M, dtype):
     b = torch.randn(N, generator=gen, device=DEV).to(dtype)
     for bias in (None, b):
         want = reference.gemv(x.double(), w.double(), None if bias is None else bias.double())
-        _poison_allocator(torch.empty(16 * M * N, device=DEV))      # the split-K partials' size
+        _poison_allocator(torch.empty(M * N, device=DEV))      # the output's size: every element is written
         got = gemv(x, w, bias)
         assert got.dtype == dtype and got.shape == (M, N) and torch.isfinite(got).all()
         err = ((got.double() - want).norm() / want.norm()).item()
