@@ -23,8 +23,11 @@
 #   fused    the GPU tests of the fused decode path and of the engine
 #   profile-fused  profile_step.py before (--unfused) and after the fusions, then with
 #            STATEX_GEMV=1 (the projections through kernels.gemv) into profile-gemv/
-#   gemv     python -m kernels.gemv.bench --sweep --rows 1,8: the decode projections, our
-#            split-K kernel against cuBLAS, and the best of a grid of launch configurations
+#   profile-burst  profile_step.py per shape in E2E_SHAPES with its burst rows (several prompts per
+#            prefill call, eager varlen against a graph per prompt) and the decode step with
+#            kernels.gemv against cuBLAS (--gemv)
+#   gemv     python -m kernels.gemv.bench --rows GEMV_ROWS (1,2,4,8) --sweep GEMV_SWEEP (1): the decode
+#            projections, our kernel against cuBLAS, and the best of a grid of launch configurations
 #   ttft     per shape in E2E_SHAPES: one request at a time (the latency goal's table): TTFT and
 #            TPOT at TTFT_CTX (1K,8K,32K) prompts, 64 output tokens, from a cold engine start
 #   load     per shape in E2E_SHAPES: a cold engine start (compile, autotune,
@@ -104,8 +107,14 @@ for s in "$@"; do
                 --prefill 1024,8192 --out $OUT/profile && STATEX_GEMV=1 $PY scripts/profile_step.py $shape \
                 --batch 1,64 --prefill 1024 --out $OUT/profile-gemv"
         done ;;
+    profile-burst)
+        for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
+            stage "profile-$shape" "${PROFILE_S:-200}" $PY scripts/profile_step.py $shape --batch 1,8,64 \
+                --prefill 1024,8192 --gemv --out $OUT/profile
+        done ;;
     gemv)
-        stage gemv "${GEMV_S:-240}" $PY -m kernels.gemv.bench --sweep --rows "${GEMV_ROWS:-1,8}" --out "$OUT/gemv.json" ;;
+        stage gemv "${GEMV_S:-240}" $PY -m kernels.gemv.bench --rows "${GEMV_ROWS:-1,2,4,8}" \
+            --sweep "${GEMV_SWEEP:-1}" --out "$OUT/gemv.json" ;;
     ttft)
         for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
             ckpt "$shape"

@@ -95,6 +95,30 @@ def _decode_rows(model, runner, batches, weight_bytes, state_bytes, copy_GBps, t
     return out
 
 
+def _gemv_rows(model, runner, batches, tables) -> list[dict]:
+    """Per batch size up to kernels.gemv.MAX_ROWS: the decode graph captured again
+    with the projections through kernels.gemv (STATEX_GEMV=1) against cuBLAS's."""
+    from kernels.gemv import MAX_ROWS
+    from statex_serve.engine.runner import _DecodeGraphs
+
+    out = []
+    for B in (b for b in batches if b <= MAX_ROWS):
+        ids = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
+        slots = torch.arange(B, dtype=torch.int32, device="cuda")
+        cublas_ms = _cuda_ms(lambda: runner.graphs.run(ids, slots))
+        os.environ["STATEX_GEMV"] = "1"       # read by model_registry.layers.project at each call
+        try:
+            graphs = _DecodeGraphs(model, runner.pools, B, torch.device("cuda"))
+            gemv_ms = _cuda_ms(lambda: graphs.run(ids, slots))
+            print(_kernel_table(lambda: model.decode(ids, slots, runner.pools), tables,
+                                f"eager decode B={B}, projections through kernels.gemv"), flush=True)
+        finally:
+            del os.environ["STATEX_GEMV"]
+        out.append({"batch": B, "cublas_graph_ms": cublas_ms, "gemv_graph_ms": gemv_ms})
+        print(f"decode B={B}: graph with cuBLAS {cublas_ms:.3f} ms, with kernels.gemv {gemv_ms:.3f} ms", flush=True)
+    return out
+
+
 def _prefill_rows(model, runner, lengths, tables) -> list[dict]:
     """Per prompt length (one sequence): the eager prefill and the runner's captured one."""
     out = []
@@ -119,6 +143,35 @@ def _prefill_rows(model, runner, lengths, tables) -> list[dict]:
     return out
 
 
+def _burst_rows(model, runner, bursts, tables) -> list[dict]:
+    """Per burst (n segments of T tokens, fresh, n slots): one eager variable-length
+    prefill call against each segment through its bucket's graph in turn."""
+    out = []
+    for n, T in bursts:
+        if runner.prefill_graphs is None or not runner.prefill_graphs.fits(T) or n > runner.pools.num_slots:
+            print(f"burst {n}x{T}: skipped (no graph for {T} tokens, or fewer than {n} slots)", flush=True)
+            continue
+        ids = torch.randint(0, model.config.vocab_size, (n * T,)).tolist()
+        args = (ids, [T] * n, list(range(n)), [False] * n)
+        row = {"segments": n, "tokens": T}
+        for mode, graphed in (("eager_ms", False), ("graphs_ms", True)):
+            runner.graph_bursts = graphed
+            row[mode] = _wall_ms(lambda: runner.prefill(*args), reps=10, warmup=2)
+        out.append(row)
+        print(f"burst {n}x{T}: eager varlen {row['eager_ms']:.2f} ms, graph per segment {row['graphs_ms']:.2f} ms "
+              f"({n * T / row['graphs_ms']:.0f}K tok/s)", flush=True)
+        runner.graph_bursts = False
+        print(_kernel_table(lambda: runner.prefill(*args), tables, f"eager burst {n}x{T}"), flush=True)
+    return out
+
+
+def _bursts(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in b.split("x")) for b in text.split(",") if b]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NxT,... (segments x tokens)") from None
+
+
 @torch.inference_mode()   # as the engine runs (the runner's graph buffers are inference tensors)
 def main(argv=None) -> int:
     """Time one preset shape's decode steps and prefills on the GPU; writes the JSON and kernel tables to --out."""
@@ -126,6 +179,12 @@ def main(argv=None) -> int:
     ap.add_argument("shape", help="a bench preset, e.g. gla-1.3b-statex, mamba2-1.3b-statex")
     ap.add_argument("--batch", type=_int_list, default="1,16", help="decode batch sizes")
     ap.add_argument("--prefill", type=_int_list, default="1024,8192", help="prefill lengths (one sequence)")
+    ap.add_argument("--burst", type=_bursts, default="8x1024,7x1100,16x512",
+                    help="bursts of N prompts of T tokens prefilled in one call (NxT,...): eager varlen against "
+                         "each prompt through its prefill graph")
+    ap.add_argument("--gemv", action="store_true",
+                    help="also capture the decode step with the projections through kernels.gemv and time it "
+                         "beside cuBLAS's (batch sizes up to kernels.gemv.MAX_ROWS)")
     ap.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--unfused", action="store_true",
                     help="the step as before the fusions (separate projection GEMMs, eager elementwise "
@@ -156,8 +215,8 @@ def main(argv=None) -> int:
         model.fuse_projections_()        # as the engine serves it
     sdt = getattr(torch, args.state_dtype)
     # the one-segment prefill graphs up to the longest --prefill length (not with --unfused: the "before")
-    runner = ModelRunner(model, max(args.batch), torch.device("cuda"), sdt,
-                         prefill_graph_tokens=0 if args.unfused else max(args.prefill, default=0))
+    runner = ModelRunner(model, max(args.batch + [n for n, _ in args.burst]), torch.device("cuda"), sdt,
+                         prefill_graph_tokens=0 if args.unfused else max(args.prefill + [t for _, t in args.burst]))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     state_bytes = runner.pools.spec.bytes_per_sequence
     copy_GBps = copy_bandwidth_GBps()
@@ -169,6 +228,9 @@ def main(argv=None) -> int:
 
     result["decode"] = _decode_rows(model, runner, args.batch, weight_bytes, state_bytes, copy_GBps, tables)
     result["prefill"] = _prefill_rows(model, runner, args.prefill, tables)
+    result["burst"] = _burst_rows(model, runner, args.burst, tables)
+    if args.gemv and runner.graphs is not None:
+        result["gemv"] = _gemv_rows(model, runner, args.batch, tables)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return 0
 

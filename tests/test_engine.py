@@ -187,6 +187,41 @@ def test_warm_up_covers_the_prefill_variants_and_leaves_slots_usable(checkpoints
         assert g == engine.model.greedy_generate(p, 8)
 
 
+def test_runner_sends_segments_to_the_prefill_graphs_it_has(checkpoints, monkeypatch):
+    """Prefill graphs exist on CUDA only, so they are stood in for here: one segment
+    replays its bucket's graph; a burst replays each segment's graph in order when
+    ``graph_bursts`` is on, else it is one eager call; all-logits calls and a
+    segment longer than the largest bucket stay eager."""
+    engine = NativeEngine(EngineArgs(model=checkpoints["gla"], max_num_seqs=4, prefill_chunk=48))
+    runner = engine.runner
+    replays, eager = [], []
+
+    class Graphs:
+        def fits(self, n):
+            return 0 < n <= 20
+
+        def run(self, ids, slot, carried):
+            replays.append((list(ids), slot, carried))
+            return torch.full((1, 3), float(slot))
+
+    monkeypatch.setattr(runner, "prefill_graphs", Graphs())
+    monkeypatch.setattr(runner, "_prefill_eager", lambda *a, **kw: eager.append((a, kw)) or torch.zeros(1, 3))
+    got = runner.prefill([1, 2, 3, 4, 5], [2, 3], [1, 3], [False, True])
+    assert replays == [([1, 2], 1, False), ([3, 4, 5], 3, True)] and not eager
+    assert got.tolist() == [[1.0] * 3, [3.0] * 3]
+    replays.clear()
+    runner.graph_bursts = False
+    runner.prefill([1, 2, 3, 4, 5], [2, 3], [1, 3], [False, True])
+    assert not replays and len(eager) == 1
+    runner.prefill([7, 8], [2], [2], [True])
+    assert replays == [([7, 8], 2, True)]
+    runner.graph_bursts = True
+    runner.prefill([7, 8], [2], [2], [True], all_logits=True)
+    runner.prefill(list(range(21)), [21], [0], [False])
+    runner.prefill(list(range(22)), [1, 21], [0, 1], [False, False])
+    assert len(replays) == 1 and len(eager) == 4
+
+
 # --- chunked prefill --------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)

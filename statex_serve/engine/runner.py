@@ -11,7 +11,9 @@ A prefill of one prompt segment is captured too, one graph per token-count
 bucket (64, 96, 128, 192, ... up to the prefill chunk): launched eagerly, a 1K
 prompt's prefill spends ~40 ms on the host for ~7 ms of GPU work (H200, docs/perf.md).
 The segment is padded up to its bucket with rows that leave every state as it is
-(``prefill(..., padded=True)`` in model_registry/base.py).
+(``prefill(..., padded=True)`` in model_registry/base.py). Several segments
+prefilled in one call (a burst of prompts) replay their graphs one after the
+other when ``graph_bursts`` is on, instead of one eager variable-length call.
 """
 from __future__ import annotations
 
@@ -125,8 +127,9 @@ class _PrefillGraphs:
 
 class ModelRunner:
     def __init__(self, model, num_slots: int, device: torch.device, state_dtype: torch.dtype | None,
-                 cuda_graphs: bool = True, prefill_graph_tokens: int = 0):
+                 cuda_graphs: bool = True, prefill_graph_tokens: int = 0, graph_bursts: bool = True):
         self.model = model
+        self.graph_bursts = graph_bursts
         self.device = device
         self.pools: StatePools = model.allocate_state_pools(num_slots, device=device, state_dtype=state_dtype)
         self.graphs: _DecodeGraphs | None = None
@@ -174,15 +177,28 @@ class ModelRunner:
                 all_logits: bool = False) -> torch.Tensor:
         """Prompt segments (flattened) -> logits of each segment's last token [B, V],
         or of every token [N_tok, V] with ``all_logits``."""
-        if self.prefill_graphs is not None and len(seq_lens) == 1 and not all_logits \
-                and self.prefill_graphs.fits(seq_lens[0]):
-            return self.prefill_graphs.run(token_ids, slots[0], has_initial_state[0])
+        graphs = self.prefill_graphs
+        if graphs is not None and not all_logits and (len(seq_lens) == 1 or self.graph_bursts) \
+                and all(graphs.fits(n) for n in seq_lens):
+            return self._prefill_graphed(token_ids, seq_lens, slots, has_initial_state)
+        return self._prefill_eager(token_ids, seq_lens, slots, has_initial_state, all_logits)
+
+    def _prefill_eager(self, token_ids, seq_lens, slots, has_initial_state, all_logits=False) -> torch.Tensor:
+        """One variable-length call over every segment."""
         cu = [0]
         for n in seq_lens:
             cu.append(cu[-1] + n)
         return self.model.prefill(self._ints(token_ids, torch.long), self._ints(cu), self._ints(slots),
                                   torch.tensor(has_initial_state, dtype=torch.bool).to(self.device),
                                   self.pools, all_logits=all_logits)
+
+    def _prefill_graphed(self, token_ids, seq_lens, slots, has_initial_state) -> torch.Tensor:
+        """Each segment through its token bucket's graph, one after another."""
+        rows, start = [], 0
+        for n, slot, carried in zip(seq_lens, slots, has_initial_state):
+            rows.append(self.prefill_graphs.run(token_ids[start:start + n], slot, carried))
+            start += n
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def prefill_warmup_batches(self, max_tokens: int) -> list[list[int]]:
         """Prompt-segment lengths that together reach every compiled variant of
@@ -209,7 +225,8 @@ class ModelRunner:
             for carried in modes:
                 # all logits only change the last layer's tail, which has no shape-specialised kernel
                 for all_logits in ((False, True) if sum(lens) <= 64 else (False,)):
-                    self.prefill(ids, lens, list(range(n)), carried, all_logits=all_logits)
+                    # eagerly: the prefill graphs were compiled when they were captured
+                    self._prefill_eager(ids, lens, list(range(n)), carried, all_logits=all_logits)
                     calls += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
