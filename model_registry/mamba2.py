@@ -75,10 +75,12 @@ class Mamba2Mixer(nn.Module):
 
     def _A(self) -> torch.Tensor:
         """-exp(A_log) in fp32; outside autograd computed once per A_log version
-        (two fewer kernels per layer and token)."""
+        (two fewer kernels per layer and token). A model made under inference mode
+        has inference tensors, which keep no version: for them, once per storage."""
         if torch.is_grad_enabled():
             return -torch.exp(self.A_log.float())
-        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
+        version = None if self.A_log.is_inference() else self.A_log._version
+        key = (self.A_log.data_ptr(), version, self.A_log.device)
         if getattr(self, "_A_cache", (None,))[0] != key:
             self._A_cache = (key, -torch.exp(self.A_log.detach().float()))
         return self._A_cache[1]

@@ -197,6 +197,12 @@ def main(argv=None) -> int:
         print("profile_step.py needs a CUDA GPU", file=sys.stderr)
         return 2
 
+    from kernels.autotune import limit_autotune_search
+    from statex_serve.engine.native import FAST_AUTOTUNE_CONFIGS
+
+    # as the engine's default --autotune fast, before fla / mamba-ssm define their autotuners: the full
+    # search over the prefill kernels takes minutes on a cold cache
+    limit_autotune_search(FAST_AUTOTUNE_CONFIGS)
     from model_registry import MODEL_TYPES
     from model_registry.tokenizer import BOS_ID, EOS_ID, PAD_ID
     from kernels.bench import copy_bandwidth_GBps

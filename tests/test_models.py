@@ -41,6 +41,22 @@ def test_whole_sequence_matches_token_by_token_decode(model):
     assert rel_err(stepped, full) < 1e-4
 
 
+def test_a_model_made_under_inference_mode_decodes_as_the_normal_one(model):
+    """Parameters created under inference mode are inference tensors, which keep no
+    version counter (Mamba2 caches -exp(A_log) by version): such a copy decodes, and
+    to the same logits."""
+    ids = torch.randint(0, model.config.vocab_size, (5,))
+    slots = torch.tensor([0], dtype=torch.int32)
+    with torch.inference_mode():
+        twin = type(model)(model.config)
+        twin.load_state_dict(model.state_dict())
+        assert next(twin.parameters()).is_inference()
+        pools, twin_pools = model.allocate_state_pools(1), twin.allocate_state_pools(1)
+        for t in range(5):
+            want = model.decode(ids[t:t + 1], slots, pools)
+            torch.testing.assert_close(twin.decode(ids[t:t + 1], slots, twin_pools), want)
+
+
 def test_prefill_then_decode_matches_whole_sequence(model):
     """Path (c): variable-length prompts prefilled together into their slots (some
     in two segments with the state carried), then decoded; equals path (a)."""
