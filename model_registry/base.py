@@ -134,10 +134,13 @@ class StateXPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, slots: torch.Tensor, pools: StatePools) -> torch.Tensor:
         """Path (b). input_ids [B] (one token per sequence) -> logits [B, vocab]."""
-        h = self.embeddings(input_ids)
+        # Each block hands back its residual stream and its last sub-block's output
+        # unadded: the next block adds them inside its pre-norm's kernel (one
+        # launch fewer per layer; the step is launch-bound at one token).
+        h, y = self.embeddings(input_ids), None
         for i, block in enumerate(self.blocks):
-            h = block.decode(h, pools[i], slots)
-        return self._logits(h)
+            h, y = block.decode(h, y, pools[i], slots)
+        return self._logits(self.blocks[-1].add_residual(h, y))
 
     @torch.no_grad()
     def greedy_generate(self, prompt_ids: list[int], max_new_tokens: int, pools: StatePools | None = None,

@@ -161,8 +161,20 @@ class GLABlock(GradientCheckpointingLayer):
     def prefill(self, h, pool, slots, cu_seqlens, has_initial_state, valid=None):
         return self._mlp(h, self.attn.prefill(self.attn_norm(h), pool, slots, cu_seqlens, has_initial_state, valid))
 
-    def decode(self, h, pool, slots):
-        return self._mlp(h, self.attn.decode(self.attn_norm(h), pool, slots))
+    def decode(self, h, y, pool, slots):
+        """One token. The residual add is deferred to the next block: this block
+        adds the previous block's output ``y`` (None for the first block) inside
+        its pre-norm's kernel and returns (residual stream, MLP output) unadded."""
+        if y is None:
+            x = self.attn_norm(h)
+        else:
+            h, x = add_rms_norm(h, y, self.attn_norm.weight, self.attn_norm.eps)
+        h, x = add_rms_norm(h, self.attn.decode(x, pool, slots), self.mlp_norm.weight, self.mlp_norm.eps)
+        return h, self.mlp(x)
+
+    @staticmethod
+    def add_residual(h, y):
+        return h + y
 
 
 class StateXGLAModel(nn.Module):

@@ -1,8 +1,6 @@
 """Building blocks shared by the two families (all math in fp32 where upstream does it)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,15 +14,15 @@ except ImportError:  # pragma: no cover
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias``, what nn.Linear computes. With ``STATEX_GEMV=1``,
-    decode-sized inputs on CUDA (at most ``kernels.gemv.MAX_ROWS`` rows, no
-    autograd) take ``kernels.gemv``'s kernel instead of cuBLAS: off by default
-    until the H200 shows it faster (``python -m kernels.gemv.bench``, docs/perf.md)."""
-    if x.is_cuda and not torch.is_grad_enabled() and os.environ.get("STATEX_GEMV") == "1":
+    """``x @ weight.T + bias``, what nn.Linear computes. Decode-sized inputs on
+    CUDA outside autograd take ``kernels.gemv``'s kernel instead of cuBLAS where
+    ``kernels.gemv.preferred`` says it is faster (by default one row into a
+    narrow output, such as the projections back to the hidden size)."""
+    if x.is_cuda and not torch.is_grad_enabled():
         from kernels import gemv as gemv_ops
 
         rows = x.numel() // x.shape[-1]
-        if rows <= gemv_ops.MAX_ROWS:
+        if gemv_ops.preferred(rows, weight.shape[0]):
             y = gemv_ops.gemv(x.reshape(rows, x.shape[-1]), weight, bias)
             return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

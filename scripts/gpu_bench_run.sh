@@ -22,10 +22,10 @@
 #            shapes (random weights), in-process engine, contexts up to 32K
 #   fused    the GPU tests of the fused decode path and of the engine
 #   profile-fused  profile_step.py before (--unfused) and after the fusions, then with
-#            STATEX_GEMV=1 (the projections through kernels.gemv) into profile-gemv/
+#            STATEX_GEMV=1 (every decode projection through kernels.gemv) into profile-gemv/
 #   profile-burst  profile_step.py per shape in E2E_SHAPES with its burst rows (several prompts per
-#            prefill call, eager varlen against a graph per prompt) and the decode step with
-#            kernels.gemv against cuBLAS (--gemv)
+#            prefill call, eager varlen against a graph per prompt) and the decode step as served
+#            against every projection through cuBLAS / through kernels.gemv (--gemv)
 #   gemv     python -m kernels.gemv.bench --rows GEMV_ROWS (1,2,4,8) --sweep GEMV_SWEEP (1): the decode
 #            projections, our kernel against cuBLAS, and the best of a grid of launch configurations
 #   ttft     per shape in E2E_SHAPES: one request at a time (the latency goal's table): TTFT and

@@ -96,8 +96,10 @@ def _decode_rows(model, runner, batches, weight_bytes, state_bytes, copy_GBps, t
 
 
 def _gemv_rows(model, runner, batches, tables) -> list[dict]:
-    """Per batch size up to kernels.gemv.MAX_ROWS: the decode graph captured again
-    with the projections through kernels.gemv (STATEX_GEMV=1) against cuBLAS's."""
+    """Per batch size up to kernels.gemv.MAX_ROWS: the runner's decode graph (the
+    projections as ``kernels.gemv.preferred`` routes them) against the same step
+    captured with every projection through cuBLAS (STATEX_GEMV=0) and with every
+    one through kernels.gemv (STATEX_GEMV=1)."""
     from kernels.gemv import MAX_ROWS
     from statex_serve.engine.runner import _DecodeGraphs
 
@@ -105,17 +107,22 @@ def _gemv_rows(model, runner, batches, tables) -> list[dict]:
     for B in (b for b in batches if b <= MAX_ROWS):
         ids = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
         slots = torch.arange(B, dtype=torch.int32, device="cuda")
-        cublas_ms = _cuda_ms(lambda: runner.graphs.run(ids, slots))
-        os.environ["STATEX_GEMV"] = "1"       # read by model_registry.layers.project at each call
-        try:
-            graphs = _DecodeGraphs(model, runner.pools, B, torch.device("cuda"))
-            gemv_ms = _cuda_ms(lambda: graphs.run(ids, slots))
-            print(_kernel_table(lambda: model.decode(ids, slots, runner.pools), tables,
-                                f"eager decode B={B}, projections through kernels.gemv"), flush=True)
-        finally:
-            del os.environ["STATEX_GEMV"]
-        out.append({"batch": B, "cublas_graph_ms": cublas_ms, "gemv_graph_ms": gemv_ms})
-        print(f"decode B={B}: graph with cuBLAS {cublas_ms:.3f} ms, with kernels.gemv {gemv_ms:.3f} ms", flush=True)
+        row = {"batch": B, "default_graph_ms": _cuda_ms(lambda: runner.graphs.run(ids, slots))}
+        before = os.environ.get("STATEX_GEMV")
+        for mode in ("0", "1"):
+            os.environ["STATEX_GEMV"] = mode      # read by model_registry.layers.project at each call
+            try:
+                graphs = _DecodeGraphs(model, runner.pools, B, torch.device("cuda"))
+                row[f"gemv{mode}_graph_ms"] = _cuda_ms(lambda: graphs.run(ids, slots))
+                print(_kernel_table(lambda: model.decode(ids, slots, runner.pools), tables,
+                                    f"eager decode B={B}, STATEX_GEMV={mode}"), flush=True)
+            finally:
+                os.environ.pop("STATEX_GEMV")
+                if before is not None:
+                    os.environ["STATEX_GEMV"] = before
+        out.append(row)
+        print(f"decode B={B}: graph as served {row['default_graph_ms']:.3f} ms, every projection through cuBLAS "
+              f"{row['gemv0_graph_ms']:.3f} ms, through kernels.gemv {row['gemv1_graph_ms']:.3f} ms", flush=True)
     return out
 
 
@@ -183,8 +190,9 @@ def main(argv=None) -> int:
                     help="bursts of N prompts of T tokens prefilled in one call (NxT,...): eager varlen against "
                          "each prompt through its prefill graph")
     ap.add_argument("--gemv", action="store_true",
-                    help="also capture the decode step with the projections through kernels.gemv and time it "
-                         "beside cuBLAS's (batch sizes up to kernels.gemv.MAX_ROWS)")
+                    help="also capture the decode step with every projection through cuBLAS and with every one "
+                         "through kernels.gemv, timed beside the step as served (batch sizes up to "
+                         "kernels.gemv.MAX_ROWS)")
     ap.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--unfused", action="store_true",
                     help="the step as before the fusions (separate projection GEMMs, eager elementwise "

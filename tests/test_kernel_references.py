@@ -169,3 +169,18 @@ def test_gla_prefill_offsets_converted_once_per_tensor():
     assert other is not first                           # a new forward's offsets
     already = torch.tensor([0, 3], dtype=torch.long)
     assert _int64_offsets(already) is already
+
+
+def test_gemv_policy_follows_statex_gemv(monkeypatch):
+    """Which projections take kernels.gemv: by default one row into an output at most
+    AUTO_MAX_N wide (where it beat cuBLAS); STATEX_GEMV=1 every input of at most
+    MAX_ROWS rows; STATEX_GEMV=0 none."""
+    from kernels import gemv
+
+    monkeypatch.delenv("STATEX_GEMV", raising=False)
+    assert gemv.preferred(1, 2048) and gemv.preferred(1, gemv.AUTO_MAX_N)
+    assert not gemv.preferred(1, gemv.AUTO_MAX_N + 1) and not gemv.preferred(2, 2048)
+    monkeypatch.setenv("STATEX_GEMV", "1")
+    assert gemv.preferred(gemv.MAX_ROWS, 32000) and not gemv.preferred(gemv.MAX_ROWS + 1, 2048)
+    monkeypatch.setenv("STATEX_GEMV", "0")
+    assert not gemv.preferred(1, 2048)

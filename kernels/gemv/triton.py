@@ -11,9 +11,13 @@ Each program here owns BLOCK_N output columns: it streams their BLOCK_N rows
 of the weight (contiguous along K) once, BLOCK_K at a time, multiplies them
 with the (at most ``MAX_ROWS``) rows of x on the CUDA cores in fp32 and reduces
 inside the kernel, so the output is written once, in x's dtype, with the bias
-added: one launch per projection, no partial sums. BLOCK_N is small enough
-that a few hundred programs keep every SM streaming even for N = 2048. The
-weights are read once per step, so their loads are marked to leave L2 first.
+added: one launch per projection, no partial sums. With BLOCK_N = 2, N = 2048
+is 1024 programs, enough to keep every SM streaming. The weights are read once
+per step, so their loads are marked to leave L2 first. Measured against cuBLAS
+(``python -m kernels.gemv.bench``) it wins at one row on the narrow outputs
+(N = 2048: 5.0 against 6.2 us for o_proj, 8.4 against 9.6 us for Mamba2's
+out_proj), ties on the rest and loses above one row, where the
+[rows, BLOCK_N, BLOCK_K] products stop fitting the registers.
 (A first version split K over programs and wrote fp32 partials that a second
 pass added; its extra reductions and casts cost more than its GEMMs saved.)
 """
@@ -25,8 +29,6 @@ import triton.language as tl
 
 from kernels.gemv import MAX_ROWS      # rows of x one launch takes
 
-_SMS = 132             # H200 streaming multiprocessors
-_MIN_PROGRAMS = 2 * _SMS
 _TILE = 8192           # products per loop step (BM x BN x BK): 64 fp32 registers a thread at 4 warps
 
 
@@ -55,16 +57,15 @@ def _gemv_kernel(x, w, b, y, M, N, K, s_xm, s_wn, s_ym,
 
 
 def gemv_config(M: int, N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): the widest BLOCK_N (4-32) that still gives
-    at least two programs per SM, and a BLOCK_K that keeps a loop step's tile at
-    ``_TILE`` products (16 KiB of bf16 weight at one row of x). A first guess
-    for the H200, checked by ``python -m kernels.gemv.bench --sweep``."""
+    """(BLOCK_N, BLOCK_K, num_warps), from the H200 sweep at one row
+    (docs/bench/h200-load/7-gemv/gemv.json): 2 columns a program for outputs
+    up to 4096 wide, else 4, each streaming 2048 of K per loop step (every
+    shape's best), 8 warps from K = 4096; BLOCK_K shrinks with more rows so a
+    step's tile stays at ``_TILE`` products."""
     bm = triton.next_power_of_2(max(M, 1))
-    bn = 4
-    while bn < 32 and triton.cdiv(N, 2 * bn) >= _MIN_PROGRAMS:
-        bn *= 2
-    bk = max(16, min(triton.next_power_of_2(K), _TILE // (bm * bn)))
-    return bn, bk, 4
+    bn = 2 if N <= 4096 else 4
+    bk = max(16, min(triton.next_power_of_2(K), 2048, _TILE // (bm * bn)))
+    return bn, bk, 8 if K >= 4096 else 4
 
 
 def gemv_launch(x, weight, bias, BN, BK, num_warps):

@@ -58,11 +58,12 @@ def test_compiled_ops_equal_their_eager_functions(dtype, rows):
             _close(a, b, dtype)
 
 
-@pytest.mark.parametrize("gemv", [False, True], ids=["cublas", "gemv"])
+@pytest.mark.parametrize("gemv", ["0", "auto", "1"], ids=["cublas", "gemv-auto", "gemv-all"])
 @pytest.mark.parametrize("family", ["gla", "gla_conv", "mamba2"])
 def test_fused_model_matches_unfused_eager(family, gemv, monkeypatch):
-    """The fused, compiled, graph-captured decode (with STATEX_GEMV=1: the projections through
-    kernels.gemv) against the unfused eager model, teacher-forced over prefill and 12 steps."""
+    """The fused, compiled, graph-captured decode (STATEX_GEMV: every projection through cuBLAS,
+    the default policy, or every decode-sized one through kernels.gemv) against the unfused eager
+    model, teacher-forced over prefill and 12 steps."""
     torch.manual_seed(0)
     kw = {"use_short_conv": True} if family == "gla_conv" else {}
     ref = build_tiny_model(family.removesuffix("_conv"), expanded=True, seed=11, **kw).to(DEV, torch.bfloat16).eval()
@@ -84,12 +85,11 @@ def test_fused_model_matches_unfused_eager(family, gemv, monkeypatch):
                 logits.append(runner.decode(tok.tolist(), slots.tolist()).clone())
         return torch.stack(logits)
 
-    if gemv:
-        monkeypatch.setenv("STATEX_GEMV", "1")
+    monkeypatch.setenv("STATEX_GEMV", gemv)
     runner = ModelRunner(fused, 4, torch.device(DEV), None)
     assert runner.graphs is not None
     got = run(fused, runner)
-    monkeypatch.delenv("STATEX_GEMV", raising=False)
+    monkeypatch.setenv("STATEX_GEMV", "0")
     monkeypatch.setenv("STATEX_COMPILE", "0")
     want = run(ref, ModelRunner(ref, 4, torch.device(DEV), None, cuda_graphs=False))
     rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
