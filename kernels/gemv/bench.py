@@ -23,7 +23,7 @@ from kernels.gemv import MAX_ROWS
 # Mamba2-1.3B's in_proj and out_proj
 SHAPES = [("gla_in", 6160, 2048), ("gla_o", 2048, 2048), ("mlp_gate_up", 11264, 2048), ("mlp_down", 2048, 5632),
           ("lm_head", 32000, 2048), ("mamba2_in", 8512, 2048), ("mamba2_out", 2048, 4096)]
-SWEEP = {"BN": (2, 4, 8, 16, 32), "BK": (256, 512, 1024, 2048), "num_warps": (4, 8)}
+SWEEP = {"BN": (2, 4, 8, 16, 32), "BK": (256, 512, 1024, 2048, 4096), "num_warps": (4, 8)}
 SWEEP_MAX_TILE = 32768     # BM x BN x BK products per loop step: more spills registers
 
 
