@@ -75,14 +75,18 @@ class GLAMixer(nn.Module):
             return self._conv_weight
         return torch.cat([self.q_conv1d.weight[:, 0], self.k_conv1d.weight[:, 0], self.v_conv1d.weight[:, 0]])
 
-    def _project(self, x):
+    def _project(self, x, decode: bool = False):
         """x [..., D] -> q, k, v [..., Kd | Kd | Vd] (flat, before any short conv),
         log-decay g [..., H, K], output gate [..., H, V]."""
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         if self._in_weight is not None and not torch.is_grad_enabled():
             q, k, v, gate, gk = project(x, self._in_weight).split(
                 [H * K, H * K, H * V, H * V, self.gk_proj[0].out_features], dim=-1)
-            gk = self.gk_proj[1](gk)
+            up = self.gk_proj[1]
+            if decode:      # the low-rank gate's second projection inside the log decay's kernel
+                g = gla_log_decay_low_rank(gk, up.weight, up.bias, self.gate_logit_normalizer, self.clamp_min)
+                return q, k, v, g.unflatten(-1, (H, K)), gate.unflatten(-1, (H, V))
+            gk = up(gk)
         else:
             q, k, v, gate, gk = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x), self.gk_proj(x)
         g = gla_log_decay(gk, self.gate_logit_normalizer, self.clamp_min)
@@ -126,7 +130,7 @@ class GLAMixer(nn.Module):
         return self._out(o, gate)
 
     def decode(self, x, pool, slots):
-        q, k, v, g, gate = self._project(x)
+        q, k, v, g, gate = self._project(x, decode=True)
         if self.use_short_conv:
             q, k, v = self._split_qkv(conv_ops.conv_decode(torch.cat([q, k, v], -1), pool["conv"], slots,
                                                            self.conv_weight, None, "silu"))
@@ -139,6 +143,20 @@ def gla_log_decay(gk: torch.Tensor, normalizer: float, clamp_min: float | None) 
     """The per-key log decay from the gate logits, in fp32 (fla: logsigmoid / 16)."""
     g = F.logsigmoid(gk.float()) / normalizer
     return g if clamp_min is None else g.clamp_min(clamp_min)
+
+
+@inference_compiled
+def gla_log_decay_low_rank(gk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, normalizer: float,
+                           clamp_min: float | None) -> torch.Tensor:
+    """``gla_log_decay`` of the low-rank gate's second projection ``gk @ weight.T + bias``
+    (rank 16), summed as a broadcast product so that, compiled, it is one kernel
+    with the logsigmoid: for decode's few rows a GEMM launch of its own (3 us on
+    the H200, 24 a step) costs more than its arithmetic. Materialises
+    [rows, rank, out] when eager, so decode only."""
+    logits = (gk.float().unsqueeze(-1) * weight.float().t()).sum(-2)
+    if bias is not None:
+        logits = logits + bias.float()
+    return gla_log_decay.eager(logits, normalizer, clamp_min)
 
 
 class GLABlock(GradientCheckpointingLayer):

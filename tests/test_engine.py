@@ -205,6 +205,8 @@ def test_runner_sends_segments_to_the_prefill_graphs_it_has(checkpoints, monkeyp
             return torch.full((1, 3), float(slot))
 
     monkeypatch.setattr(runner, "prefill_graphs", Graphs())
+    assert runner.graph_bursts is False       # the engine's default: measured no faster (docs/perf.md)
+    runner.graph_bursts = True
     monkeypatch.setattr(runner, "_prefill_eager", lambda *a, **kw: eager.append((a, kw)) or torch.zeros(1, 3))
     got = runner.prefill([1, 2, 3, 4, 5], [2, 3], [1, 3], [False, True])
     assert replays == [([1, 2], 1, False), ([3, 4, 5], 3, True)] and not eager

@@ -189,7 +189,12 @@ def test_padded_rows_leave_every_slot_untouched(model):
 def test_fused_projections_change_nothing_but_the_gemm_count(model):
     """Serving fuses the projections that share an input into one GEMM; logits of
     prefill and decode stay those of the separate projections, and the separate
-    weights become views of the fused matrix (no second copy)."""
+    weights become views of the fused matrix (no second copy). Biases are drawn
+    at random first (they are zero at init), so a path that drops one shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
     V = model.config.vocab_size
     ids = torch.randint(0, V, (23,))
     cu = torch.tensor([0, 23], dtype=torch.int32)

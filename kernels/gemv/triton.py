@@ -29,7 +29,7 @@ import triton.language as tl
 
 from kernels.gemv import MAX_ROWS      # rows of x one launch takes
 
-_TILE = 8192           # products per loop step (BM x BN x BK): 64 fp32 registers a thread at 4 warps
+_TILE = 16384          # products per loop step (BM x BN x BK) at most: 128 fp32 registers a thread at 4 warps
 
 
 @triton.jit
@@ -57,15 +57,16 @@ def _gemv_kernel(x, w, b, y, M, N, K, s_xm, s_wn, s_ym,
 
 
 def gemv_config(M: int, N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps), from the H200 sweep at one row
-    (docs/bench/h200-load/7-gemv/gemv.json): 2 columns a program for outputs
-    up to 4096 wide, else 4, each streaming 2048 of K per loop step (every
-    shape's best), 8 warps from K = 4096; BLOCK_K shrinks with more rows so a
-    step's tile stays at ``_TILE`` products."""
+    """(BLOCK_N, BLOCK_K, num_warps), from the H200 sweeps at one row
+    (docs/bench/h200-load/7-gemv/): 2 columns a program for outputs up to 4096
+    wide over K up to 2048, else 4; the whole of K up to 4096 per loop step,
+    else 2048; 8 warps above K = 4096. BLOCK_K shrinks with more rows so that a
+    step's tile stays at most ``_TILE`` products."""
     bm = triton.next_power_of_2(max(M, 1))
-    bn = 2 if N <= 4096 else 4
-    bk = max(16, min(triton.next_power_of_2(K), 2048, _TILE // (bm * bn)))
-    return bn, bk, 8 if K >= 4096 else 4
+    bn = 2 if N <= 4096 and K <= 2048 else 4
+    bk = triton.next_power_of_2(K) if K <= 4096 else 2048
+    bk = max(16, min(bk, _TILE // (bm * bn)))
+    return bn, bk, 8 if K > 4096 else 4
 
 
 def gemv_launch(x, weight, bias, BN, BK, num_warps):

@@ -12,8 +12,11 @@ bucket (64, 96, 128, 192, ... up to the prefill chunk): launched eagerly, a 1K
 prompt's prefill spends ~40 ms on the host for ~7 ms of GPU work (H200, docs/perf.md).
 The segment is padded up to its bucket with rows that leave every state as it is
 (``prefill(..., padded=True)`` in model_registry/base.py). Several segments
-prefilled in one call (a burst of prompts) replay their graphs one after the
-other when ``graph_bursts`` is on, instead of one eager variable-length call.
+prefilled in one call (a burst of prompts) take one eager variable-length call:
+replaying each segment's graph in turn (``graph_bursts=True``) was measured no
+faster on the H200 (8 x 1K: 60.6 against 56.8 ms for GLA, 89.0 against 89.5 ms
+for Mamba2; padding to the buckets makes it slower at other lengths;
+``scripts/profile_step.py --burst``, docs/perf.md).
 """
 from __future__ import annotations
 
@@ -127,7 +130,7 @@ class _PrefillGraphs:
 
 class ModelRunner:
     def __init__(self, model, num_slots: int, device: torch.device, state_dtype: torch.dtype | None,
-                 cuda_graphs: bool = True, prefill_graph_tokens: int = 0, graph_bursts: bool = True):
+                 cuda_graphs: bool = True, prefill_graph_tokens: int = 0, graph_bursts: bool = False):
         self.model = model
         self.graph_bursts = graph_bursts
         self.device = device
