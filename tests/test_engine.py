@@ -322,6 +322,34 @@ def test_run_ahead_changes_no_output(checkpoints):
     assert want[1][2] == ["stop"] and want[2][2] == ["stop"] and len(want[2][0][0]) == 5
 
 
+def test_chained_greedy_steps_change_no_output(checkpoints):
+    """Plain greedy streams chain their steps on the device (the next step reads
+    this step's argmax before the host does): outputs equal the unchained run's,
+    where streams end by length and by stop tokens mid-run (a step computed for
+    nothing then), and slots freed that way serve the next requests exactly."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(3, 40))] for _ in range(9)]
+
+    async def run(engine, params):
+        async def one(i):
+            ids, _, outs = await collect(engine, f"c{i}", prompts[i], **params[i])
+            return ids, [d.finish_reason for o in outs for d in o.outputs if d.finish_reason]
+        got = await asyncio.gather(*(one(i) for i in range(6)))
+        got += await asyncio.gather(*(one(i) for i in range(6, 9)))     # into the slots just freed
+        await wait_until(lambda: engine.stats().slots_used == 0)
+        return got, engine._chained_steps
+
+    params = [dict(max_tokens=6 + 5 * i, temperature=0.0, ignore_eos=True) for i in range(9)]
+    first, _ = run_engine(checkpoints["gla"], lambda e: run(e, params), max_num_seqs=6, run_ahead=False)
+    for i in (1, 3, 4):      # a stop token each stream meets mid-run
+        params[i].update(stop_token_ids=(first[i][0][0][2 + i],), ignore_eos=False)
+    want, none = run_engine(checkpoints["gla"], lambda e: run(e, params), max_num_seqs=6, run_ahead=False)
+    got, chained = run_engine(checkpoints["gla"], lambda e: run(e, params), max_num_seqs=6)
+    assert none == 0 and chained > 10
+    assert got == want
+    assert all(want[i][1] == ["stop"] for i in (1, 3, 4)) and want[0][1] == ["length"]
+
+
 # --- n > 1 ------------------------------------------------------------------------------
 
 def test_n_sequences_share_one_prefill(checkpoints):

@@ -133,6 +133,7 @@ class ModelRunner:
                  cuda_graphs: bool = True, prefill_graph_tokens: int = 0, graph_bursts: bool = False):
         self.model = model
         self.graph_bursts = graph_bursts
+        self._host_tokens: torch.Tensor | None = None     # pinned: argmax_to_host's landing place
         self.device = device
         self.pools: StatePools = model.allocate_state_pools(num_slots, device=device, state_dtype=state_dtype)
         self.graphs: _DecodeGraphs | None = None
@@ -167,13 +168,36 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def decode(self, token_ids: list[int], slots: list[int]) -> torch.Tensor:
-        """One token per sequence -> logits [B, V] (fp32); states advance in place."""
-        ids = self._ints(token_ids, torch.long)
+    def decode(self, token_ids: list[int] | torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """One token per sequence (a list, or ids already on the device) -> logits
+        [B, V] (fp32); states advance in place."""
+        ids = token_ids if isinstance(token_ids, torch.Tensor) else self._ints(token_ids, torch.long)
         slot_t = self._ints(slots)
         if self.graphs is not None:
             return self.graphs.run(ids, slot_t)
         return self.model.decode(ids, slot_t, self.pools)
+
+    @torch.inference_mode()
+    def argmax_to_host(self, logits: torch.Tensor):
+        """The greedy tokens of ``logits`` [B, V]: (the tokens on the device, a
+        function that returns them as a list). The copy to the host is queued
+        now, so the function waits for this step only, not for work queued
+        after this call (such as the next step's graph)."""
+        tokens = logits.argmax(dim=-1)
+        if self.device.type != "cuda":
+            return tokens, tokens.tolist
+        if self._host_tokens is None or len(self._host_tokens) < len(tokens):
+            self._host_tokens = torch.empty(max(len(tokens), self.pools.num_slots), dtype=torch.long,
+                                            pin_memory=True)
+        host = self._host_tokens[:len(tokens)]
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> list[int]:
+            copied.synchronize()
+            return host.tolist()
+        return tokens, read
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], seq_lens: list[int], slots: list[int], has_initial_state: list[bool],

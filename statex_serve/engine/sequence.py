@@ -67,6 +67,14 @@ class SequenceState:
                            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                            repetition_penalty=p.repetition_penalty, history=self.history)
 
+    def plain_greedy(self) -> bool:
+        """Whether this step's token is the argmax of the logits as they are, with
+        nothing to report beside it and no text to look at before the next step:
+        greedy, no logprobs, no biases, bans or penalties, no stop strings."""
+        row = self.sampling_row()
+        return (row.greedy and row.logprobs is None and not row.penalized and not row.banned_token_ids
+                and not row.logit_bias and not self.stops.stop)
+
     def append(self, token_id: int, logprob: TokenLogprob | None, max_new_tokens: int) -> None:
         """Record a sampled token and decide whether the sequence ends here.
 
