@@ -49,6 +49,7 @@ def test_cuda_engine_matches_eager_greedy(family, tmp_path):
             got = await asyncio.gather(*(_generate(engine, f"r{i}", p, n)
                                          for i, (p, n) in enumerate(zip(prompts, lengths))))
             assert engine._run_ahead_steps > 0, "no decode step was launched ahead"
+            assert engine._chained_steps > 0, "no greedy step was chained on the device"
             return engine.model, first, got, engine.stats()
         finally:
             await engine.shutdown()
