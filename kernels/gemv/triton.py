@@ -58,7 +58,7 @@ def _gemv_kernel(x, w, b, y, M, N, K, s_xm, s_wn, s_ym,
 
 def gemv_config(M: int, N: int, K: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps), from the H200 sweeps at one row
-    (docs/bench/h200-load/7-gemv/): 2 columns a program for outputs up to 4096
+    (docs/bench/h200-load/7-decode-step/gemv/): 2 columns a program for outputs up to 4096
     wide over K up to 2048, else 4; the whole of K up to 4096 per loop step,
     else 2048; 8 warps above K = 4096. BLOCK_K shrinks with more rows so that a
     step's tile stays at most ``_TILE`` products."""
