@@ -22,7 +22,8 @@ from model_registry.base import StateXPreTrainedModel
 from model_registry.configs import StateXGLAConfig
 from model_registry.compile import inference_compiled
 from model_registry.layers import (
-    HeadRMSNormSwishGate, RMSNorm, SwiGLUMLP, add_rms_norm, fuse_linear_weights_, init, project,
+    HeadRMSNormSwishGate, RMSNorm, SwiGLUMLP, add_rms_norm, deferred_residual_norm, fuse_linear_weights_, init,
+    project,
 )
 from model_registry.state import StateSpec
 
@@ -183,10 +184,7 @@ class GLABlock(GradientCheckpointingLayer):
         """One token. The residual add is deferred to the next block: this block
         adds the previous block's output ``y`` (None for the first block) inside
         its pre-norm's kernel and returns (residual stream, MLP output) unadded."""
-        if y is None:
-            x = self.attn_norm(h)
-        else:
-            h, x = add_rms_norm(h, y, self.attn_norm.weight, self.attn_norm.eps)
+        h, x = deferred_residual_norm(h, y, self.attn_norm)
         h, x = add_rms_norm(h, self.attn.decode(x, pool, slots), self.mlp_norm.weight, self.mlp_norm.eps)
         return h, self.mlp(x)
 

@@ -53,6 +53,16 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
     return h, rms_norm.eager(h.to(weight.dtype), weight, eps)
 
 
+def deferred_residual_norm(h: torch.Tensor, y: torch.Tensor | None, norm: nn.Module, residual_fp32: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's pre-norm in decode, with the previous block's residual add
+    deferred into it: (``h + y``, its RMSNorm) in one kernel, or for the first
+    block (``y`` None) (``h``, its RMSNorm)."""
+    if y is None:
+        return h, cast_rms_norm(h, norm.weight, norm.eps)
+    return add_rms_norm(h, y, norm.weight, norm.eps, residual_fp32)
+
+
 @inference_compiled
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float
                    ) -> torch.Tensor:
@@ -158,5 +168,5 @@ def fuse_linear_weights_(linears: list[nn.Linear]) -> torch.Tensor:
 
 
 __all__ = ["GatedRMSNorm", "HeadRMSNormSwishGate", "RMSNorm", "SwiGLUMLP", "add_rms_norm", "cast_rms_norm",
-           "fuse_linear_weights_", "project",
+           "deferred_residual_norm", "fuse_linear_weights_", "project",
            "gated_rms_norm", "head_rms_norm_swish_gate", "init", "rms_norm", "swiglu"]

@@ -16,7 +16,7 @@ import kernels.conv as conv_ops
 import kernels.mamba2 as ssd_ops
 from model_registry.base import StateXPreTrainedModel
 from model_registry.configs import StateXMamba2Config
-from model_registry.layers import GatedRMSNorm, RMSNorm, add_rms_norm, cast_rms_norm, init, project
+from model_registry.layers import GatedRMSNorm, RMSNorm, cast_rms_norm, deferred_residual_norm, init, project
 from model_registry.state import StateSpec
 
 
@@ -149,10 +149,7 @@ class Mamba2Block(GradientCheckpointingLayer):
         """One token. The residual add is deferred to the next block: this block
         adds the previous block's output ``y`` (None for the first block) inside
         its pre-norm's kernel and returns (residual stream, mixer output) unadded."""
-        if y is None:
-            x = self._in(h)
-        else:
-            h, x = add_rms_norm(h, y, self.norm.weight, self.norm.eps, self.residual_in_fp32)
+        h, x = deferred_residual_norm(h, y, self.norm, self.residual_in_fp32)
         return h, self.mixer.decode(x, pool, slots)
 
     def add_residual(self, h, y):
