@@ -74,10 +74,15 @@ class Mamba2Mixer(nn.Module):
         return self._A(), self.D, self.dt_bias, self.dt_limit
 
     def _A(self) -> torch.Tensor:
-        """-exp(A_log) in fp32; outside autograd computed once per A_log version
-        (two fewer kernels per layer and token). A model made under inference mode
-        has inference tensors, which keep no version: for them, once per storage."""
-        if torch.is_grad_enabled():
+        """-exp(A_log) in fp32. Serving (inference mode, or weights that take no
+        gradient) computes it once per A_log storage and version: two fewer
+        kernels per layer and token. Everywhere else it is computed afresh: an
+        optimizer step can change A_log without bumping its version (fused AdamW
+        does not), and an evaluation between training steps must see the new
+        values (a stale cache had the capacity experiment score its base and
+        scratch arms with their initial decays)."""
+        serving = torch.is_inference_mode_enabled() or not self.A_log.requires_grad
+        if torch.is_grad_enabled() or not serving:
             return -torch.exp(self.A_log.float())
         version = None if self.A_log.is_inference() else self.A_log._version
         key = (self.A_log.data_ptr(), version, self.A_log.device)

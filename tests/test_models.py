@@ -1,6 +1,7 @@
 """The three execution paths agree, and our models match independent implementations."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -272,3 +273,23 @@ def test_mamba2_logits_equal_transformers_mamba2():
         ids = torch.randint(0, 300, (2, 45))
         with torch.no_grad():
             assert rel_err(ours(ids).logits, hf(ids).logits) < 1e-4
+
+
+def test_mamba2_decay_follows_an_optimizer_step_that_keeps_the_version():
+    """Fused AdamW updates parameters without bumping their version counter. An
+    evaluation before such a step must not leave the next evaluation with the old
+    -exp(A_log) (the capacity experiment's probe evaluated each base before
+    training it, and every later evaluation of that model used its initial decays)."""
+    model = build_tiny_model("mamba2", expanded=True, seed=4)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        model(ids)                                      # an evaluation: fills any cache
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    model(ids).logits.float().pow(2).mean().backward()
+    a_log = model.blocks[0].mixer.A_log
+    version = a_log._version
+    opt.step()
+    assert a_log._version == version                  # the premise: no version bump
+    fresh = copy.deepcopy(model)                       # new storages: nothing cached
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, fresh(ids).logits) < 1e-6
