@@ -543,8 +543,9 @@ def train(model, stream: Stream, steps: int, lr: float, warmup: int, device, p: 
 
     sched = TrainConfig(model="", out="", lr=lr, warmup_steps=warmup, min_lr_ratio=0.1)
     model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    # fused on the CPU too, so the toy pipeline (tests) steps the parameters as the GPU run does: in
+    # place, without bumping their version counters (which once left a stale cache unnoticed)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), fused=True)
     curve, pending = [], []
     t0 = time.perf_counter()
     done = 0
@@ -591,7 +592,7 @@ class StepTimer:
         import torch
 
         self.m = copy.deepcopy(model).to(device).train()
-        self.opt = torch.optim.AdamW(self.m.parameters(), lr=1e-5, fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(self.m.parameters(), lr=1e-5, fused=True)
         self.stream, self.device = stream, device
 
     def run(self, n: int) -> float:
