@@ -86,11 +86,11 @@ class GLAMixer(nn.Module):
             up = self.gk_proj[1]
             if decode:      # the low-rank gate's second projection inside the log decay's kernel
                 g = gla_log_decay_low_rank(gk, up.weight, up.bias, self.gate_logit_normalizer, self.clamp_min)
-                return q, k, v, g.unflatten(-1, (H, K)), gate.unflatten(-1, (H, V))
-            gk = up(gk)
+            else:
+                g = gla_log_decay(up(gk), self.gate_logit_normalizer, self.clamp_min)
         else:
             q, k, v, gate, gk = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.g_proj(x), self.gk_proj(x)
-        g = gla_log_decay(gk, self.gate_logit_normalizer, self.clamp_min)
+            g = gla_log_decay(gk, self.gate_logit_normalizer, self.clamp_min)
         return q, k, v, g.unflatten(-1, (H, K)), gate.unflatten(-1, (H, V))
 
     def _heads(self, q, k, v):

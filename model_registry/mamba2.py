@@ -136,7 +136,7 @@ class Mamba2Block(GradientCheckpointingLayer):
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = Mamba2Mixer(config, layer_idx)
 
-    def _add(self, h, y):
+    def add_residual(self, h, y):
         # transformers/mamba_ssm keep the residual stream in fp32 (residual_in_fp32)
         return (h.float() if self.residual_in_fp32 else h) + y
 
@@ -145,10 +145,10 @@ class Mamba2Block(GradientCheckpointingLayer):
 
     def forward(self, h, state=None):
         y, final = self.mixer(self._in(h), state)
-        return self._add(h, y), final
+        return self.add_residual(h, y), final
 
     def prefill(self, h, pool, slots, cu_seqlens, has_initial_state, valid=None):
-        return self._add(h, self.mixer.prefill(self._in(h), pool, slots, cu_seqlens, has_initial_state, valid))
+        return self.add_residual(h, self.mixer.prefill(self._in(h), pool, slots, cu_seqlens, has_initial_state, valid))
 
     def decode(self, h, y, pool, slots):
         """One token. The residual add is deferred to the next block: this block
@@ -156,10 +156,6 @@ class Mamba2Block(GradientCheckpointingLayer):
         its pre-norm's kernel and returns (residual stream, mixer output) unadded."""
         h, x = deferred_residual_norm(h, y, self.norm, self.residual_in_fp32)
         return h, self.mixer.decode(x, pool, slots)
-
-    def add_residual(self, h, y):
-        return self._add(h, y)
-
 
 class StateXMamba2Model(nn.Module):
     def __init__(self, config: StateXMamba2Config):
