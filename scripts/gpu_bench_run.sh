@@ -32,7 +32,8 @@
 #            TPOT at TTFT_CTX (1K,8K,32K) prompts, 64 output tokens, from a cold engine start
 #   load     per shape in E2E_SHAPES: a cold engine start (compile, autotune,
 #            capture) then the load table (1K prompts, 128 tokens, concurrency
-#            LOAD_CONC), then a warm start with the same cache (startup only)
+#            LOAD_CONC; a step trace of the engine into steps-load-SHAPE.jsonl), then a warm start
+#            with the same cache (startup only)
 # .whl holds the fla and mamba-ssm wheels (pure Python + Triton) for machines
 # without an index; with network access, pip install them instead.
 set -u
@@ -126,7 +127,9 @@ for s in "$@"; do
         for shape in ${E2E_SHAPES:-gla-1.3b-statex mamba2-1.3b-statex}; do
             ckpt "$shape"
             eng="engine:$W/ckpt/$shape?label=$shape&max_model_len=40000&max_num_seqs=${LOAD_SLOTS:-256}"
-            stage "load-$shape" "${LOAD_S:-420}" $PY -m statex_serve.bench latency --no-progress --log-level info --target "$eng" \
+            # with a step trace (statex_serve/engine/step_trace.py): where each step's time went
+            stage "load-$shape" "${LOAD_S:-420}" env STATEX_STEP_TRACE="$OUT/steps-load-$shape.jsonl" \
+                $PY -m statex_serve.bench latency --no-progress --log-level info --target "$eng" \
                 --contexts ${LOAD_CTX:-1K} --concurrency ${LOAD_CONC:-1,16,64,256} --requests ${LOAD_REQUESTS:-16} --warmup 1 \
                 --output-len 128 --out "$OUT/load-$shape"
             stage "warmstart-$shape" 120 $PY -m statex_serve.bench latency --no-progress --log-level info --target "$eng" \

@@ -350,6 +350,35 @@ def test_chained_greedy_steps_change_no_output(checkpoints):
     assert all(want[i][1] == ["stop"] for i in (1, 3, 4)) and want[0][1] == ["length"]
 
 
+def test_step_trace_records_every_step(checkpoints, tmp_path, monkeypatch):
+    """STATEX_STEP_TRACE: a line per step whose decode rows and prefill tokens add
+    up to what the requests generated and prefilled; the summary reads it."""
+    from statex_serve.engine import step_trace
+
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("STATEX_STEP_TRACE", str(path))
+    prompts = [list(range(3, 3 + n)) for n in (5, 70, 130)]
+
+    async def test(engine):
+        outs = await asyncio.gather(*(collect(engine, f"t{i}", p, max_tokens=7, temperature=0.0, ignore_eos=True)
+                                      for i, p in enumerate(prompts)))
+        return engine.stats(), outs
+
+    stats, outs = run_engine(checkpoints["gla"], test, max_num_seqs=4, prefill_chunk=64)
+    records = step_trace.read(str(path))
+    assert len(records) == stats.steps_total
+    assert sum(r["prefill_tokens"] for r in records) == sum(map(len, prompts))
+    assert max(r["prefill_tokens"] for r in records) <= 64
+    # each request's first token comes from its prefill, the other six from decode steps
+    # (a step launched ahead counts its rows where it is consumed)
+    assert sum(r["decode_rows"] for r in records) == 6 * len(prompts)
+    assert all(r["t"] >= 0 and r.get("decode_ms", 0) >= 0 for r in records)
+    assert [len(ids[0]) for ids, _, _ in outs] == [7, 7, 7]
+    table = step_trace.summarize(records)
+    assert "| decode |" in table and "| mixed |" in table and f"{len(records)} steps" in table
+    assert step_trace.main([str(tmp_path / "missing.jsonl")]) == 1
+
+
 # --- n > 1 ------------------------------------------------------------------------------
 
 def test_n_sequences_share_one_prefill(checkpoints):

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +49,7 @@ from statex_serve.engine.prefix_cache import PrefixCache, PrefixHasher
 from statex_serve.engine.runner import ModelRunner
 from statex_serve.engine.scheduler import PrefillChunk, Scheduler
 from statex_serve.engine.sequence import RequestState, RequestStatus, SequenceState
+from statex_serve.engine.step_trace import StepTrace
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +165,10 @@ class NativeEngine(LoadedModelEngine):
         # paused streams (their consumers stopped reading): request id -> since when (monotonic)
         self._paused: dict[str, float] = {}
         self._step_began: float | None = None      # while a step runs (the /health watchdog)
+        # STATEX_STEP_TRACE=FILE: one JSON line per step (step_trace.py); off by default
+        trace_path = os.environ.get("STATEX_STEP_TRACE")
+        self._trace = StepTrace(trace_path) if trace_path else None
+        self._no_phase = contextlib.nullcontext()
         self._stats = EngineStats(slots_total=self.num_slots, state_bytes_per_sequence=self.spec.bytes_per_sequence,
                                   state_pool_bytes=self.runner.pools.nbytes)
 
@@ -241,6 +247,8 @@ class NativeEngine(LoadedModelEngine):
         self._wakeup.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 60)
+        if self._trace is not None:
+            self._trace.close()
         self._dead = self._dead or "the engine has shut down"
         for stream in list(self._streams.values()):
             stream._queue.put_nowait(EngineDeadError(self._dead))
@@ -404,25 +412,43 @@ class NativeEngine(LoadedModelEngine):
             self._step_began = None
 
     def _run_step(self) -> bool:
-        with self._lock:
-            started = self.scheduler.admit(on_error=self._admission_failed)
-            for req in started:
-                self._pending.pop(req.request_id, None)
-        for req in started:          # one at a time: a restore that fails costs only its request
-            self._guarded([req], self._start_requests, [req])
-        paused = self._abort_stalled() if self._paused else set()
-        plan = self.scheduler.schedule(skip=paused)
+        trace = self._trace
+        if trace is not None:
+            trace.begin()
+        with self._phase("admit"):
+            with self._lock:
+                started = self.scheduler.admit(on_error=self._admission_failed)
+                for req in started:
+                    self._pending.pop(req.request_id, None)
+            for req in started:          # one at a time: a restore that fails costs only its request
+                self._guarded([req], self._start_requests, [req])
+            paused = self._abort_stalled() if self._paused else set()
+            plan = self.scheduler.schedule(skip=paused)
         if plan.empty and self._ahead is None:
+            if trace is not None:
+                trace.current = None
             return bool(started)
         self._stats.steps_total += 1
         self._stats.max_prefill_tokens_per_step = max(self._stats.max_prefill_tokens_per_step,
                                                       plan.num_prefill_tokens)
+        tokens_before = self._stats.generation_tokens_total
         if plan.decode or self._ahead is not None:
             decoding = plan.decode or self._ahead[0]
-            self._guarded({r.request_id: r for r, _ in decoding}.values(), self._run_decode, plan.decode)
+            with self._phase("decode"):
+                self._guarded({r.request_id: r for r, _ in decoding}.values(), self._run_decode, plan.decode)
+        decode_rows = self._stats.generation_tokens_total - tokens_before     # the rows the decode step ran
         if plan.prefill:
-            self._guarded([c.request for c in plan.prefill], self._run_prefill, plan.prefill)
+            with self._phase("prefill"):
+                self._guarded([c.request for c in plan.prefill], self._run_prefill, plan.prefill)
+        if trace is not None:
+            trace.end(decode_rows=decode_rows, prefill_segments=len(plan.prefill),
+                      prefill_tokens=plan.num_prefill_tokens, admitted=len(started),
+                      launched_ahead=self._ahead is not None)
         return True
+
+    def _phase(self, name: str):
+        """A timed phase of the step in the step trace (a no-op without one)."""
+        return self._no_phase if self._trace is None else self._trace.phase(name)
 
     def _admission_failed(self, req: RequestState, err: Exception) -> None:
         logger.error("engine: admitting request %s failed", req.request_id, exc_info=err)
