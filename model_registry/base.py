@@ -107,19 +107,34 @@ class StateXPreTrainedModel(PreTrainedModel):
         """Path (c). input_ids [N_tok]; returns logits of each sequence's last token
         ``[B, vocab]`` (or of every token ``[N_tok, vocab]`` with ``all_logits``).
 
-        ``padded``: one prompt followed by padding, ``cu_seqlens`` = [0, T, N_tok] and
-        ``slots`` = [slot, -1]; returns the prompt's last logits [1, vocab]. The
-        padding leaves every state as the prompt left it (see ``supports_padded_prefill``),
-        so one call shape serves every prompt length up to N_tok: what a CUDA graph
-        captured at N_tok needs (``statex_serve.engine.runner``)."""
-        if padded and (all_logits or cu_seqlens.numel() != 3):
-            raise ValueError("a padded prefill is one prompt and its padding, last-token logits only")
-        valid = torch.arange(input_ids.numel(), device=input_ids.device) < cu_seqlens[1] if padded else None
+        ``padded``: prompts in lanes of equal length L, each prompt followed by
+        padding up to its lane's end: for S lanes ``input_ids`` holds S x L rows,
+        ``cu_seqlens`` = [0, T_0, L, L + T_1, 2L, ..., (S-1)L + T_(S-1), SL] and
+        ``slots`` = [slot_0, -1, slot_1, -1, ...] (a lane with T = 0 and slot -1 is
+        unused); returns each lane's last logits [S, vocab]. The padding leaves every
+        state as its prompt left it (see ``supports_padded_prefill``), so one call
+        shape serves every burst of up to S prompts of up to L tokens each: what a
+        CUDA graph captured at (S, L) needs (``statex_serve.engine.runner``); the
+        recurrences run over whole lanes, equal-length sequences, which the kernels
+        take as a dense batch (no host sync to build variable-length indices)."""
+        if padded:
+            lanes, odd = divmod(cu_seqlens.numel() - 1, 2)
+            if all_logits or odd or lanes < 1 or input_ids.numel() % lanes:
+                raise ValueError("a padded prefill is S prompts in S lanes of equal length (cu_seqlens [0, T_0, "
+                                 "L, L + T_1, ..., S x L]), last-token logits only")
+            if not self.supports_padded_prefill:
+                raise ValueError("this model cannot take a padded prefill: padding would move its state")
+            lane_len = input_ids.numel() // lanes
+            rows = torch.arange(input_ids.numel(), device=input_ids.device)
+            prompt_lens = cu_seqlens[1::2] - cu_seqlens[0:-1:2]
+            valid = (rows % lane_len) < prompt_lens[rows // lane_len]
+        else:
+            valid = None
         h = self.embeddings(input_ids)
         for i, block in enumerate(self.blocks):
             h = block.prefill(h, pools[i], slots, cu_seqlens, has_initial_state, valid)
         if padded:
-            h = h[cu_seqlens[1:2].long() - 1]
+            h = h[cu_seqlens[1::2].long() - 1]
         elif not all_logits:
             h = h[cu_seqlens[1:].long() - 1]
         return self._logits(h)

@@ -120,14 +120,16 @@ class GLAMixer(nn.Module):
             q, k, v = self._split_qkv(conv_ops.conv_prefill(torch.cat([q, k, v], -1), pool["conv"], slots,
                                                             cu_seqlens, has_initial_state, self.conv_weight,
                                                             None, "silu"))
-        if valid is not None:
-            # padded prompt (base.prefill): the recurrence runs over every row as one sequence;
-            # a padding row with k = 0 and log decay 0 leaves the state as it is
+        lanes = valid is not None
+        if lanes:
+            # padded prompts in lanes (base.prefill): the recurrence runs over each whole lane
+            # as one sequence; a padding row with k = 0 and log decay 0 leaves the state as it is
             k = k * valid[:, None].to(k.dtype)
             g = g.masked_fill(~valid[:, None, None], 0.0)
-            slots, cu_seqlens, has_initial_state = slots[:1], cu_seqlens[::2], has_initial_state[:1]
+            slots, cu_seqlens, has_initial_state = (t[::2].contiguous()     # each lane's prompt
+                                                    for t in (slots, cu_seqlens, has_initial_state))
         o = gla_ops.gla_prefill(*self._heads(q, k, v), g, pool["recurrent"], slots, cu_seqlens, has_initial_state,
-                                self.scale)
+                                self.scale, lanes=lanes)
         return self._out(o, gate)
 
     def decode(self, x, pool, slots):

@@ -110,14 +110,16 @@ class Mamba2Mixer(nn.Module):
                                     self.conv1d.bias, self.activation)
         xs, B, C = self._split_xbc(xbc)
         A, D, dt_bias, dt_limit = self._ssm_args()
-        if valid is not None:
-            # padded prompt (base.prefill): the scan runs over every row as one sequence; on a
-            # padding row softplus(dt + dt_bias) underflows to 0 (no decay, no input) unless
-            # dt_limit's floor lifts it (supports_padded_prefill)
+        lanes = valid is not None
+        if lanes:
+            # padded prompts in lanes (base.prefill): the scan runs over each whole lane as one
+            # sequence; on a padding row softplus(dt + dt_bias) underflows to 0 (no decay, no
+            # input) unless dt_limit's floor lifts it (supports_padded_prefill)
             dt = dt.masked_fill(~valid[:, None], PAD_DT)
-            slots, cu_seqlens, has_initial_state = slots[:1], cu_seqlens[::2], has_initial_state[:1]
+            slots, cu_seqlens, has_initial_state = (t[::2].contiguous()     # each lane's prompt
+                                                    for t in (slots, cu_seqlens, has_initial_state))
         y = ssd_ops.ssd_prefill(xs, dt, A, B, C, D, dt_bias, dt_limit, pool["ssm"], slots, cu_seqlens,
-                                has_initial_state)
+                                has_initial_state, lanes=lanes)
         return self._out(y, z)
 
     def decode(self, x, pool, slots):

@@ -152,23 +152,23 @@ def _prefill_rows(model, runner, lengths, tables) -> list[dict]:
 
 def _burst_rows(model, runner, bursts, tables) -> list[dict]:
     """Per burst (n segments of T tokens, fresh, n slots): one eager variable-length
-    prefill call against each segment through its bucket's graph in turn."""
+    prefill call against the runner's call, as the engine makes it (the lanes graph
+    that holds the burst, where there is one)."""
     out = []
     for n, T in bursts:
-        if runner.prefill_graphs is None or not runner.prefill_graphs.fits(T) or n > runner.pools.num_slots:
-            print(f"burst {n}x{T}: skipped (no graph for {T} tokens, or fewer than {n} slots)", flush=True)
+        key = runner.prefill_graphs.key_for([T] * n) if runner.prefill_graphs is not None else None
+        if key is None or n > runner.pools.num_slots:
+            print(f"burst {n}x{T}: skipped (no lanes graph holds it, or fewer than {n} slots)", flush=True)
             continue
         ids = torch.randint(0, model.config.vocab_size, (n * T,)).tolist()
         args = (ids, [T] * n, list(range(n)), [False] * n)
-        row = {"segments": n, "tokens": T}
-        for mode, graphed in (("eager_ms", False), ("graphs_ms", True)):
-            runner.graph_bursts = graphed
-            row[mode] = _wall_ms(lambda: runner.prefill(*args), reps=10, warmup=2)
+        row = {"segments": n, "tokens": T, "graph": f"{key[0]}x{key[1]}",
+               "eager_ms": _wall_ms(lambda: runner._prefill_eager(*args), reps=10, warmup=2),
+               "graph_ms": _wall_ms(lambda: runner.prefill(*args), reps=10, warmup=2)}
         out.append(row)
-        print(f"burst {n}x{T}: eager varlen {row['eager_ms']:.2f} ms, graph per segment {row['graphs_ms']:.2f} ms "
-              f"({n * T / row['graphs_ms']:.0f}K tok/s)", flush=True)
-        runner.graph_bursts = False
-        print(_kernel_table(lambda: runner.prefill(*args), tables, f"eager burst {n}x{T}"), flush=True)
+        print(f"burst {n}x{T}: eager varlen {row['eager_ms']:.2f} ms, lanes graph {row['graph']} "
+              f"{row['graph_ms']:.2f} ms ({n * T / row['graph_ms']:.0f}K tok/s)", flush=True)
+        print(_kernel_table(lambda: runner._prefill_eager(*args), tables, f"eager burst {n}x{T}"), flush=True)
     return out
 
 
@@ -186,9 +186,9 @@ def main(argv=None) -> int:
     ap.add_argument("shape", help="a bench preset, e.g. gla-1.3b-statex, mamba2-1.3b-statex")
     ap.add_argument("--batch", type=_int_list, default="1,16", help="decode batch sizes")
     ap.add_argument("--prefill", type=_int_list, default="1024,8192", help="prefill lengths (one sequence)")
-    ap.add_argument("--burst", type=_bursts, default="8x1024,7x1100,16x512",
+    ap.add_argument("--burst", type=_bursts, default="8x1024,8x900,4x2000",
                     help="bursts of N prompts of T tokens prefilled in one call (NxT,...): eager varlen against "
-                         "each prompt through its prefill graph")
+                         "the lanes graph that holds them")
     ap.add_argument("--gemv", action="store_true",
                     help="also capture the decode step with every projection through cuBLAS and with every one "
                          "through kernels.gemv, timed beside the step as served (batch sizes up to "

@@ -188,40 +188,49 @@ def test_warm_up_covers_the_prefill_variants_and_leaves_slots_usable(checkpoints
 
 
 def test_runner_sends_segments_to_the_prefill_graphs_it_has(checkpoints, monkeypatch):
-    """Prefill graphs exist on CUDA only, so they are stood in for here: one segment
-    replays its bucket's graph; a burst replays each segment's graph in order when
-    ``graph_bursts`` is on, else it is one eager call; all-logits calls and a
-    segment longer than the largest bucket stay eager."""
+    """Prefill graphs exist on CUDA only, so their replay is stood in for here (the
+    choice of graph is the real one): one segment replays its token bucket's graph;
+    a burst the smallest lanes graph that holds it, unless that is mostly padding;
+    all-logits calls and segments longer than the graphs' stay eager."""
+    from statex_serve.engine.runner import _PrefillGraphs, lane_buckets, prefill_buckets
+
+    assert lane_buckets(8192) == sorted(
+        [(2, 128), (2, 256), (2, 512), (2, 1024), (2, 2048), (2, 4096), (4, 128), (4, 256), (4, 512), (4, 1024),
+         (4, 2048), (8, 128), (8, 256), (8, 512), (8, 1024)], key=lambda b: (b[0] * b[1], b[0]))
+    graphs = object.__new__(_PrefillGraphs)        # the host-side choice only: no capture
+    graphs.buckets = prefill_buckets(8192)
+    graphs.keys = [(1, b) for b in graphs.buckets] + lane_buckets(8192)
+    assert graphs.key_for([1024] * 8) == (8, 1024)          # the load bench's burst: no padding
+    assert graphs.key_for([1024] * 7 + [100]) == (8, 1024)
+    assert graphs.key_for([100, 30, 7]) == (4, 128)          # small: padding is cheaper than an eager launch
+    assert graphs.key_for([2000, 20]) == (2, 2048)
+    assert graphs.key_for([1000] * 8 + [192]) is None        # 9 segments: no 16-lane graph
+    assert graphs.key_for([4000, 100, 100]) is None          # 4 x 4096 would be 5x padding
+    assert graphs.key_for([700]) == (1, 768) and graphs.key_for([8193]) is None
+
     engine = NativeEngine(EngineArgs(model=checkpoints["gla"], max_num_seqs=4, prefill_chunk=48))
     runner = engine.runner
     replays, eager = [], []
 
     class Graphs:
-        def fits(self, n):
-            return 0 < n <= 20
+        def key_for(self, seq_lens):
+            return graphs.key_for(seq_lens) if max(seq_lens) <= 1024 else None
 
-        def run(self, ids, slot, carried):
-            replays.append((list(ids), slot, carried))
-            return torch.full((1, 3), float(slot))
+        def run(self, key, ids, seq_lens, slots, carried):
+            replays.append((key, list(ids), list(seq_lens), list(slots), list(carried)))
+            return torch.tensor([[float(s)] * 3 for s in slots])
 
     monkeypatch.setattr(runner, "prefill_graphs", Graphs())
-    assert runner.graph_bursts is False       # the engine's default: measured no faster (docs/perf.md)
-    runner.graph_bursts = True
     monkeypatch.setattr(runner, "_prefill_eager", lambda *a, **kw: eager.append((a, kw)) or torch.zeros(1, 3))
     got = runner.prefill([1, 2, 3, 4, 5], [2, 3], [1, 3], [False, True])
-    assert replays == [([1, 2], 1, False), ([3, 4, 5], 3, True)] and not eager
+    assert replays == [((2, 128), [1, 2, 3, 4, 5], [2, 3], [1, 3], [False, True])] and not eager
     assert got.tolist() == [[1.0] * 3, [3.0] * 3]
-    replays.clear()
-    runner.graph_bursts = False
-    runner.prefill([1, 2, 3, 4, 5], [2, 3], [1, 3], [False, True])
-    assert not replays and len(eager) == 1
     runner.prefill([7, 8], [2], [2], [True])
-    assert replays == [([7, 8], 2, True)]
-    runner.graph_bursts = True
+    assert replays[-1] == ((1, 64), [7, 8], [2], [2], [True])
     runner.prefill([7, 8], [2], [2], [True], all_logits=True)
-    runner.prefill(list(range(21)), [21], [0], [False])
-    runner.prefill(list(range(22)), [1, 21], [0, 1], [False, False])
-    assert len(replays) == 1 and len(eager) == 4
+    runner.prefill(list(range(1025)), [1025], [0], [False])
+    runner.prefill(list(range(1034)), [1, 2, 3, 4, 1024], [0, 1, 2, 3, 0], [False] * 5)   # 8 x 1024: padding
+    assert len(replays) == 2 and len(eager) == 3
 
 
 # --- chunked prefill --------------------------------------------------------------------

@@ -164,6 +164,40 @@ def test_padded_prefill_equals_the_unpadded_one(model, carried):
                 assert rel_err(t, ref_layer[k]) < 1e-5, (T, pad, k)
 
 
+def test_prefill_in_lanes_equals_one_varlen_prefill(model):
+    """prefill(padded=True) with several lanes, what a burst's CUDA graph runs:
+    prompts padded to a common lane length (one lane unused) give each prompt's
+    last logits and leave every state as one unpadded variable-length prefill
+    of the same prompts does; carried and fresh states mixed."""
+    V, L = model.config.vocab_size, 40
+    lens, slots, carried = [7, 40, 1, 0], [2, 0, 3, -1], [True, False, True, False]
+    ref_pools, pools = model.allocate_state_pools(5), model.allocate_state_pools(5)
+    for layer, ref_layer in zip(pools.pools, ref_pools.pools):
+        for k, t in layer.items():
+            t.normal_()
+            ref_layer[k].copy_(t)
+    prompts = [torch.randint(0, V, (n,)) for n in lens]
+    used = [i for i, n in enumerate(lens) if n]
+    ref = model.prefill(torch.cat([prompts[i] for i in used]),
+                        torch.tensor([0] + torch.tensor([lens[i] for i in used]).cumsum(0).tolist(), dtype=torch.int32),
+                        torch.tensor([slots[i] for i in used], dtype=torch.int32),
+                        torch.tensor([carried[i] for i in used]), ref_pools)
+    ids = torch.cat([torch.cat([p, torch.randint(0, V, (L - len(p),))]) for p in prompts])   # random padding
+    cu = [0]
+    for n in lens:
+        cu += [cu[-1] + n, cu[-1] + L]
+    out = model.prefill(ids, torch.tensor(cu, dtype=torch.int32),
+                        torch.tensor([x for s in slots for x in (s, -1)], dtype=torch.int32),
+                        torch.tensor([x for c in carried for x in (c, False)]), pools, padded=True)
+    assert out.shape == (len(lens), V) and rel_err(out[used], ref) < 1e-5
+    for layer, ref_layer in zip(pools.pools, ref_pools.pools):
+        for k, t in layer.items():
+            assert rel_err(t, ref_layer[k]) < 1e-5, k
+    with pytest.raises(ValueError, match="lanes of equal length"):
+        model.prefill(ids[:-1], torch.tensor(cu, dtype=torch.int32), torch.zeros(8, dtype=torch.int32),
+                      torch.zeros(8, dtype=torch.bool), pools, padded=True)
+
+
 def test_padded_prefill_is_refused_where_padding_would_move_the_state():
     model = build_tiny_model("mamba2", expanded=True, seed=0)
     model.config.time_step_limit = (1e-3, math.inf)      # a dt floor: padding rows would decay the state

@@ -23,11 +23,14 @@ def gla_decode(q, k, v, g, state_pool, slots, scale):
     return reference.gla_decode(q, k, v, g, state_pool, slots, scale)
 
 
-def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale):
+def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale, lanes=False):
+    """``lanes``: the caller guarantees every sequence has the same length (cu_seqlens
+    [0, L, 2L, ...]); the fast path then takes them as a dense batch, with no host
+    sync (the reference, a loop over sequences, needs no hint)."""
     if use_fast_path(q, state_pool):
         from kernels.gla import triton as fast
 
-        return fast.gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale)
+        return fast.gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale, lanes=lanes)
     return reference.gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale)
 
 

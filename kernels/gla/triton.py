@@ -120,10 +120,12 @@ def _int64_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return _last_offsets[1]
 
 
-def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale):
+def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, scale, lanes=False):
     """Variable-length prompts through fla ``chunk_gla``; states gathered from and
     scattered back to the pool (one read and one write of B states per call),
-    with no host sync of ours. A single sequence takes fla's dense path."""
+    with no host sync of ours. A single sequence, or ``lanes`` (N sequences of
+    equal length), takes fla's dense path: no host sync at all, so it can be
+    captured in a CUDA graph."""
     from fla.ops.gla import chunk_gla
 
     from kernels._slot_copy import gather_states, scatter_states
@@ -131,9 +133,12 @@ def gla_prefill(q, k, v, g, state_pool, slots, cu_seqlens, has_initial_state, sc
     N = cu_seqlens.numel() - 1
     # fp32 initial states (chunk_gla's state dtype); fresh and padded rows get zeros
     h0 = gather_states(state_pool, slots, has_initial_state)
-    o, ht = chunk_gla(
-        q[None], k[None], v[None], g[None], scale=scale, initial_state=h0,
-        output_final_state=True, cu_seqlens=_int64_offsets(cu_seqlens) if N > 1 else None,
-    )
+    if lanes or N == 1:
+        T = q.shape[0] // N
+        o, ht = chunk_gla(*(t.reshape(N, T, *t.shape[1:]) for t in (q, k, v, g)), scale=scale, initial_state=h0,
+                          output_final_state=True)
+    else:
+        o, ht = chunk_gla(q[None], k[None], v[None], g[None], scale=scale, initial_state=h0,
+                          output_final_state=True, cu_seqlens=_int64_offsets(cu_seqlens))
     scatter_states(ht, slots, state_pool)
-    return o[0]
+    return o.reshape(-1, *o.shape[2:])

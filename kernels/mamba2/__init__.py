@@ -25,12 +25,14 @@ def ssd_decode(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots):
     return reference.ssd_decode(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots)
 
 
-def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, cu_seqlens, has_initial_state):
+def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, cu_seqlens, has_initial_state,
+                lanes=False):
+    """``lanes``: every sequence has the same length (see ``kernels.gla.gla_prefill``)."""
     if use_fast_path(x, ssm_pool):
         from kernels.mamba2 import triton as fast
 
         return fast.ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, cu_seqlens,
-                                has_initial_state)
+                                has_initial_state, lanes=lanes)
     return reference.ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, cu_seqlens,
                                  has_initial_state)
 

@@ -194,8 +194,12 @@ def _ssd_init_state_kernel(
     tl.store(p_s, b_fin.to(p_s.dtype.element_ty), mask=m_s)
 
 
-def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, cu_seqlens, has_initial_state):
-    """Variable-length prompts, each from its slot's state (or zero), final state written back."""
+def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, cu_seqlens, has_initial_state,
+                lanes=False):
+    """Variable-length prompts, each from its slot's state (or zero), final state written back.
+    One sequence, or ``lanes`` (sequences of equal length), take mamba-ssm's dense
+    batch with initial and final states: no host sync, so it can be captured in a
+    CUDA graph."""
     from kernels.mamba2.mamba_ssm_ops import mamba_chunk_scan_combined
 
     N_tok, H, P = x.shape
@@ -212,16 +216,18 @@ def ssd_prefill(x, dt, A, B, C, D, dt_bias, dt_limit, ssm_pool, slots, cu_seqlen
         ssm_pool.index_fill_(0, idx, 0)
         return torch.empty_like(x)
     with torch.no_grad():
-        if nseq == 1:
-            # one sequence: mamba-ssm takes its initial state directly
+        if nseq == 1 or lanes:
+            # a dense batch: mamba-ssm takes the initial states directly
             from kernels._slot_copy import gather_states, scatter_states
 
+            T = N_tok // nseq
             h0 = gather_states(ssm_pool, slots, has_initial_state)
             y, fin = mamba_chunk_scan_combined(
-                x[None], dt[None], A, B[None], C[None], CHUNK, D=D, dt_bias=dt_bias,
+                *(t.reshape(nseq, T, *t.shape[1:]) for t in (x, dt)), A,
+                *(t.reshape(nseq, T, *t.shape[1:]) for t in (B, C)), CHUNK, D=D, dt_bias=dt_bias,
                 initial_states=h0, dt_softplus=True, dt_limit=limit, return_final_states=True)
             scatter_states(fin, slots, ssm_pool)
-            return y[0]
+            return y.reshape(N_tok, *y.shape[2:])
         cu = cu_seqlens.to(torch.int32)
         seq_idx = torch.searchsorted(
             cu[1:].contiguous(), torch.arange(N_tok, device=x.device, dtype=torch.int32), right=True

@@ -491,7 +491,10 @@ class NativeEngine(LoadedModelEngine):
         """Sample every row; if the batch fails, each row alone, failing only the
         requests whose rows fail. Yields (request, sequence, token, logprob)."""
         try:
+            t0 = time.perf_counter()
             sampled = sampling.sample(logits, [s.sampling_row() for _, s in batch])
+            if self._trace is not None:
+                self._trace.add("wait_ms", (time.perf_counter() - t0) * 1e3)
             yield from ((r, s, t, lp) for (r, s), t, lp in zip(batch, sampled.token_ids, sampled.logprobs))
             return
         except Exception:
@@ -582,7 +585,11 @@ class NativeEngine(LoadedModelEngine):
             self._chained_steps += 1
             self._ahead = ([batch[i] for i in go_on], self.runner.decode(ids, [batch[i][1].slot for i in go_on]))
         touched: dict[str, RequestState] = {}
-        for (req, seq), tok in zip(batch, read_tokens()):
+        t0 = time.perf_counter()
+        tokens_read = read_tokens()
+        if self._trace is not None:
+            self._trace.add("wait_ms", (time.perf_counter() - t0) * 1e3)
+        for (req, seq), tok in zip(batch, tokens_read):
             if req.finished:
                 continue
             seq.append(tok, None, self._max_new_tokens(req))

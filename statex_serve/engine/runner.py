@@ -7,16 +7,14 @@ launch instead of hundreds of small kernel launches, which is what bounds a
 small model's decode time. A batch is padded up to its bucket with slot -1 rows,
 which the kernels skip (they neither read nor write any state for them).
 
-A prefill of one prompt segment is captured too, one graph per token-count
-bucket (64, 96, 128, 192, ... up to the prefill chunk): launched eagerly, a 1K
-prompt's prefill spends ~40 ms on the host for ~7 ms of GPU work (H200, docs/perf.md).
-The segment is padded up to its bucket with rows that leave every state as it is
-(``prefill(..., padded=True)`` in model_registry/base.py). Several segments
-prefilled in one call (a burst of prompts) take one eager variable-length call:
-replaying each segment's graph in turn (``graph_bursts=True``) was measured no
-faster on the H200 (8 x 1K: 60.6 against 56.8 ms for GLA, 89.0 against 89.5 ms
-for Mamba2; padding to the buckets makes it slower at other lengths;
-``scripts/profile_step.py --burst``, docs/perf.md).
+Prefill is captured too (launched eagerly, a 1K prompt's prefill spends ~40 ms
+on the host for ~7 ms of GPU work; H200, docs/perf.md): one prompt segment per
+token-count bucket (64, 96, 128, 192, ... up to the prefill chunk), and bursts
+of several segments in S lanes of L tokens (``lane_buckets``). Each segment is
+padded to its lane's end with rows that leave every state as it is
+(``prefill(..., padded=True)`` in model_registry/base.py); the recurrences take
+the lanes as a dense batch. A burst whose lanes would be mostly padding, and
+every call that wants all logits, run as one eager variable-length call.
 """
 from __future__ import annotations
 
@@ -74,65 +72,125 @@ class _DecodeGraphs:
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
-    """Token counts with a captured prefill: 64 x 2^k and 96 x 2^k (at most 1.5x
-    padding above 64 tokens), then ``max_tokens`` itself."""
+    """Token counts with a captured one-prompt prefill: 64 x 2^k and 96 x 2^k (at
+    most 1.5x padding above 64 tokens), then ``max_tokens`` itself."""
     sizes = [m * 2 ** k for k in range(16) for m in (64, 96) if m * 2 ** k < max_tokens]
     return sorted(sizes + [max_tokens]) if max_tokens > 0 else []
 
 
+# Bursts (several prompt segments in one prefill call) get graphs of S lanes of L
+# tokens: S in LANE_COUNTS, L a power of two from MIN_LANE_TOKENS with S x L within
+# the prefill chunk (15 graphs at the CUDA default of 8192 tokens).
+LANE_COUNTS = (2, 4, 8)
+MIN_LANE_TOKENS = 128
+# A burst takes its lanes graph when the padded token count is at most
+# LANE_PADDING x its real one, or at most LANE_FREE_TOKENS whatever the padding: the
+# eager call it replaces spends ~35-70 ms on the host launching kernels (H200:
+# 8 x 1K prompts eagerly 56.8 ms for GLA, 89.5 ms for Mamba2, against 53 / 70 ms
+# for one 8K-token graph), which pays for a few thousand padding tokens.
+LANE_PADDING = 1.25
+LANE_FREE_TOKENS = 4096
+
+
+def lane_buckets(max_tokens: int) -> list[tuple[int, int]]:
+    """(lanes, tokens per lane) of the captured burst prefills, fewest tokens first."""
+    out = []
+    for lanes in LANE_COUNTS:
+        length = MIN_LANE_TOKENS
+        while lanes * length <= max_tokens:
+            out.append((lanes, length))
+            length *= 2
+    return sorted(out, key=lambda b: (b[0] * b[1], b[0]))
+
+
 class _PrefillGraphs:
-    """Captured one-segment prefills over static buffers (CUDA only): the prompt's
-    ids, then padding up to the bucket (``cu`` = [0, T, bucket], slots [slot, -1])."""
+    """Captured prefills over static buffers (CUDA only), of S prompts in S lanes of
+    L tokens each (``model.prefill(..., padded=True)``): one prompt (S = 1) at every
+    token bucket, bursts at ``lane_buckets``. A prompt of T tokens fills the first T
+    rows of its lane and padding the rest (``cu`` = [0, T_0, L, L + T_1, ...], slots
+    [slot_0, -1, slot_1, -1, ...]); a lane without a prompt has T = 0 and slot -1."""
 
     @torch.inference_mode()
     def __init__(self, model, pools: StatePools, max_tokens: int, device: torch.device):
-        self.buckets = prefill_buckets(max_tokens)
-        self.ids = torch.zeros(self.buckets[-1], dtype=torch.long, device=device)
-        self.slots = torch.full((2,), -1, dtype=torch.int32, device=device)
-        self.has_init = torch.zeros(2, dtype=torch.bool, device=device)
-        self.cu = {b: torch.tensor([0, 1, b], dtype=torch.int32, device=device) for b in self.buckets}
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.buckets = prefill_buckets(max_tokens)           # one-prompt token counts
+        self.keys = [(1, b) for b in self.buckets] + lane_buckets(max_tokens)
+        self.ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        # per key: cu [2S + 1] int32, slots [2S] int32, has_init [2S] bool (filled before each replay)
+        self.meta = {(s, n): (self._cu([1] * s, n).to(device),
+                              torch.full((2 * s,), -1, dtype=torch.int32, device=device),
+                              torch.zeros(2 * s, dtype=torch.bool, device=device)) for s, n in self.keys}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-        def run(b):     # slot -1: warm-up and capture touch no state
-            return model.prefill(self.ids[:b], self.cu[b], self.slots, self.has_init, pools, padded=True)
+        def run(key):     # slot -1 everywhere: warm-up and capture touch no state
+            cu, slots, has_init = self.meta[key]
+            return model.prefill(self.ids[:key[0] * key[1]], cu, slots, has_init, pools, padded=True)
 
         mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):        # compile and autotune outside capture
-            for b in self.buckets:
-                run(b)
+            for key in self.keys:
+                run(key)
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
-        for b in reversed(self.buckets):       # largest first: smaller graphs reuse its memory
+        for key in sorted(self.keys, key=lambda k: -k[0] * k[1]):   # largest first: smaller graphs reuse its memory
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=mempool):
-                out = run(b)
-            self.graphs[b] = (graph, out)
+                out = run(key)
+            self.graphs[key] = (graph, out)
         torch.cuda.synchronize(device)
+
+    @staticmethod
+    def _cu(lens: list[int], lane: int) -> torch.Tensor:
+        cu = [0]
+        for i, n in enumerate(lens):
+            cu += [i * lane + n, (i + 1) * lane]
+        return torch.tensor(cu, dtype=torch.int32)
 
     def fits(self, num_tokens: int) -> bool:
         return 0 < num_tokens <= self.buckets[-1]
 
-    def run(self, ids: list[int], slot: int, has_initial_state: bool) -> torch.Tensor:
-        """The prompt's ids -> its last token's logits [1, V]; the slot's state advances."""
-        T = len(ids)
-        bucket = next(x for x in self.buckets if x >= T)
-        # straight into the static buffer; the rows after T keep old ids: padding ignores them
-        self.ids[:T].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.cu[bucket][1].fill_(T)
-        self.slots[0].fill_(slot)
-        self.has_init[0].fill_(has_initial_state)
-        graph, out = self.graphs[bucket]
+    def key_for(self, seq_lens: list[int]) -> tuple[int, int] | None:
+        """The graph a prefill of these segments replays, or None (eager): one segment
+        its token bucket; several the smallest lanes graph that holds them, if its
+        padding is worth it (LANE_PADDING, LANE_FREE_TOKENS)."""
+        if not seq_lens or min(seq_lens) <= 0:
+            return None
+        if len(seq_lens) == 1:
+            return (1, next(b for b in self.buckets if b >= seq_lens[0])) if self.fits(seq_lens[0]) else None
+        longest, total = max(seq_lens), sum(seq_lens)
+        for lanes, length in self.keys:
+            if lanes >= len(seq_lens) and length >= longest and lanes > 1:
+                padded = lanes * length
+                return (lanes, length) if padded <= max(LANE_PADDING * total, LANE_FREE_TOKENS) else None
+        return None
+
+    def run(self, key: tuple[int, int], token_ids: list[int], seq_lens: list[int], slots: list[int],
+            has_initial_state: list[bool]) -> torch.Tensor:
+        """The segments' last logits [len(seq_lens), V]; their slots' states advance."""
+        lanes, length = key
+        n = len(seq_lens)
+        ids = torch.zeros(lanes * length, dtype=torch.long)     # padding: any id does (it changes no state)
+        start = 0
+        for i, t in enumerate(seq_lens):
+            ids[i * length:i * length + t] = torch.tensor(token_ids[start:start + t], dtype=torch.long)
+            start += t
+        cu, slot_t, init_t = self.meta[key]
+        self.ids[:lanes * length].copy_(ids, non_blocking=True)
+        cu.copy_(self._cu(list(seq_lens) + [0] * (lanes - n), length), non_blocking=True)
+        slot_t.copy_(torch.tensor([x for s in list(slots) + [-1] * (lanes - n) for x in (s, -1)],
+                                  dtype=torch.int32), non_blocking=True)
+        init_t.copy_(torch.tensor([x for c in list(has_initial_state) + [False] * (lanes - n) for x in (c, False)]),
+                     non_blocking=True)
+        graph, out = self.graphs[key]
         graph.replay()
-        return out.clone()                     # the next replay of this bucket overwrites out
+        return out[:n].clone()                 # the next replay of this key overwrites out
 
 
 class ModelRunner:
     def __init__(self, model, num_slots: int, device: torch.device, state_dtype: torch.dtype | None,
-                 cuda_graphs: bool = True, prefill_graph_tokens: int = 0, graph_bursts: bool = False):
+                 cuda_graphs: bool = True, prefill_graph_tokens: int = 0):
         self.model = model
-        self.graph_bursts = graph_bursts
         self._host_tokens: torch.Tensor | None = None     # pinned: argmax_to_host's landing place
         self.device = device
         self.pools: StatePools = model.allocate_state_pools(num_slots, device=device, state_dtype=state_dtype)
@@ -154,12 +212,14 @@ class ModelRunner:
 
     def _capture_prefill(self, max_tokens: int) -> None:
         t0 = time.perf_counter()
-        logger.info("warm-up: one-segment prefill (compile, then capture CUDA graphs for %d token counts up "
-                    "to %d)...", len(prefill_buckets(max_tokens)), max_tokens)
+        logger.info("warm-up: prefill (compile, then capture CUDA graphs: one prompt at %d token counts up to %d, "
+                    "bursts at %d lanes x tokens)...", len(prefill_buckets(max_tokens)), max_tokens,
+                    len(lane_buckets(max_tokens)))
         try:
             self.prefill_graphs = _PrefillGraphs(self.model, self.pools, max_tokens, self.device)
-            logger.info("warm-up: one-segment prefill captured in CUDA graphs for %s tokens in %.1fs",
-                        self.prefill_graphs.buckets, time.perf_counter() - t0)
+            logger.info("warm-up: prefill captured in CUDA graphs for one prompt of %s tokens and bursts of %s "
+                        "(lanes x tokens) in %.1fs", self.prefill_graphs.buckets,
+                        " ".join(f"{a}x{b}" for a, b in lane_buckets(max_tokens)), time.perf_counter() - t0)
         except Exception:       # as for decode: serve, eagerly
             logger.exception("CUDA graph capture of prefill failed; prefilling eagerly")
             self.prefill_graphs = None
@@ -205,9 +265,9 @@ class ModelRunner:
         """Prompt segments (flattened) -> logits of each segment's last token [B, V],
         or of every token [N_tok, V] with ``all_logits``."""
         graphs = self.prefill_graphs
-        if graphs is not None and not all_logits and (len(seq_lens) == 1 or self.graph_bursts) \
-                and all(graphs.fits(n) for n in seq_lens):
-            return self._prefill_graphed(token_ids, seq_lens, slots, has_initial_state)
+        key = graphs.key_for(seq_lens) if graphs is not None and not all_logits else None
+        if key is not None:
+            return graphs.run(key, token_ids, seq_lens, slots, has_initial_state)
         return self._prefill_eager(token_ids, seq_lens, slots, has_initial_state, all_logits)
 
     def _prefill_eager(self, token_ids, seq_lens, slots, has_initial_state, all_logits=False) -> torch.Tensor:
@@ -218,14 +278,6 @@ class ModelRunner:
         return self.model.prefill(self._ints(token_ids, torch.long), self._ints(cu), self._ints(slots),
                                   torch.tensor(has_initial_state, dtype=torch.bool).to(self.device),
                                   self.pools, all_logits=all_logits)
-
-    def _prefill_graphed(self, token_ids, seq_lens, slots, has_initial_state) -> torch.Tensor:
-        """Each segment through its token bucket's graph, one after another."""
-        rows, start = [], 0
-        for n, slot, carried in zip(seq_lens, slots, has_initial_state):
-            rows.append(self.prefill_graphs.run(token_ids[start:start + n], slot, carried))
-            start += n
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def prefill_warmup_batches(self, max_tokens: int) -> list[list[int]]:
         """Prompt-segment lengths that together reach every compiled variant of

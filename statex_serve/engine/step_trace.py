@@ -4,9 +4,10 @@ Set ``STATEX_STEP_TRACE=FILE`` and the engine appends one JSON line per step to
 FILE: when the step began (seconds since the engine thread started), what it ran
 (decode rows, prefill segments and tokens, requests admitted, whether the next
 decode was launched ahead of the host work) and, per phase (admission, decode,
-prefill), the wall time and the engine thread's CPU time. Wall time the thread
-did not spend on the CPU is time it waited: for the GPU (a sampled token's copy
-to the host) or for the GIL (the event loop's work). Off by default: the
+prefill), the wall time and the engine thread's CPU time, and ``wait_ms``: the
+time spent sampling and reading the tokens back from the device, mostly waiting
+for the GPU step (CUDA's wait spins, so it shows as CPU time too). Wall time the thread
+did not spend on the CPU is time it waited for the GIL (the event loop's work). Off by default: the
 bookkeeping costs a few microseconds a step.
 
     python -m statex_serve.engine.step_trace FILE     # a summary per kind of step
@@ -52,6 +53,11 @@ class StepTrace:
                 self.current[f"{name}_ms"] = round((time.perf_counter() - w0) * 1e3, 3)
                 self.current[f"{name}_cpu_ms"] = round((time.thread_time() - c0) * 1e3, 3)
 
+    def add(self, key: str, ms: float) -> None:
+        """Add to a figure of the current step (e.g. time spent waiting for the GPU)."""
+        if self.current is not None:
+            self.current[key] = round(self.current.get(key, 0.0) + ms, 3)
+
     def end(self, **facts) -> None:
         if self.current is None:
             return
@@ -85,8 +91,8 @@ def summarize(records: list[dict]) -> str:
         return "no steps recorded"
     gaps = [b["t"] - a["t"] for a, b in zip(records, records[1:])] + [None]
     rows = ["| kind | steps | step p50 ms | step total s | decode p50 ms (cpu) | prefill p50 ms (cpu) | "
-            "rows p50 | prefill tok p50 | start-to-start p50 ms |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "wait p50 ms | rows p50 | prefill tok p50 | start-to-start p50 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("decode", "mixed", "prefill"):
         sel = [(r, g) for r, g in zip(records, gaps) if step_kind(r) == kind]
         if not sel:
@@ -100,7 +106,8 @@ def summarize(records: list[dict]) -> str:
         between = [g * 1e3 for _, g in sel if g is not None]
         rows.append(f"| {kind} | {len(recs)} | {statistics.median(wall):.2f} | {sum(wall) / 1e3:.3f} | "
                     f"{p50('decode_ms'):.2f} ({p50('decode_cpu_ms'):.2f}) | "
-                    f"{p50('prefill_ms'):.2f} ({p50('prefill_cpu_ms'):.2f}) | {p50('decode_rows'):.0f} | "
+                    f"{p50('prefill_ms'):.2f} ({p50('prefill_cpu_ms'):.2f}) | {p50('wait_ms'):.2f} | "
+                    f"{p50('decode_rows'):.0f} | "
                     f"{p50('prefill_tokens'):.0f} | {statistics.median(between) if between else 0.0:.2f} |")
     span = records[-1]["t"] - records[0]["t"]
     busy = sum(sum(r.get(f"{p}_ms", 0.0) for p in PHASES) for r in records) / 1e3

@@ -134,27 +134,30 @@ def test_prefill_graphs_equal_the_eager_prefill(family):
 
 @pytest.mark.parametrize("family", ["gla", "gla_conv", "mamba2"])
 def test_graphed_burst_equals_one_varlen_prefill(family):
-    """A burst of prompt segments, each through its bucket's graph one after the
-    other (``graph_bursts``), against one eager variable-length prefill of the same
-    segments: every segment's last logits and every slot's state."""
+    """Bursts of prompt segments through the captured lanes graphs (S lanes of L
+    tokens, a lane left unused), against one eager variable-length prefill of the
+    same segments: every segment's last logits and every slot's state."""
     torch.manual_seed(1)
     kw = {"use_short_conv": True} if family == "gla_conv" else {}
     model = build_tiny_model(family.removesuffix("_conv"), expanded=True, seed=6, **kw).to(DEV).eval()
     model.fuse_projections_()
-    runner = ModelRunner(model, 5, torch.device(DEV), None, prefill_graph_tokens=200, graph_bursts=True)
+    runner = ModelRunner(model, 5, torch.device(DEV), None, prefill_graph_tokens=512)
     eager = model.allocate_state_pools(5)
     for layer, ref_layer in zip(runner.pools.pools, eager.pools):
         for k, t in layer.items():
             t.normal_()
             ref_layer[k].copy_(t)
-    lens, slots, carried = [5, 130, 64, 200], [0, 1, 3, 4], [False, True, False, True]
-    ids = torch.randint(0, model.config.vocab_size, (sum(lens),), device=DEV)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    with torch.inference_mode():
-        got = runner.prefill(ids.tolist(), lens, slots, carried)
-        want = model.prefill(ids, cu, torch.tensor(slots, dtype=torch.int32, device=DEV),
-                             torch.tensor(carried, device=DEV), eager)
-    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-    for layer, ref_layer in zip(runner.pools.pools, eager.pools):
-        for k, t in layer.items():
-            torch.testing.assert_close(t, ref_layer[k], rtol=2e-3, atol=2e-3)
+    for lens, slots, carried, key in [([5, 130], [0, 1], [False, True], (2, 256)),
+                                      ([5, 100, 64], [2, 4, 3], [True, True, False], (4, 128)),
+                                      ([128, 1, 64, 77], [1, 0, 3, 4], [True, False, True, True], (4, 128))]:
+        assert runner.prefill_graphs.key_for(lens) == key
+        ids = torch.randint(0, model.config.vocab_size, (sum(lens),), device=DEV)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+        with torch.inference_mode():
+            got = runner.prefill(ids.tolist(), lens, slots, carried)
+            want = model.prefill(ids, cu, torch.tensor(slots, dtype=torch.int32, device=DEV),
+                                 torch.tensor(carried, device=DEV), eager)
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        for layer, ref_layer in zip(runner.pools.pools, eager.pools):
+            for k, t in layer.items():
+                torch.testing.assert_close(t, ref_layer[k], rtol=2e-3, atol=2e-3)
