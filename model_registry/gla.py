@@ -10,6 +10,7 @@ Mamba2's), its window kept per sequence as the state ``conv``.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,10 @@ from model_registry.layers import (
 from model_registry.state import StateSpec
 
 MIXER_XAVIER_GAIN = 2 ** -2.5     # fla GatedLinearAttention._initialize_weights
+# Decode batches of at most this many rows compute the low-rank gate's second
+# projection inside the log decay's kernel (gla_log_decay_low_rank); larger ones
+# through a GEMM. STATEX_GLA_FUSED_GATE_ROWS overrides it (for measuring).
+FUSED_GATE_MAX_ROWS = int(os.environ.get("STATEX_GLA_FUSED_GATE_ROWS", 1 << 30))
 
 
 class GLAMixer(nn.Module):
@@ -84,7 +89,7 @@ class GLAMixer(nn.Module):
             q, k, v, gate, gk = project(x, self._in_weight).split(
                 [H * K, H * K, H * V, H * V, self.gk_proj[0].out_features], dim=-1)
             up = self.gk_proj[1]
-            if decode:      # the low-rank gate's second projection inside the log decay's kernel
+            if decode and x.shape[0] <= FUSED_GATE_MAX_ROWS:   # the gate's second projection in the kernel
                 g = gla_log_decay_low_rank(gk, up.weight, up.bias, self.gate_logit_normalizer, self.clamp_min)
             else:
                 g = gla_log_decay(up(gk), self.gate_logit_normalizer, self.clamp_min)
