@@ -50,6 +50,7 @@ class SequenceState:
     pending_text: str = ""
     reported_finish: bool = False
     history: PenaltyHistory | None = None     # for penalties (None when the request uses none)
+    _plain_params: bool | None = None         # plain_greedy's part that never changes (None: not known yet)
 
     @property
     def finished(self) -> bool:
@@ -70,10 +71,15 @@ class SequenceState:
     def plain_greedy(self) -> bool:
         """Whether this step's token is the argmax of the logits as they are, with
         nothing to report beside it and no text to look at before the next step:
-        greedy, no logprobs, no biases, bans or penalties, no stop strings."""
-        row = self.sampling_row()
-        return (row.greedy and row.logprobs is None and not row.penalized and not row.banned_token_ids
-                and not row.logit_bias and not self.stops.stop)
+        greedy, no logprobs, no biases, bans or penalties, no stop strings. (Asked
+        of every row every step: what does not change is worked out once.)"""
+        plain = self._plain_params
+        if plain is None:
+            row = self.sampling_row()
+            plain = self._plain_params = (row.greedy and row.logprobs is None and not row.penalized
+                                          and not row.logit_bias and not self.stops.stop)
+        # stop tokens are banned until min_tokens
+        return plain and not (self.stop_token_ids and len(self.output_ids) < self.params.min_tokens)
 
     def append(self, token_id: int, logprob: TokenLogprob | None, max_new_tokens: int) -> None:
         """Record a sampled token and decide whether the sequence ends here.
@@ -156,6 +162,7 @@ class RequestState:
     cuts: list[int] = field(default_factory=list)   # positions where a prefill segment must end (and snapshot)
     hasher: PrefixHasher | None = None
     queue_time: float | None = None           # seconds from arrival to its slots (set by start())
+    max_new_tokens: int | None = None         # the engine's cap on generated tokens (NativeEngine._max_new_tokens)
 
     def __post_init__(self):
         self.scope = scope_bytes(self.request.cache_owner, self.request.cache_salt)   # mixed into its prefix keys
