@@ -42,6 +42,31 @@ def test_whole_sequence_matches_token_by_token_decode(model):
     assert rel_err(stepped, full) < 1e-4
 
 
+@pytest.mark.parametrize("conv", [False, True], ids=["gla", "gla_conv"])
+def test_fused_gla_decode_on_both_sides_of_the_fused_gate_limit(conv):
+    """The served (fused) GLA decode computes the low-rank gate inside the log
+    decay's kernel up to FUSED_GATE_MAX_ROWS rows and through a GEMM above:
+    both give the unfused model's logits and states."""
+    from model_registry.gla import FUSED_GATE_MAX_ROWS
+
+    model = build_tiny_model("gla", expanded=True, seed=3, **({"use_short_conv": True} if conv else {}))
+    fused = copy.deepcopy(model)
+    fused.fuse_projections_()
+    for B in (1, FUSED_GATE_MAX_ROWS, FUSED_GATE_MAX_ROWS + 5):
+        ids = torch.randint(0, model.config.vocab_size, (B,))
+        slots = torch.arange(B, dtype=torch.int32)
+        pools, fused_pools = model.allocate_state_pools(B), fused.allocate_state_pools(B)
+        for layer, other in zip(pools.pools, fused_pools.pools):
+            for k, t in layer.items():
+                t.normal_()
+                other[k].copy_(t)
+        with torch.no_grad():
+            assert rel_err(fused.decode(ids, slots, fused_pools), model.decode(ids, slots, pools)) < 1e-5, B
+        for layer, other in zip(pools.pools, fused_pools.pools):
+            for k, t in layer.items():
+                assert rel_err(other[k], t) < 1e-5, (B, k)
+
+
 def test_a_model_made_under_inference_mode_decodes_as_the_normal_one(model):
     """Parameters created under inference mode are inference tensors, which keep no
     version counter (Mamba2 caches -exp(A_log) by version): such a copy decodes, and
