@@ -65,6 +65,28 @@ FAST_AUTOTUNE_CONFIGS = 4
 STREAM_BUFFER = 32
 
 
+# Engines that froze the start-up heap (NativeEngine.start); the heap is unfrozen
+# when the last of them shuts down, not when the first does.
+_heap_freezes = 0
+_heap_lock = threading.Lock()
+
+
+def _freeze_heap() -> None:
+    global _heap_freezes
+    with _heap_lock:
+        gc.collect()
+        gc.freeze()
+        _heap_freezes += 1
+
+
+def _unfreeze_heap() -> None:
+    global _heap_freezes
+    with _heap_lock:
+        _heap_freezes -= 1
+        if _heap_freezes == 0:
+            gc.unfreeze()     # what was frozen is ordinary garbage again once no engine serves
+
+
 class _OutputStream(OutputStream):
     """The stream of one request; a consumer that falls ``STREAM_BUFFER``
     outputs behind pauses the request until it has taken half of them."""
@@ -245,8 +267,8 @@ class NativeEngine(LoadedModelEngine):
         # middle of serving (measured with gc.callbacks in scripts/host_overhead.py's
         # loop at 256 streams on the bundled model: one full collection of 190 ms in a
         # 1 s run, 4 ms once frozen).
-        gc.collect()
-        gc.freeze()
+        _freeze_heap()
+        self._froze_heap = True
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._engine_thread, name="statex-engine", daemon=True)
         self._thread.start()
@@ -256,9 +278,11 @@ class NativeEngine(LoadedModelEngine):
         self._wakeup.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 60)
-        if self._trace is not None:
+        if self._trace is not None and (self._thread is None or not self._thread.is_alive()):
             self._trace.close()
-        gc.unfreeze()     # what start() froze is garbage again once the engine is gone
+        if getattr(self, "_froze_heap", False):
+            self._froze_heap = False
+            _unfreeze_heap()
         self._dead = self._dead or "the engine has shut down"
         for stream in list(self._streams.values()):
             stream._queue.put_nowait(EngineDeadError(self._dead))

@@ -1,12 +1,13 @@
 """A per-step timeline of the native engine, for finding where time goes under load.
 
 Set ``STATEX_STEP_TRACE=FILE`` and the engine appends one JSON line per step to
-FILE: when the step began (seconds since the engine thread started), what it ran
+FILE: when the step began (seconds since the engine was built), what it ran
 (decode rows, prefill segments and tokens, requests admitted, whether the next
 decode was launched ahead of the host work) and, per phase (admission, decode,
 prefill), the wall time and the engine thread's CPU time, and ``wait_ms``: the
 time spent sampling and reading the tokens back from the device, mostly waiting
-for the GPU step (CUDA's wait spins, so it shows as CPU time too). Wall time the thread
+for the GPU step (CUDA's wait spins, so it shows as CPU time too; in a step that
+prefills, it includes sampling the finished prompts' first tokens). Wall time the thread
 did not spend on the CPU is time it waited for the GIL (the event loop's work). Off by default: the
 bookkeeping costs a few microseconds a step.
 
