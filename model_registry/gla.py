@@ -29,9 +29,8 @@ from model_registry.layers import (
 from model_registry.state import StateSpec
 
 MIXER_XAVIER_GAIN = 2 ** -2.5     # fla GatedLinearAttention._initialize_weights
-# Decode batches of at most this many rows compute the low-rank gate's second
-# projection inside the log decay's kernel (gla_log_decay_low_rank); larger ones
-# through a GEMM. STATEX_GLA_FUSED_GATE_ROWS overrides it (for measuring).
+
+
 def _fused_gate_max_rows() -> int:
     value = os.environ.get("STATEX_GLA_FUSED_GATE_ROWS", "8")
     try:
@@ -40,6 +39,10 @@ def _fused_gate_max_rows() -> int:
         raise ValueError(f"STATEX_GLA_FUSED_GATE_ROWS must be a whole number of rows, not {value!r}") from None
 
 
+# Decode batches of at most this many rows compute the low-rank gate's second
+# projection inside the log decay's kernel (gla_log_decay_low_rank); larger ones
+# through a GEMM (faster at 64 and 256 rows on the H200, docs/perf.md item 11).
+# STATEX_GLA_FUSED_GATE_ROWS overrides it (for measuring).
 FUSED_GATE_MAX_ROWS = _fused_gate_max_rows()
 
 

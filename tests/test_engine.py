@@ -208,6 +208,24 @@ def test_runner_sends_segments_to_the_prefill_graphs_it_has(checkpoints, monkeyp
     assert graphs.key_for([4000, 100, 100]) is None          # 4 x 4096 would be 5x padding
     assert graphs.key_for([700]) == (1, 768) and graphs.key_for([8193]) is None
 
+    # what a replay is given: each prompt at the start of its lane, padding after it,
+    # cu / slots / has_init in the layout of prefill(padded=True), unused lanes empty
+    class Replay:
+        def replay(self):
+            pass
+
+    graphs.ids = torch.full((16,), -7, dtype=torch.long)
+    graphs.meta = {(4, 4): (torch.zeros(9, dtype=torch.int32), torch.zeros(8, dtype=torch.int32),
+                            torch.zeros(8, dtype=torch.bool))}
+    graphs.graphs = {(4, 4): (Replay(), torch.arange(4.0)[:, None].expand(4, 3))}
+    got = graphs.run((4, 4), [1, 2, 3, 4, 5, 6], [2, 4], [3, 1], [False, True])
+    assert graphs.ids.tolist() == [1, 2, 0, 0, 3, 4, 5, 6] + [-7] * 8     # unused lanes: left as they were
+    cu, slot_t, init_t = graphs.meta[(4, 4)]
+    assert cu.tolist() == [0, 2, 4, 8, 8, 8, 12, 12, 16]
+    assert slot_t.tolist() == [3, -1, 1, -1, -1, -1, -1, -1]
+    assert init_t.tolist() == [False, False, True, False, False, False, False, False]
+    assert got.tolist() == [[0.0] * 3, [1.0] * 3]
+
     engine = NativeEngine(EngineArgs(model=checkpoints["gla"], max_num_seqs=4, prefill_chunk=48))
     runner = engine.runner
     replays, eager = [], []

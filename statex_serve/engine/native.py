@@ -192,6 +192,7 @@ class NativeEngine(LoadedModelEngine):
         trace_path = os.environ.get("STATEX_STEP_TRACE")
         self._trace = StepTrace(trace_path) if trace_path else None
         self._no_phase = contextlib.nullcontext()
+        self._froze_heap = False       # start() froze the start-up heap; shutdown() gives it back
         self._stats = EngineStats(slots_total=self.num_slots, state_bytes_per_sequence=self.spec.bytes_per_sequence,
                                   state_pool_bytes=self.runner.pools.nbytes)
 
@@ -280,7 +281,7 @@ class NativeEngine(LoadedModelEngine):
             await asyncio.to_thread(self._thread.join, 60)
         if self._trace is not None and (self._thread is None or not self._thread.is_alive()):
             self._trace.close()
-        if getattr(self, "_froze_heap", False):
+        if self._froze_heap:
             self._froze_heap = False
             _unfreeze_heap()
         self._dead = self._dead or "the engine has shut down"

@@ -170,13 +170,13 @@ class _PrefillGraphs:
         """The segments' last logits [len(seq_lens), V]; their slots' states advance."""
         lanes, length = key
         n = len(seq_lens)
-        ids = torch.zeros(lanes * length, dtype=torch.long)     # padding: any id does (it changes no state)
-        start = 0
-        for i, t in enumerate(seq_lens):
-            ids[i * length:i * length + t] = torch.tensor(token_ids[start:start + t], dtype=torch.long)
+        ids, start = [], 0
+        for t in seq_lens:        # each prompt, then padding to its lane's end (any id: it changes no state)
+            ids += token_ids[start:start + t]
+            ids += [0] * (length - t)
             start += t
         cu, slot_t, init_t = self.meta[key]
-        self.ids[:lanes * length].copy_(ids, non_blocking=True)
+        self.ids[:n * length].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)   # unused lanes: T = 0
         cu.copy_(self._cu(list(seq_lens) + [0] * (lanes - n), length), non_blocking=True)
         slot_t.copy_(torch.tensor([x for s in list(slots) + [-1] * (lanes - n) for x in (s, -1)],
                                   dtype=torch.int32), non_blocking=True)
