@@ -404,6 +404,9 @@ def test_step_trace_records_every_step(checkpoints, tmp_path, monkeypatch):
     table = step_trace.summarize(records)
     assert "| decode |" in table and "| mixed |" in table and f"{len(records)} steps" in table
     assert step_trace.main([str(tmp_path / "missing.jsonl")]) == 1
+    monkeypatch.setenv("STATEX_STEP_TRACE", str(tmp_path / "no-such-dir" / "steps.jsonl"))
+    with pytest.raises(OSError, match="STATEX_STEP_TRACE=.*cannot write there"):
+        NativeEngine(EngineArgs(model=checkpoints["gla"], max_num_seqs=2))
 
 
 # --- n > 1 ------------------------------------------------------------------------------

@@ -35,7 +35,10 @@ class StepTrace:
 
     def __init__(self, path: str):
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        try:
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as e:    # the server answers it with "cannot start: ..." and exit 2
+            raise OSError(f"STATEX_STEP_TRACE={path}: cannot write there ({e.strerror or e})") from None
         self._origin = time.perf_counter()
         self._buffer: list[str] = []
         self.current: dict | None = None
