@@ -26,8 +26,9 @@ def tiny_mamba2_config(expanded: bool = True, num_layers: int = 4, hidden_size: 
     sizes = [4 * state_size if (expanded and i % 2 == 0) else state_size for i in range(num_layers)]
     kw.setdefault("head_dim", 16)
     kw.setdefault("chunk_size", 32)
+    kw.setdefault("n_groups", 1)
     return StateXMamba2Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                              state_size=state_size, layer_state_size=sizes, expand=2, n_groups=1,
+                              state_size=state_size, layer_state_size=sizes, expand=2,
                               bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **kw)
 
 

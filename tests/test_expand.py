@@ -27,7 +27,7 @@ def _expand(model, family, init="reinit", seed=0):
 
 
 CASES = [("gla", "reinit"), ("gla", "inherit"), ("mamba2", "reinit"), ("mamba2", "merge_copy"),
-         ("mamba2", "merge_zero")]
+         ("mamba2", "merge_zero"), ("mamba2", "preserve")]
 
 
 def _changed(family, init, layer) -> set[str]:
@@ -201,7 +201,7 @@ def test_mamba2_init_rules():
     cfg = base.config
     I, N, G, H, D = cfg.intermediate_size, cfg.state_size, cfg.n_groups, cfg.num_heads, cfg.hidden_size
     old = base.state_dict()
-    out = {m: _expand(base, "mamba2", m).state_dict() for m in ("reinit", "merge_copy", "merge_zero")}
+    out = {m: _expand(base, "mamba2", m).state_dict() for m in ("reinit", "merge_copy", "merge_zero", "preserve")}
     for i in LAYERS:
         p = f"backbone.layers.{i}.mixer."
         B_old = old[p + "in_proj.weight"][2 * I:2 * I + G * N]
@@ -210,7 +210,7 @@ def test_mamba2_init_rules():
         for m, sd in out.items():
             assert torch.equal(sd[p + "dt_bias"], torch.ones(H))
             assert torch.allclose(sd[p + "A_log"], torch.log(torch.arange(1, H + 1, dtype=torch.float32)))
-            assert torch.equal(sd[p + "norm.weight"], torch.ones(I))
+            assert torch.equal(sd[p + "norm.weight"], old[p + "norm.weight"] if m == "preserve" else torch.ones(I))
             assert torch.equal(sd[p + "D"], old[p + "D"])
             B = sd[p + "in_proj.weight"][2 * I:2 * I + 4 * G * N]
             C = sd[p + "in_proj.weight"][2 * I + 4 * G * N:2 * I + 8 * G * N]
@@ -221,9 +221,48 @@ def test_mamba2_init_rules():
             elif m == "merge_copy":
                 assert torch.equal(B, B_old.repeat(4, 1)) and torch.equal(C, C_old.repeat(4, 1))
                 assert torch.equal(cb, cb_old.repeat(4, 1, 1))
-            else:
+            elif m == "merge_zero":
                 assert torch.equal(B[:N], B_old) and not B[N:].any()
                 assert torch.equal(C[:N], C_old) and not C[N:].any() and not cb[N:].any()
+            else:   # preserve: old rows, then random B rows and zero C rows (conv: zero C bias)
+                assert torch.equal(B[:N], B_old) and B[N:].abs().max() <= 1 / math.sqrt(D) and B[N:].any()
+                assert torch.equal(C[:N], C_old) and not C[N:].any()
+                c_bias = sd[p + "conv1d.bias"][I + 4 * G * N:I + 8 * G * N]
+                assert not c_bias[N:].any()
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_preserve_computes_the_base_function_and_its_new_state_learns(n_groups):
+    """``preserve`` with dt / A inherited: the expanded model's logits are the base's,
+    and one backward step reaches the new C rows (merge_zero's stay at zero gradient:
+    the new dimensions of its state are never written, so nothing trains them)."""
+    base = _base("mamba2", n_groups=n_groups).float()
+    cfg = base.config
+    I, N, G = cfg.intermediate_size, cfg.state_size, cfg.n_groups
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        want = base(ids).logits
+    grads = {}
+    for init in ("preserve", "merge_zero"):
+        new = expand_mamba2_state(base, LAYERS, 4 * N, init, seed=3, dt_init="inherit").model.float()
+        if init == "preserve":
+            with torch.no_grad():
+                assert torch.allclose(new(ids).logits, want, rtol=1e-4, atol=1e-4)
+            sd, old = new.state_dict(), base.state_dict()
+            for i in LAYERS:
+                p = f"backbone.layers.{i}.mixer."
+                assert torch.equal(sd[p + "norm.weight"], old[p + "norm.weight"])
+                B = sd[p + "in_proj.weight"][2 * I:2 * I + 4 * G * N].reshape(G, 4 * N, -1)
+                B_old = old[p + "in_proj.weight"][2 * I:2 * I + G * N].reshape(G, N, -1)
+                assert torch.equal(B[:, :N], B_old) and B[:, N:].any()
+        new(ids).logits.float().pow(2).mean().backward()
+        grads[init] = []
+        for i in LAYERS:
+            g = new.backbone.layers[i].mixer.in_proj.weight.grad
+            C_new = g[2 * I + 4 * G * N:2 * I + 8 * G * N].reshape(G, 4 * N, -1)[:, N:]
+            grads[init].append(float(C_new.abs().max()))
+    assert min(grads["preserve"]) > 0
+    assert max(grads["merge_zero"]) == 0
 
 
 @pytest.mark.parametrize("dt_init", ["official", "inherit", "init"])

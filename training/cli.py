@@ -140,7 +140,8 @@ def add_expand(sub) -> None:
     p.add_argument("--heads", type=int, help="GLA: merge each chosen layer's heads into this many (default 1)")
     p.add_argument("--state-size", type=int, help="Mamba2: new d_state, a multiple of the old (default 4x)")
     p.add_argument("--init", default="reinit",
-                   help="GLA: reinit | inherit; Mamba2: reinit | merge_copy | merge_zero (default reinit)")
+                   help="GLA: reinit | inherit; Mamba2: reinit | merge_copy | merge_zero | preserve "
+                        "(function-preserving with --dt-init inherit) (default reinit)")
     p.add_argument("--dt-init",
                    help="Mamba2: the expanded layers' dt_bias / A_log: official (the reference code: dt_bias 1, "
                         "A_log log(1..H); the default), inherit (the base layer's), init (mamba_ssm's draw)")

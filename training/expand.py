@@ -18,7 +18,7 @@ from model_registry.mamba2 import MAMBA_A_INIT_RANGE, mamba_dt_bias_init
 from training.errors import UsageError
 
 GLA_INITS = ("reinit", "inherit")
-MAMBA2_INITS = ("reinit", "merge_copy", "merge_zero")
+MAMBA2_INITS = ("reinit", "merge_copy", "merge_zero", "preserve")
 # What an expanded Mamba2 layer's dt_bias / A_log become. ``official``: the
 # reference code's dt_bias = 1 (its placeholder is never re-initialised, so the
 # layer starts with about one token of memory) and A_log = log(1..H);
@@ -190,14 +190,33 @@ def _grow_groups(old: torch.Tensor, groups: int, factor: int, mode: str) -> torc
     return torch.cat(parts, dim=1).reshape(-1, *old.shape[1:])
 
 
+def _grow_preserving(old: torch.Tensor, G: int, N2: int, new_rows: torch.Tensor) -> torch.Tensor:
+    """Rows [G*N, ...] -> [G*N2, ...]: per group its N old rows, then N2 - N of ``new_rows``."""
+    g = old.reshape(G, -1, *old.shape[1:])
+    extra = new_rows.reshape(G, N2 - g.shape[1], *old.shape[1:])
+    return torch.cat([g, _like(extra, old)], dim=1).reshape(-1, *old.shape[1:])
+
+
 def _grow_bc(old: torch.Tensor, offset: int, G: int, N: int, N2: int, fan_in: int, init: str,
-             gen: torch.Generator) -> torch.Tensor:
-    """Replace the B and C blocks (G*N rows each, starting at ``offset``) by G*N2 rows each."""
+             gen: torch.Generator, c_input: bool = True) -> torch.Tensor:
+    """Replace the B and C blocks (G*N rows each, starting at ``offset``) by G*N2 rows each.
+    ``c_input``: these rows produce C (in_proj rows, the conv's bias); False for the conv's
+    weight taps, which only pass C on (``preserve`` keeps them random so C's in_proj rows
+    get a gradient)."""
     head, B, C, tail = torch.split(old, [offset, G * N, G * N, old.shape[0] - offset - 2 * G * N])
     if init == "reinit":
         shape = (G * N2, *old.shape[1:])
         B2 = _like(_torch_default_uniform(shape, fan_in, gen), old)
         C2 = _like(_torch_default_uniform(shape, fan_in, gen), old)
+    elif init == "preserve":
+        # the old rows kept; the new state dimensions written by random B rows and read by C
+        # rows that are zero after the conv + SiLU (zero in_proj rows and conv bias: silu(0) = 0),
+        # so the layer computes what it did until training moves C. The random B rows break the
+        # symmetry that keeps merge_copy's tiles identical and merge_zero's zeros at zero
+        shape = (G * (N2 - N), *old.shape[1:])
+        B2 = _grow_preserving(B, G, N2, _torch_default_uniform(shape, fan_in, gen))
+        new_c = _torch_default_uniform(shape, fan_in, gen) if not c_input else torch.zeros(shape)
+        C2 = _grow_preserving(C, G, N2, new_c)
     else:
         B2, C2 = _grow_groups(B, G, N2 // N, init), _grow_groups(C, G, N2 // N, init)
     return torch.cat([head, B2, C2, tail]).contiguous()
@@ -232,7 +251,8 @@ def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "
                                      # conv channels: x (I) | B | C; depthwise, so fan_in = kernel width
                                      ("conv1d.weight", I, W), ("conv1d.bias", I, W)):
             if p + name in sd:
-                sd[p + name] = _grow_bc(sd[p + name], offset, G, N, N2, fan_in, init, gen)
+                sd[p + name] = _grow_bc(sd[p + name], offset, G, N, N2, fan_in, init, gen,
+                                        c_input=name != "conv1d.weight")
         if dt_init == "official":
             sd[p + "dt_bias"] = torch.ones_like(sd[p + "dt_bias"])
             sd[p + "A_log"] = torch.log(torch.arange(1, H + 1, dtype=torch.float32)).to(sd[p + "A_log"].dtype)
@@ -241,7 +261,8 @@ def expand_mamba2_state(model, layers: list[int], state_size: int, init: str = "
             A = torch.empty(H).uniform_(*MAMBA_A_INIT_RANGE, generator=gen)
             sd[p + "dt_bias"] = _like(dt_bias, sd[p + "dt_bias"])
             sd[p + "A_log"] = _like(torch.log(A), sd[p + "A_log"])
-        sd[p + "norm.weight"] = torch.ones_like(sd[p + "norm.weight"])
+        if init != "preserve":   # the gated norm is over d_inner, not d_state: preserve keeps it
+            sd[p + "norm.weight"] = torch.ones_like(sd[p + "norm.weight"])
 
     new_config = copy.deepcopy(cfg)
     new_config.layer_state_size = [state_size if i in layers else n for i, n in enumerate(cfg.layer_state_size)]
