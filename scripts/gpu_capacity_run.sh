@@ -4,7 +4,7 @@
 # arm, evaluation and the report, in about 8 minutes (7.5 for the run). Every stage is capped
 # in wall-clock time; whatever finished (per-arm JSON, logs, the report) is
 # packed into ONE file, $OUT/capacity.tar.gz (the device tool returns few files);
-# seed 0's base / LPT / StateX checkpoints (for serving) into $OUT/checkpoints-FAMILY.tar.gz.
+# seed 0's base / LPT / StateX / alt-StateX checkpoints (for serving) into $OUT/checkpoints-FAMILY.tar.gz.
 #
 #   (device, carry .whl)  OUT=$OUT bash scripts/gpu_capacity_run.sh
 #
@@ -66,7 +66,7 @@ fi
 [ "${RUN:-1}" = 0 ] || stage report 90 $PY -m training.experiments.statex_capacity report --results "$R/run" \
     --out "$R/report/statex_capacity.md"
 tail -n 3 "$R/run.log"
-# the checkpoints (seed 0's base, LPT, StateX) in one file per family, so a size
+# the checkpoints (seed 0's base, LPT, StateX, alt) in one file per family, so a size
 # limit on what comes back (16 MiB a file; both families were 22 MB) can only
 # cost them, not the results
 if [ -d "$R/run/checkpoints" ]; then

@@ -210,13 +210,14 @@ def test_tiny_pipeline_end_to_end_on_cpu(corpus_file, tmp_path, one_torch_thread
         assert [t["seq"] for t in by[(fam, "base")]["train"]] == [tiny.mqar_seq, tiny.pre_seq]
         # the expansions are the preset's: reinit, and the alternative
         assert by[(fam, "statex")]["expansion"]["init"] == "reinit"
-        assert by[(fam, "statex_alt")]["expansion"]["init"] == ("inherit" if fam == "gla" else "merge_copy")
+        assert by[(fam, "statex_alt")]["expansion"]["init"] == ("inherit" if fam == "gla" else "preserve")
 
-    # the first seed's base, LPT and StateX as checkpoints the server loads
+    # the first seed's base, LPT, StateX and its alternative as checkpoints the server loads
     from model_registry.checkpoint import load_model
 
     for fam in ("gla", "mamba2"):
-        assert sorted(d.name for d in (out / "checkpoints" / fam).iterdir()) == ["base", "lpt", "statex"]
+        saved = sorted(d.name for d in (out / "checkpoints" / fam).iterdir())
+        assert saved == ["base", "lpt", "statex", "statex_alt"]
         m = load_model(out / "checkpoints" / fam / "statex")
         assert m.state_spec().elements_per_sequence == by[(fam, "statex")]["state_elements"]
         assert (out / "checkpoints" / fam / "statex" / "tokenizer.json").is_file()

@@ -49,7 +49,7 @@ class Preset:
     mamba2_init: str = "reinit"
     mamba2_dt_init: str = "official"
     alt_gla_init: str = "inherit"
-    alt_mamba2_init: str = "merge_copy"
+    alt_mamba2_init: str = "preserve"
     alt_mamba2_dt_init: str = "inherit"
     n_keys: int = 512
     n_values: int = 512
@@ -58,28 +58,30 @@ class Preset:
     # byte filler; learnt far sooner in the pilots), see mqar_row
     mqar_layout: str = "zoology"
     mqar_power_a: float = 0.01
-    # an MQAR-only phase before pre-training (0: none): the pilot's recipe, which crossed
-    # MQAR's plateau in 600-800 steps on the H200 (seeds 0 and 1), where mixed pre-training left 2
-    # of 3 seeds near chance. A 900-step phase crossed in no seed (run 3a), so the plan never
-    # scales this phase; 2000 steps crossed in one seed of three, the other two had begun
-    # (recall loss 4.8 and 5.2 of 6.24 at the end, run 3): hence 4000
-    mqar_steps: int = 4000
+    # an MQAR-only phase before pre-training (0: none), never scaled by the plan. With 4-32 pairs
+    # (runs 3-5, up to 4000 steps) whether a base crossed MQAR's plateau was a coin toss: most rows
+    # held more pairs than a d_state-16 layer can (one B/C group: 16 key dimensions). With 1-8
+    # pairs every base crossed by step 2000 in the H200 sweep of 2026-11-30 (2-16: 5 of 9 bases);
+    # pre-training then brings the larger counts (docs/experiments/statex_capacity.md)
+    mqar_steps: int = 2000
     mqar_seq: int = 256
-    mqar_pairs: tuple = (4, 32)
+    mqar_pairs: tuple = (1, 8)
     mqar_lr: float = 1e-2
     mqar_warmup: int = 100
     # pre-training (base, and the from-scratch upper bound's first phase)
     pre_seq: int = 512
     pre_batch: int = 64
-    pre_steps: int = 800
+    pre_steps: int = 300
     pre_lr: float = 1e-2
     pre_warmup: int = 100
     pre_pairs: tuple = (4, 48)
     # post-training (LPT, StateX, the upper bound's second phase): identical streams
     post_seq: int = 2048
     post_batch: int = 16
-    post_steps: int = 800
-    post_lr: float = 1e-3
+    post_steps: int = 1000
+    # 1e-3 left the preserve expansion's new C rows near zero after 1000 steps (it matched LPT
+    # within a point); 3e-3 is what the new state dimensions need to be used (sweep, 2026-11-30)
+    post_lr: float = 3e-3
     post_warmup: int = 40
     post_pairs: tuple = (4, 96)
     frac_text: float = 0.5
@@ -498,7 +500,7 @@ def new_model(family: str, p: Preset, seed: int, expanded: bool = False):
 
 def expand(family: str, model, p: Preset, seed: int, alt: bool = False):
     """StateX on a trained model (CPU copy): the preset's expansion (default reinit,
-    the paper's), or its alternative (default GLA inherit, Mamba2 merge_copy + dt inherit)."""
+    the paper's), or its alternative (default GLA inherit, Mamba2 preserve + dt inherit: function-preserving)."""
     from training.expand import expand_gla_heads, expand_mamba2_state
 
     cpu = copy.deepcopy(model).to("cpu")
@@ -738,7 +740,7 @@ class Pipeline:
         r = evaluate(model, self.eval_set, self.p, self.device, grow_until=self.until(evals_after + 1))
         self.write(arm, {"eval": r, "state_elements": state_elements(model),
                          "parameters": sum(q.numel() for q in model.parameters()), **extra})
-        if self.args.save_checkpoints and arm in ("base", "lpt", "statex"):
+        if self.args.save_checkpoints and arm in ("base", "lpt", "statex", "statex_alt"):
             self.save_checkpoint(model, arm, extra)
 
     def save_checkpoint(self, model, arm: str, extra: dict) -> None:
@@ -1052,7 +1054,7 @@ def main(argv=None) -> int:
     pr.add_argument("--tiny", dest="preset", action="store_const", const="tiny", default="full",
                     help="the toy size (CPU, under a minute)")
     pr.add_argument("--alt", action="store_true", help="also the alternative expansion (default GLA inherit, "
-                                                       "Mamba2 merge_copy with dt inherited; --set alt_*_init=...)")
+                                                       "Mamba2 preserve with dt inherited; --set alt_*_init=...)")
     pr.add_argument("--budget-s", type=float, default=400, help="wall clock for the whole run, from its start")
     pr.add_argument("--reserve-s", type=float, default=15, help="held back from the plan for writing results")
     pr.add_argument("--probe-s", type=float, default=240, help="give up waiting for probes after this")
