@@ -167,8 +167,16 @@ def test_verdicts_gate_first_then_success():
     assert v["gates"]["base_recalls"]["pass"] and v["gates"]["scratch_beats_lpt"]["pass"]
     assert v["success"]["mean"] == pytest.approx(0.075) and v["success"]["met"]
     assert v["verdict"] == "success criteria met"
+    assert "success_alt" not in v
     fam["statex"][1] = _rec("statex", 1, [0.9, 0.29, 0.5])              # loses in one seed
     assert verdicts(fam)["verdict"] == "success criteria not met"
+    # the alternative expansion is judged by the same criteria, but the verdict stays StateX's
+    fam["statex_alt"] = {s: _rec("statex_alt", s, [0.9, 0.5, 0.5]) for s in (0, 1)}
+    v = verdicts(fam)
+    assert v["success_alt"]["met"] and v["success_alt"]["mean"] == pytest.approx(0.1)
+    assert v["verdict"] == "success criteria not met"
+    fam["statex_alt"][0] = _rec("statex_alt", 0, [0.9, 0.5, 0.4])     # passkey 10 points below LPT
+    assert not verdicts(fam)["success_alt"]["criteria"]["passkey"]
     fam["base"] = {s: _rec("base", s, [0.5, 0.2, 0.5]) for s in (0, 1)}  # the base does not recall
     assert verdicts(fam)["verdict"] == "inconclusive: a gate failed"
 
