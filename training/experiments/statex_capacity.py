@@ -79,8 +79,8 @@ class Preset:
     post_seq: int = 2048
     post_batch: int = 16
     post_steps: int = 1000
-    # 1e-3 left the preserve expansion's new C rows near zero after 1000 steps (it matched LPT
-    # within a point); 3e-3 is what the new state dimensions need to be used (sweep, 2026-11-30)
+    # at 1e-3 the preserve expansion ended within 0.1 point of LPT after 1000 steps (its new
+    # state dimensions unused); at 3e-3 it beat LPT in every seed (H200 sweeps, 2026-11-30)
     post_lr: float = 3e-3
     post_warmup: int = 40
     post_pairs: tuple = (4, 96)
