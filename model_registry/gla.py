@@ -223,6 +223,8 @@ class StateXGLAForCausalLM(StateXPreTrainedModel):
     config_class = StateXGLAConfig
     base_model_prefix = "model"
     _no_split_modules = ["GLABlock"]
+    # honoured only when config.tie_word_embeddings (fla's GLA default: untied)
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: StateXGLAConfig):
         super().__init__(config)

@@ -37,6 +37,14 @@ def test_gla_models_have_the_short_conv_unless_turned_off():
     assert not off.gla_short_conv and not sc.model_config("gla", off).use_short_conv
 
 
+def test_gla_embeddings_are_tied_unless_turned_off():
+    for flag, tied in (([], True), (["gla_tie_embeddings=false"], False)):
+        p = sc.preset("tiny", flag)
+        m = sc.new_model("gla", p, seed=0)
+        assert m.config.tie_word_embeddings is tied
+        assert (m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()) is tied
+
+
 def test_mqar_rows_ask_every_key_once_with_its_value(corpus):
     p = sc.PRESETS["full"]
     rng = np.random.default_rng(0)

@@ -40,6 +40,11 @@ class Preset:
     # fla's short conv on GLA's q, k, v (use_short_conv, conv_size 4), as Zoology always trains GLA: without
     # it GLA learned no MQAR in any H200 pilot. Off with `--set gla_short_conv=false`
     gla_short_conv: bool = True
+    # GLA's input and output embeddings tied, as Mamba2's are (mamba_ssm's default; fla's GLA
+    # unties them). Untied, GLA learned no MQAR over 512 values in runs 1-6 at any rate tried; tied,
+    # the H200 pilot of 2026-11-30 reached 99 / 80 / 52 / 24% at 1 / 2 / 4 / 8 pairs in 1200 steps
+    # at lr 1e-2 (docs/experiments/statex_capacity-gla.md). Run 6's GLA half ran untied
+    gla_tie_embeddings: bool = True
     mamba2_state: int = 16
     mamba2_head_dim: int = 32
     expand_layers: tuple = (0, 2)
@@ -482,7 +487,7 @@ def model_config(family: str, p: Preset, expanded: bool = False):
     if family == "gla":
         heads = [1 if expanded and i in p.expand_layers else p.gla_heads for i in range(p.layers)]
         return StateXGLAConfig(num_heads=p.gla_heads, layer_num_heads=heads, expand_k=0.5, expand_v=1.0,
-                               use_short_conv=p.gla_short_conv, tie_word_embeddings=False, **common)
+                               use_short_conv=p.gla_short_conv, tie_word_embeddings=p.gla_tie_embeddings, **common)
     sizes = [p.mamba2_expanded_state if expanded and i in p.expand_layers else p.mamba2_state for i in range(p.layers)]
     return StateXMamba2Config(state_size=p.mamba2_state, layer_state_size=sizes, head_dim=p.mamba2_head_dim, expand=2,
                               n_groups=1, chunk_size=64, tie_word_embeddings=True, **common)
