@@ -215,7 +215,7 @@ def _grow_bc(old: torch.Tensor, offset: int, G: int, N: int, N2: int, fan_in: in
         # symmetry that keeps merge_copy's tiles identical and merge_zero's zeros at zero
         shape = (G * (N2 - N), *old.shape[1:])
         B2 = _grow_preserving(B, G, N2, _torch_default_uniform(shape, fan_in, gen))
-        new_c = _torch_default_uniform(shape, fan_in, gen) if not c_input else torch.zeros(shape)
+        new_c = torch.zeros(shape) if c_input else _torch_default_uniform(shape, fan_in, gen)
         C2 = _grow_preserving(C, G, N2, new_c)
     else:
         B2, C2 = _grow_groups(B, G, N2 // N, init), _grow_groups(C, G, N2 // N, init)

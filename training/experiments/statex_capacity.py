@@ -66,7 +66,8 @@ class Preset:
     # an MQAR-only phase before pre-training (0: none), never scaled by the plan. With 4-32 pairs
     # (runs 3-5, up to 4000 steps) whether a base crossed MQAR's plateau was a coin toss: most rows
     # held more pairs than a d_state-16 layer can (one B/C group: 16 key dimensions). With 1-8
-    # pairs every base crossed by step 2000 in the H200 sweep of 2026-11-30 (2-16: 5 of 9 bases);
+    # pairs every base crossed by step 2000 in the H200 sweeps of 2026-11-30 (6 of 6; with 2-16 pairs
+    # 12 of 18 reached 70% at the gate cell);
     # pre-training then brings the larger counts (docs/experiments/statex_capacity.md)
     mqar_steps: int = 2000
     mqar_seq: int = 256
