@@ -4,7 +4,7 @@
 # arm, evaluation and the report, in about 8 minutes (7.5 for the run). Every stage is capped
 # in wall-clock time; whatever finished (per-arm JSON, logs, the report) is
 # packed into ONE file, $OUT/capacity.tar.gz (the device tool returns few files);
-# seed 0's base / LPT / StateX / alt-StateX checkpoints (for serving) into $OUT/checkpoints-FAMILY.tar.gz.
+# seed 0's base / LPT / StateX / alt-StateX checkpoints (for serving) into $OUT/checkpoints-FAMILY-{base,statex}.tar.gz.
 #
 #   (device, carry .whl)  OUT=$OUT bash scripts/gpu_capacity_run.sh
 #
@@ -66,14 +66,17 @@ fi
 [ "${RUN:-1}" = 0 ] || stage report 90 $PY -m training.experiments.statex_capacity report --results "$R/run" \
     --out "$R/report/statex_capacity.md"
 tail -n 3 "$R/run.log"
-# the checkpoints (seed 0's base, LPT, StateX, alt) in one file per family, so a size
-# limit on what comes back (16 MiB a file; both families were 22 MB) can only
-# cost them, not the results
+# the checkpoints (seed 0's base, LPT, StateX, alt) apart from the results, two files per
+# family (base + LPT, the StateX arms), so the limit on what comes back (16 MiB a file;
+# GLA's four were 18.3 MB in one) can only cost them, not the results
 if [ -d "$R/run/checkpoints" ]; then
     mv "$R/run/checkpoints" "$W/checkpoints"
     for fam in gla mamba2; do
-        [ -d "$W/checkpoints/$fam" ] && tar czf "$OUT/checkpoints-$fam.tar.gz" -C "$W" checkpoints/.byte-tokenizer \
-            "checkpoints/$fam"
+        [ -d "$W/checkpoints/$fam" ] || continue
+        (cd "$W" && tar czf "$OUT/checkpoints-$fam-base.tar.gz" checkpoints/.byte-tokenizer \
+            $(ls -d checkpoints/$fam/base checkpoints/$fam/lpt 2>/dev/null))
+        (cd "$W" && tar czf "$OUT/checkpoints-$fam-statex.tar.gz" checkpoints/.byte-tokenizer \
+            $(ls -d checkpoints/$fam/statex checkpoints/$fam/statex_alt 2>/dev/null))
     done
 fi
 cd "$W" && tar czf "$OUT/capacity.tar.gz" results
