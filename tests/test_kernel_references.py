@@ -184,3 +184,6 @@ def test_gemv_policy_follows_statex_gemv(monkeypatch):
     assert gemv.preferred(gemv.MAX_ROWS, 32000) and not gemv.preferred(gemv.MAX_ROWS + 1, 2048)
     monkeypatch.setenv("STATEX_GEMV", "0")
     assert not gemv.preferred(1, 2048)
+    monkeypatch.setenv("STATEX_GEMV", "yes")
+    with pytest.raises(ValueError, match="STATEX_GEMV='yes'"):
+        gemv.preferred(1, 2048)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -192,8 +193,17 @@ def test_ddp_two_processes_on_cpu(ckpts, tmp_path):
            "-m", "training.cli", "train", "--model", str(ckpts["gla"]), "--out", str(out), "--data",
            "mqar?min_len=32&max_len=64", "--seq-len", "64", "--batch-size", "2", "--max-steps", "3",
            "--save-every", "3", "--no-progress", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # its own process group, so a timeout kills the ranks too, not only torchrun (a hung rank
+    # would otherwise outlive the test and hold the port)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 240 s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
     state = json.loads((out / "checkpoints" / "step_0000003" / "trainer_state.json").read_text())
     assert state["world"] == 2 and state["tokens"] == 3 * 2 * 64 * 2
     assert state["data"][0] != state["data"][1]

@@ -25,6 +25,8 @@ def preferred(rows: int, n_out: int) -> bool:
         return False
     if mode == "1":
         return rows <= MAX_ROWS
+    if mode != "auto":   # a typo must not measure the default while the user believes otherwise
+        raise ValueError(f"STATEX_GEMV={mode!r}: expected auto, 0 or 1")
     return rows == 1 and n_out <= AUTO_MAX_N
 
 

@@ -105,7 +105,7 @@ class _Stream(OutputStream):
         except VLLMDeadError as err:
             e._dead = f"the vLLM engine died: {err}"
             self._queue.put_nowait(EngineDeadError(e._dead))
-        except Exception as err:       # noqa: BLE001 - handed to the consumer
+        except Exception:              # noqa: BLE001 - handed to the consumer
             logger.exception("request %s failed in vLLM", self._request.request_id)
             self._queue.put_nowait(RequestFailedError(      # the client sees no internals; the log has them
                 f"the engine failed while running request {self._request.request_id} (the server log has the "
