@@ -35,6 +35,22 @@ def test_gla_chunk_equals_recurrence(H, K, V):
     assert rel_err(o2, o1) < 1e-10 and rel_err(s2, s1) < 1e-10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gla_chunk_is_finite_and_exact_under_strong_decay(dtype):
+    """A trained gate reaches log decays of -7 per token; the chunked form must neither
+    overflow (exp of a positive cumulative decay) nor lose accuracy there."""
+    H, K, V = 2, 16, 32
+    q, k, v, _ = gla_inputs(2, 75, H, K, V, dtype=dtype)
+    g = -4 - 4 * torch.rand(2, 75, H, K, dtype=dtype)   # 16 such tokens overflowed the old midpoint form
+    g[:, ::7] = 0.0                                 # and some tokens that keep everything
+    s0 = torch.randn(2, H, K, V, dtype=dtype)
+    o1, s1 = gla_ref.gla_recurrent(q, k, v, g, K ** -0.5, s0)
+    o2, s2 = gla_ref.gla_chunk(q, k, v, g, K ** -0.5, s0)
+    assert torch.isfinite(o2).all() and torch.isfinite(s2).all()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel_err(o2, o1) < tol and rel_err(s2, s1) < tol
+
+
 def test_gla_recurrence_equals_fla_naive_recurrent_gla():
     from fla.ops.gla.naive import naive_recurrent_gla
 
