@@ -49,6 +49,8 @@ class StateXGLAConfig(_BaseConfig):
         num_heads: int = 4,
         num_kv_heads: int | None = None,
         layer_num_heads: list[int] | None = None,
+        layer_key_dim: list[int] | None = None,
+        layer_attn_scale: list[float | None] | None = None,
         feature_map: str | None = None,
         attn_mode: str = "chunk",
         use_short_conv: bool = False,
@@ -83,6 +85,13 @@ class StateXGLAConfig(_BaseConfig):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.layer_num_heads = list(layer_num_heads) if layer_num_heads is not None else [num_heads] * num_hidden_layers
+        # a layer's total key width (heads x key dim per head): the default key_dim, or wider where
+        # StateX's `preserve` expansion widened each head's keys (training/expand.py)
+        self.layer_key_dim = (list(layer_key_dim) if layer_key_dim is not None
+                              else [int(round(hidden_size * expand_k))] * num_hidden_layers)
+        # the score scale per layer where it is not 1/sqrt(key dim per head): a widened layer keeps
+        # its base's, so that it computes the base's function (None: the default everywhere)
+        self.layer_attn_scale = list(layer_attn_scale) if layer_attn_scale is not None else None
         self.feature_map = feature_map
         # fla 0.6 dropped `fused_chunk`; the math is identical, so old configs load.
         self.attn_mode = "chunk" if attn_mode == "fused_chunk" else attn_mode
@@ -115,36 +124,52 @@ class StateXGLAConfig(_BaseConfig):
     def head_dims(self, layer: int) -> tuple[int, int, int]:
         """(H, K, V) of one layer: heads, key dim per head, value dim per head."""
         H = self.layer_num_heads[layer]
-        return H, self.key_dim // H, self.value_dim // H
+        return H, self.layer_key_dim[layer] // H, self.value_dim // H
+
+    def attn_scale(self, layer: int) -> float:
+        """The score scale of one layer: 1/sqrt(key dim per head) unless ``layer_attn_scale`` sets it."""
+        s = self.layer_attn_scale[layer] if self.layer_attn_scale is not None else None
+        return s if s is not None else self.head_dims(layer)[1] ** -0.5
 
     @property
     def expanded_layers(self) -> list[int]:
-        return [i for i, h in enumerate(self.layer_num_heads) if h != self.num_heads]
+        return [i for i, (h, k) in enumerate(zip(self.layer_num_heads, self.layer_key_dim))
+                if h != self.num_heads or k != self.key_dim]
 
-    @property
-    def conv_dim(self) -> int:
-        """Channels of the short conv (``use_short_conv``): q | k | v, in that order."""
-        return 2 * self.key_dim + self.value_dim
+    def conv_dim(self, layer: int) -> int:
+        """Channels of one layer's short conv (``use_short_conv``): q | k | v, in that order."""
+        return 2 * self.layer_key_dim[layer] + self.value_dim
 
     def state_spec(self, state_dtype: torch.dtype | None = None, conv_dtype: torch.dtype | None = None
                    ) -> StateSpec:
         """Per layer: with ``use_short_conv`` the conv window [2*key_dim + value_dim,
         conv_size-1] (model dtype, as Mamba2's), then the recurrent state S
-        [H_l, K_l, V_l] (fp32 unless told). Merging heads leaves the conv window as is."""
+        [H_l, K_l, V_l] (fp32 unless told). Merging heads leaves the conv window as is;
+        widening keys grows its q and k channels."""
         dt = state_dtype or torch.float32
         cdt = conv_dtype or _config_dtype(self)
-        conv = ((StateTensorSpec("conv", (self.conv_dim, self.conv_size - 1), cdt),) if self.use_short_conv
-                else ())
-        return StateSpec(tuple(LayerStateSpec(i, (*conv, StateTensorSpec("recurrent", self.head_dims(i), dt)))
+
+        def conv(i):
+            return ((StateTensorSpec("conv", (self.conv_dim(i), self.conv_size - 1), cdt),) if self.use_short_conv
+                    else ())
+        return StateSpec(tuple(LayerStateSpec(i, (*conv(i), StateTensorSpec("recurrent", self.head_dims(i), dt)))
                                for i in range(self.num_hidden_layers)))
 
     def validate_statex(self) -> None:
         if len(self.layer_num_heads) != self.num_hidden_layers:
             raise ConfigError(f"layer_num_heads has {len(self.layer_num_heads)} entries, "
                               f"num_hidden_layers is {self.num_hidden_layers}")
-        for i, h in enumerate(self.layer_num_heads):
-            if h < 1 or self.key_dim % h or self.value_dim % h:
-                raise ConfigError(f"layer {i}: {h} heads do not divide key_dim {self.key_dim} "
+        if len(self.layer_key_dim) != self.num_hidden_layers:
+            raise ConfigError(f"layer_key_dim has {len(self.layer_key_dim)} entries, "
+                              f"num_hidden_layers is {self.num_hidden_layers}")
+        if self.layer_attn_scale is not None and (
+                len(self.layer_attn_scale) != self.num_hidden_layers
+                or any(s is not None and not s > 0 for s in self.layer_attn_scale)):
+            raise ConfigError(f"layer_attn_scale must hold {self.num_hidden_layers} positive numbers or nulls, "
+                              f"got {self.layer_attn_scale}")
+        for i, (h, kd) in enumerate(zip(self.layer_num_heads, self.layer_key_dim)):
+            if h < 1 or kd < 1 or kd % h or self.value_dim % h:
+                raise ConfigError(f"layer {i}: {h} heads do not divide key dim {kd} "
                                   f"and value_dim {self.value_dim}")
         if self.use_short_conv and self.conv_size < 2:
             raise ConfigError(f"conv_size {self.conv_size} with use_short_conv: a short conv needs at least 2 taps")

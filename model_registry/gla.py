@@ -47,15 +47,16 @@ FUSED_GATE_MAX_ROWS = _fused_gate_max_rows()
 
 
 class GLAMixer(nn.Module):
-    """One GLA token mixer. ``num_heads`` may differ per layer: every projection
-    keeps its shape, only the head split (and the output-norm width) changes."""
+    """One GLA token mixer. ``num_heads`` may differ per layer (StateX's head merge: every
+    projection keeps its shape, only the head split and the output-norm width change), and
+    so may the key width (the `preserve` expansion: q, k, the decay gate and their convs grow)."""
 
     def __init__(self, config: StateXGLAConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.head_k_dim, self.head_v_dim = config.head_dims(layer_idx)
-        D, Kd, Vd = config.hidden_size, config.key_dim, config.value_dim
-        self.scale = self.head_k_dim ** -0.5
+        D, Kd, Vd = config.hidden_size, config.layer_key_dim[layer_idx], config.value_dim
+        self.scale = config.attn_scale(layer_idx)
         self.gate_logit_normalizer = config.gate_logit_normalizer
         self.clamp_min = config.clamp_min
         self.q_proj = nn.Linear(D, Kd, bias=False)

@@ -11,9 +11,16 @@ from model_registry.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, sa
 
 
 def tiny_gla_config(expanded: bool = True, num_layers: int = 4, hidden_size: int = 64, num_heads: int = 4,
-                    vocab_size: int = BYTE_VOCAB_SIZE, **kw) -> StateXGLAConfig:
-    """Layers 0 and 2 merged to one head when ``expanded`` (mixed expanded/unexpanded)."""
-    heads = [1 if (expanded and i % 2 == 0) else num_heads for i in range(num_layers)]
+                    vocab_size: int = BYTE_VOCAB_SIZE, widen: bool = False, **kw) -> StateXGLAConfig:
+    """Layers 0 and 2 expanded when ``expanded`` (mixed expanded/unexpanded): merged to one
+    head, or with ``widen`` keeping their heads with 4x the key dim per head and the base's
+    score scale (what ``--init preserve`` makes)."""
+    key_dim = hidden_size // 2
+    grown = [expanded and i % 2 == 0 for i in range(num_layers)]
+    heads = [1 if g and not widen else num_heads for g in grown]
+    if widen:
+        kw.setdefault("layer_key_dim", [4 * key_dim if g else key_dim for g in grown])
+        kw.setdefault("layer_attn_scale", [(key_dim // num_heads) ** -0.5 if g else None for g in grown])
     return StateXGLAConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                            num_heads=num_heads, layer_num_heads=heads, expand_k=0.5, expand_v=1.0,
                            intermediate_size=2 * hidden_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID,

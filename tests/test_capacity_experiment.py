@@ -45,6 +45,24 @@ def test_gla_embeddings_are_tied_unless_turned_off():
         assert (m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()) is tied
 
 
+def test_gla_preserve_arm_widens_keys_to_the_merges_recurrent_state():
+    """`--set alt_gla_init=preserve`: the heads stay and each one's keys grow by the head count,
+    so the recurrent state equals the merge's (the widened q / k conv windows add to it)."""
+    p = sc.preset("full", ["alt_gla_init=preserve"])
+    base = sc.new_model("gla", p, seed=0)
+    merged, rec_m = sc.expand("gla", base, p, seed=0)
+    widened, rec_w = sc.expand("gla", base, p, seed=0, alt=True)
+    assert (rec_m["method"], rec_w["method"]) == ("merge heads", "widen keys")
+    for i in p.expand_layers:
+        H, K, V = widened.config.head_dims(i)
+        assert (H, K, V) == (p.gla_heads, p.gla_heads * base.config.head_dims(i)[1], base.config.head_dims(i)[2])
+        rec = lambda m: m.state_spec().layers[i].tensors[-1].numel   # noqa: E731 - the recurrent state
+        assert rec(widened) == rec(merged) == p.gla_heads * rec(base)
+    ids = torch.randint(0, base.config.vocab_size, (1, 64))
+    with torch.no_grad():
+        assert torch.allclose(widened(ids).logits, base(ids).logits, atol=1e-5)
+
+
 def test_mqar_rows_ask_every_key_once_with_its_value(corpus):
     p = sc.PRESETS["full"]
     rng = np.random.default_rng(0)

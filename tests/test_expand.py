@@ -11,7 +11,7 @@ import torch
 from model_registry.testing import build_tiny_model, make_tiny_checkpoint
 from training.cli import main as cli
 from training.expand import (expand_gla_heads, expand_mamba2_state, gla_added_parameters,
-                             mamba2_added_parameters)
+                             mamba2_added_parameters, widen_gla_keys)
 
 LAYERS = [0, 2]
 
@@ -265,6 +265,65 @@ def test_mamba2_preserve_computes_the_base_function_and_its_new_state_learns(n_g
     assert max(grads["merge_zero"]) == 0
 
 
+@pytest.mark.parametrize("conv", [False, True], ids=["gla", "gla_conv"])
+def test_gla_preserve_widens_keys_computes_the_base_function_and_its_new_keys_learn(conv):
+    """GLA's ``preserve``: the heads stay, each head's keys grow K -> 4K. The logits are the
+    base's exactly (new q rows zero, the base's score scale kept), only the widened tensors
+    change (old rows kept per head, new decay-gate rows the head's old ones), the parameter
+    and state bookkeeping follow, and one backward step reaches the new q rows."""
+    base = _base("gla", use_short_conv=conv).float()
+    cfg = base.config
+    H, K, V = cfg.head_dims(0)
+    D, W, r = cfg.hidden_size, cfg.conv_size, cfg.gate_low_rank_dim
+    exp = widen_gla_keys(base, LAYERS, 4 * K, seed=3)
+    new, ncfg = exp.model.float(), exp.model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(new(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+    assert ncfg.layer_num_heads == cfg.layer_num_heads
+    assert ncfg.layer_key_dim == [4 * H * K if i in LAYERS else H * K for i in range(4)]
+    assert [ncfg.attn_scale(i) for i in range(4)] == [K ** -0.5] * 4          # the base's scale, everywhere
+    for i in range(4):
+        assert ncfg.state_spec().layers[i].tensors[-1].shape == (H, 4 * K if i in LAYERS else K, V)
+
+    old, sd = base.state_dict(), new.state_dict()
+    grown = {"q_proj.weight", "k_proj.weight", "gk_proj.1.weight", "gk_proj.1.bias"}
+    grown |= {"q_conv1d.weight", "k_conv1d.weight"} if conv else set()
+    for k_, v in old.items():
+        if not any(k_ == f"model.layers.{i}.attn.{n}" for i in LAYERS for n in grown):
+            assert torch.equal(v, sd[k_]), k_
+    for i in LAYERS:
+        p = f"model.layers.{i}.attn."
+        for n in grown:
+            w0, w1 = old[p + n].reshape(H, K, -1), sd[p + n].reshape(H, 4 * K, -1)
+            assert torch.equal(w1[:, :K], w0), n                                 # per head, the old rows first
+            if n == "q_proj.weight":
+                assert not w1[:, K:].any()
+            elif n.startswith("gk_proj"):
+                assert torch.equal(w1[:, K:], w0.repeat(1, 3, 1))                # the head's decays, again
+            else:
+                assert w1[:, K:].abs().min() > 0
+    added = sum(p.numel() for p in new.parameters()) - sum(p.numel() for p in base.parameters())
+    assert added == len(LAYERS) * H * 3 * K * (2 * D + r + 1 + (2 * W if conv else 0))
+    assert exp.record(base)["parameters"]["added"] == added
+    assert exp.record(base)["method"] == "widen keys" and exp.record(base)["head_k_dim"]["0"] == {
+        "before": K, "after": 4 * K}
+
+    new.train()
+    new(ids).logits.float().pow(2).mean().backward()
+    for i in LAYERS:
+        g = new.model.layers[i].attn.q_proj.weight.grad.reshape(H, 4 * K, D)
+        assert g[:, K:].abs().max() > 0
+
+
+def test_gla_merging_a_widened_layer_drops_its_kept_scale():
+    base = _base("gla")
+    K = base.config.head_dims(0)[1]
+    wide = widen_gla_keys(base, LAYERS, 2 * K).model
+    merged = expand_gla_heads(wide, [0], 1, "inherit").model.config
+    assert merged.attn_scale(0) == (2 * K * 4) ** -0.5 and merged.attn_scale(2) == K ** -0.5
+
+
 @pytest.mark.parametrize("dt_init", ["official", "inherit", "init"])
 def test_mamba2_dt_init_modes(dt_init):
     """dt_bias / A_log of an expanded layer: the reference code's constants, the
@@ -346,6 +405,21 @@ def test_cli_expand_writes_checkpoint_and_provenance(checkpoints, tmp_path, caps
     assert "dt/A inherit" in capsys.readouterr().out
 
 
+def test_cli_expand_gla_preserve_widens_keys(checkpoints, tmp_path, capsys):
+    from model_registry.checkpoint import load_model
+
+    out = tmp_path / "w"
+    assert cli(["expand", "--base", str(checkpoints["gla"]), "--out", str(out), "--every", "2",
+                "--init", "preserve"]) == 0
+    assert "widen keys" in capsys.readouterr().out
+    rec = json.loads((out / "statex.json").read_text())["expansion"]
+    assert rec["method"] == "widen keys" and rec["head_k_dim"] == {"0": {"before": 8, "after": 32},
+                                                                    "2": {"before": 8, "after": 32}}
+    cfg = load_model(out).config
+    assert cfg.layer_key_dim == [128, 32, 128, 32] and cfg.layer_num_heads == [4, 4, 4, 4]
+    assert cfg.attn_scale(0) == 8 ** -0.5 and cfg.attn_scale(1) == 8 ** -0.5
+
+
 @pytest.mark.parametrize("case,args", [
     ("unknown arch", ["--every", "2"]),
     ("layer out of range", ["--layers", "0,7"]),
@@ -356,11 +430,16 @@ def test_cli_expand_writes_checkpoint_and_provenance(checkpoints, tmp_path, caps
     ("missing base", ["--layers", "1"]),
     ("dt init on gla", ["--layers", "1", "--dt-init", "init"]),
     ("unknown dt init", ["--layers", "1", "--dt-init", "zero"]),
+    ("heads with preserve", ["--layers", "1", "--init", "preserve", "--heads", "1"]),
+    ("head-k-dim with a merge", ["--layers", "1", "--head-k-dim", "32"]),
+    ("non-multiple head-k-dim", ["--layers", "1", "--init", "preserve", "--head-k-dim", "12"]),
+    ("head-k-dim on mamba2", ["--layers", "1", "--head-k-dim", "32"]),
 ])
 def test_cli_expand_bad_input_is_one_line_exit_2_no_output(case, args, checkpoints, tmp_path, capsys):
     special = {"unknown arch": tmp_path / "llama", "non-multiple state size": checkpoints["mamba2"],
                "unknown dt init": checkpoints["mamba2"],
-               "heads on mamba2": checkpoints["mamba2"], "missing base": tmp_path / "nowhere"}
+               "heads on mamba2": checkpoints["mamba2"], "missing base": tmp_path / "nowhere",
+               "head-k-dim on mamba2": checkpoints["mamba2"]}
     base = special.get(case, checkpoints["gla"])
     if case == "unknown arch":
         base.mkdir()

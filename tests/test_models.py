@@ -9,8 +9,10 @@ import torch
 
 from model_registry.testing import build_tiny_model
 
-FAMILIES = ["gla", "gla_conv", "mamba2"]
-VARIANTS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}), "mamba2": ("mamba2", {})}
+FAMILIES = ["gla", "gla_conv", "gla_widened", "mamba2"]
+VARIANTS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}),
+            "gla_widened": ("gla", {"use_short_conv": True, "widen": True}),   # keys x4 per head (preserve)
+            "mamba2": ("mamba2", {})}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

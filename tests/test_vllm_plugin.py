@@ -84,17 +84,17 @@ def _fake_vllm_config(hf_config, tp=1, dtype=torch.float32, ssm="auto", conv="au
                            cache_config=SimpleNamespace(mamba_ssm_cache_dtype=ssm, mamba_cache_dtype=conv))
 
 
-@pytest.mark.parametrize("family", ["gla", "gla_conv", "mamba2"])
+@pytest.mark.parametrize("family", ["gla", "gla_conv", "gla_widened", "mamba2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_config_state_shape_is_the_true_state_size(family, dtype):
     """What the classmethods report (the page vLLM allocates) is state_spec() exactly
-    (GLA's short-conv windows included)."""
+    (GLA's short-conv windows included, widened keys' too)."""
     from model_registry.vllm_models.gla import StateXGLAForCausalLM
     from model_registry.vllm_models.mamba2 import StateXMamba2ForCausalLM
 
-    cfg = (tiny_gla_config(use_short_conv=family == "gla_conv") if family.startswith("gla")
-           else tiny_mamba2_config())
-    family = family.removesuffix("_conv")
+    cfg = (tiny_gla_config(use_short_conv=family != "gla", widen=family == "gla_widened")
+           if family.startswith("gla") else tiny_mamba2_config())
+    family = "gla" if family.startswith("gla") else family
     cls = StateXGLAForCausalLM if family == "gla" else StateXMamba2ForCausalLM
     vc = _fake_vllm_config(cfg, dtype=dtype)
     (shape,), (dt,) = cls.get_mamba_state_shape_from_config(vc), cls.get_mamba_state_dtype_from_config(vc)

@@ -57,7 +57,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
     record = expand_checkpoint(args.base, args.out, every=args.every, layers=args.layers, heads=args.heads,
                                state_size=args.state_size, init=args.init, seed=args.seed,
-                               overwrite=args.overwrite, dt_init=args.dt_init)
+                               overwrite=args.overwrite, dt_init=args.dt_init, head_k_dim=args.head_k_dim)
     for line in summary_lines(record):
         print(line)
     print(f"wrote {args.out} (statex.json records the expansion)")
@@ -129,7 +129,8 @@ def _config_command(sub, name: str, cls, func, help: str, description: str, mode
 
 def add_expand(sub) -> None:
     p = _subcommand(sub, "expand", cmd_expand, "StateX: expand the recurrent state of chosen layers",
-                    "Merge GLA heads (--heads, default 1) or grow Mamba2 d_state (--state-size, default 4x) in "
+                    "Merge GLA heads (--heads, default 1), widen GLA keys (--init preserve --head-k-dim, default "
+                    "4x), or grow Mamba2 d_state (--state-size, default 4x) in "
                     "layers 0, P, 2P, ... (--every P) or --layers I,J,...; writes an expanded checkpoint with "
                     "statex.json.")
     p.add_argument("--base", required=True, help="our checkpoint directory (see `statex-train import`)")
@@ -138,9 +139,12 @@ def add_expand(sub) -> None:
     which.add_argument("--every", type=int, help="expand layers 0, P, 2P, ...")
     which.add_argument("--layers", help="comma-separated layer indices, e.g. 0,6,12,18")
     p.add_argument("--heads", type=int, help="GLA: merge each chosen layer's heads into this many (default 1)")
+    p.add_argument("--head-k-dim", type=int,
+                   help="GLA with --init preserve: new key dim per head, a multiple of the old (default 4x)")
     p.add_argument("--state-size", type=int, help="Mamba2: new d_state, a multiple of the old (default 4x)")
     p.add_argument("--init", default="reinit",
-                   help="GLA: reinit | inherit; Mamba2: reinit | merge_copy | merge_zero | preserve "
+                   help="GLA: reinit | inherit (merge heads) | preserve (widen each head's keys, "
+                        "function-preserving); Mamba2: reinit | merge_copy | merge_zero | preserve "
                         "(function-preserving with --dt-init inherit) (default reinit)")
     p.add_argument("--dt-init",
                    help="Mamba2: the expanded layers' dt_bias / A_log: official (the reference code: dt_bias 1, "

@@ -1,7 +1,8 @@
 """StateX: expand the recurrent state of chosen layers of a pre-trained model.
 
-GLA merges a layer's H heads into H' (``expand_gla_heads``); Mamba2 grows
-d_state N -> N' (``expand_mamba2_state``). What each ``--init`` keeps and what
+GLA merges a layer's H heads into H' (``expand_gla_heads``), or, with the
+function-preserving ``preserve``, keeps the heads and widens each one's keys
+K -> K' (``widen_gla_keys``); Mamba2 grows d_state N -> N' (``expand_mamba2_state``). What each ``--init`` keeps and what
 it redraws (following the StateX reference code, thunlp/StateX), and the
 parameter and state bookkeeping: docs/training.md (`expand`).
 """
@@ -17,7 +18,7 @@ from model_registry.checkpoint import check_and_load
 from model_registry.mamba2 import MAMBA_A_INIT_RANGE, mamba_dt_bias_init
 from training.errors import UsageError
 
-GLA_INITS = ("reinit", "inherit")
+GLA_INITS = ("reinit", "inherit", "preserve")   # preserve: widen keys (widen_gla_keys), not a merge
 MAMBA2_INITS = ("reinit", "merge_copy", "merge_zero", "preserve")
 # What an expanded Mamba2 layer's dt_bias / A_log become. ``official``: the
 # reference code's dt_bias = 1 (its placeholder is never re-initialised, so the
@@ -43,10 +44,11 @@ class Expansion:
         """statex.json's ``expansion`` entry: what, how, parameters and state before/after."""
         p0, p1 = count_parameters(base_model), count_parameters(self.model)
         s0, s1 = base_model.state_spec(), self.model.state_spec()
-        what = "num_heads" if self.family == "gla" else "state_size"
+        what, method = {"gla": ("num_heads", "merge heads"), "gla_keys": ("head_k_dim", "widen keys"),
+                        "mamba2": ("state_size", "grow d_state")}[self.family]
         return {
-            "family": self.family,
-            "method": "merge heads" if self.family == "gla" else "grow d_state",
+            "family": "gla" if self.family == "gla_keys" else self.family,
+            "method": method,
             "layers": self.layers,
             "init": self.init,
             **({"dt_init": self.dt_init} if self.dt_init is not None else {}),
@@ -137,16 +139,18 @@ def expand_gla_heads(model, layers: list[int], num_heads: int = 1, init: str = "
                      ) -> Expansion:
     """Merge the heads of ``layers`` into ``num_heads`` heads (StateX for GLA)."""
     cfg = model.config
-    if init not in GLA_INITS:
-        raise UsageError(f"unknown GLA init {init!r} (choose from {', '.join(GLA_INITS)})")
+    if init not in GLA_INITS or init == "preserve":
+        raise UsageError(f"unknown GLA merge init {init!r} (choose from reinit, inherit; "
+                         "preserve widens keys: widen_gla_keys)")
     layers = choose_layers(cfg.num_hidden_layers, layers=list(layers))
     for i in layers:
         cur = cfg.layer_num_heads[i]
         if num_heads < 1 or cur % num_heads or num_heads >= cur:
             raise UsageError(f"layer {i}: --heads {num_heads} must be fewer than and divide its {cur} heads "
                              f"(merging H heads into H' multiplies the state by H/H')")
-        if cfg.key_dim % num_heads or cfg.value_dim % num_heads:
-            raise UsageError(f"--heads {num_heads} does not divide key_dim {cfg.key_dim} / value_dim {cfg.value_dim}")
+        if cfg.layer_key_dim[i] % num_heads or cfg.value_dim % num_heads:
+            raise UsageError(f"--heads {num_heads} does not divide layer {i}'s key dim {cfg.layer_key_dim[i]} / "
+                             f"value_dim {cfg.value_dim}")
 
     gen = torch.Generator().manual_seed(seed)
     sd = _cpu_state_dict(model)
@@ -171,8 +175,66 @@ def expand_gla_heads(model, layers: list[int], num_heads: int = 1, init: str = "
 
     new_config = copy.deepcopy(cfg)
     new_config.layer_num_heads = [num_heads if i in layers else h for i, h in enumerate(cfg.layer_num_heads)]
+    if cfg.layer_attn_scale is not None:   # a merged head scores at its own 1/sqrt(K), whatever it was before
+        new_config.layer_attn_scale = [None if i in layers else sc for i, sc in enumerate(cfg.layer_attn_scale)]
     new_config.validate_statex()
     return Expansion(_build(model, new_config, sd), "gla", layers, init, seed, per_layer)
+
+
+def _per_head(old: torch.Tensor, H: int, new_rows: torch.Tensor) -> torch.Tensor:
+    """Rows [H*K, ...] -> [H*K2, ...]: per head its K old rows, then its share of ``new_rows``."""
+    g = old.reshape(H, -1, *old.shape[1:])
+    return torch.cat([g, _like(new_rows, old).reshape(H, -1, *old.shape[1:])], dim=1).reshape(-1, *old.shape[1:])
+
+
+def widen_gla_keys(model, layers: list[int], head_k_dim: int, seed: int = 0) -> Expansion:
+    """Widen each head's keys in ``layers`` to ``head_k_dim`` (the heads stay): GLA's
+    analogue of Mamba2's ``preserve``. Per head the old q / k rows, decay-gate rows and
+    conv taps are kept. The new k rows and all new conv taps are drawn; the new q rows are
+    zero, so the new q is silu(conv(0)) = 0, and the layer keeps the base's score scale
+    1/sqrt(K) (``layer_attn_scale``), so it computes the base's function exactly until
+    training moves them. (With 1/sqrt(K') the per-head RMS norm would undo the smaller
+    scale only up to its eps, and trained GLA outputs are small enough for eps to matter.) The new dimensions' decay-gate rows repeat the head's old ones (the decays
+    the base learned; the random k rows break the symmetry)."""
+    cfg = model.config
+    layers = choose_layers(cfg.num_hidden_layers, layers=list(layers))
+    for i in layers:
+        H, K, _ = cfg.head_dims(i)
+        if head_k_dim <= K or head_k_dim % K:
+            raise UsageError(f"layer {i}: --head-k-dim {head_k_dim} must be a larger multiple of its key dim "
+                             f"per head {K} (e.g. {4 * K})")
+
+    D, W = cfg.hidden_size, cfg.conv_size
+    gen = torch.Generator().manual_seed(seed)
+    sd = _cpu_state_dict(model)
+    per_layer = {}
+    for i in layers:
+        p = f"model.layers.{i}.attn."
+        H, K, _ = cfg.head_dims(i)
+        new = H * (head_k_dim - K)            # new rows per tensor, over all heads
+        per_layer[i] = {"before": K, "after": head_k_dim}
+        q, k = sd[p + "q_proj.weight"], sd[p + "k_proj.weight"]
+        sd[p + "q_proj.weight"] = _per_head(q, H, torch.zeros(new, D))
+        k_init = _xavier_uniform((H * head_k_dim, D), GLA_XAVIER_GAIN, gen)[:new]   # fla's init at the new width
+        sd[p + "k_proj.weight"] = _per_head(k, H, k_init)
+        reps = head_k_dim // K - 1
+        for name in ("gk_proj.1.weight", "gk_proj.1.bias"):
+            old = sd[p + name]
+            sd[p + name] = _per_head(old, H, old.reshape(H, K, *old.shape[1:]).repeat(
+                1, reps, *([1] * (old.dim() - 1))).reshape(new, *old.shape[1:]))
+        for name in ("q_conv1d.weight", "k_conv1d.weight"):
+            if p + name in sd:   # use_short_conv: depthwise [C, 1, W]; the new q taps must not be 0,
+                old = sd[p + name]   # or the zero q rows would get no gradient through them
+                sd[p + name] = _per_head(old, H, _torch_default_uniform((new, *old.shape[1:]), W, gen))
+
+    new_config = copy.deepcopy(cfg)
+    new_config.layer_key_dim = [H * head_k_dim if i in layers else kd for i, (kd, H) in
+                                enumerate(zip(cfg.layer_key_dim, cfg.layer_num_heads))]
+    old_scales = cfg.layer_attn_scale or [None] * cfg.num_hidden_layers
+    new_config.layer_attn_scale = [cfg.attn_scale(i) if i in layers else old_scales[i]
+                                   for i in range(cfg.num_hidden_layers)]
+    new_config.validate_statex()
+    return Expansion(_build(model, new_config, sd), "gla_keys", layers, "preserve", seed, per_layer)
 
 
 # --- Mamba2 ---------------------------------------------------------------------------
@@ -285,7 +347,7 @@ def gla_added_parameters(config, layer: int, new_num_heads: int) -> int:
 
 def summary_lines(record: dict) -> list[str]:
     """The printed summary of an expansion record (what, how, parameters, state)."""
-    what = "num_heads" if record["family"] == "gla" else "state_size"
+    what = next(k for k in ("num_heads", "head_k_dim", "state_size") if k in record)
     changes = ", ".join(f"layer {k}: {v['before']} -> {v['after']}" for k, v in record[what].items())
     p, s = record["parameters"], record["state"]
     return [
@@ -315,7 +377,8 @@ def read_provenance(src) -> dict:
 
 def expand_checkpoint(base: str, out: str, every: int | None = None, layers: str | list[int] | None = None,
                       heads: int | None = None, state_size: int | None = None, init: str = "reinit",
-                      seed: int = 0, overwrite: bool = False, dt_init: str | None = None) -> dict:
+                      seed: int = 0, overwrite: bool = False, dt_init: str | None = None,
+                      head_k_dim: int | None = None) -> dict:
     """Load ``base``, expand, write ``out`` (atomically) with statex.json; returns the record."""
     from pathlib import Path
 
@@ -331,10 +394,21 @@ def expand_checkpoint(base: str, out: str, every: int | None = None, layers: str
             raise UsageError("--state-size is for Mamba2; a GLA layer grows its state by merging heads (--heads)")
         if dt_init is not None:
             raise UsageError("--dt-init is for Mamba2 (GLA has no dt_bias / A_log)")
-        exp = expand_gla_heads(model, chosen, 1 if heads is None else heads, init, seed)
+        if init == "preserve":
+            if heads is not None:
+                raise UsageError("--init preserve keeps the heads and widens their keys (--head-k-dim); "
+                                 "--heads is for the merge inits (reinit, inherit)")
+            if head_k_dim is None:
+                head_k_dim = 4 * model.config.head_dims(chosen[0])[1]
+            exp = widen_gla_keys(model, chosen, head_k_dim, seed)
+        else:
+            if head_k_dim is not None:
+                raise UsageError("--head-k-dim is for --init preserve (widen keys); the merge inits take --heads")
+            exp = expand_gla_heads(model, chosen, 1 if heads is None else heads, init, seed)
     else:
-        if heads is not None:
-            raise UsageError("--heads is for GLA; a Mamba2 layer grows its state with --state-size")
+        if heads is not None or head_k_dim is not None:
+            raise UsageError(f"--{'heads' if heads is not None else 'head-k-dim'} is for GLA; "
+                             "a Mamba2 layer grows its state with --state-size")
         if state_size is None:  # the reference code's factor
             state_size = 4 * model.config.layer_state_size[chosen[0]]
         exp = expand_mamba2_state(model, chosen, state_size, init, seed, dt_init or "official")

@@ -140,9 +140,9 @@ class GLAMixer(StateMixer):
         super().__init__(layer_idx, prefix)
         s = self.shard = gla_shard(config, layer_idx, get_tensor_model_parallel_rank(),
                                    get_tensor_model_parallel_world_size())
-        D, Kd, Vd = config.hidden_size, config.key_dim, config.value_dim
+        D, Kd, Vd = config.hidden_size, config.layer_key_dim[layer_idx], config.value_dim
         quant = vllm_config.quant_config
-        self.scale = s.head_k ** -0.5
+        self.scale = config.attn_scale(layer_idx)
         self.gate_logit_normalizer = config.gate_logit_normalizer
         low_rank = config.gate_low_rank_dim
         self.clamp_min = config.clamp_min

@@ -43,7 +43,7 @@ class Preset:
     # GLA's input and output embeddings tied, as Mamba2's are (mamba_ssm's default; fla's GLA
     # unties them). Untied, GLA learned no MQAR over 512 values in runs 1-6 at any rate tried; tied,
     # the H200 pilot of 2026-11-30 reached 99 / 80 / 52 / 24% at 1 / 2 / 4 / 8 pairs in 1200 steps
-    # at lr 1e-2 (docs/experiments/statex_capacity-gla.md). Run 6's GLA half ran untied
+    # at lr 1e-2 (docs/experiments/statex_capacity-gla-run6.md). Run 6's GLA half ran untied
     gla_tie_embeddings: bool = True
     mamba2_state: int = 16
     mamba2_head_dim: int = 32
@@ -506,12 +506,17 @@ def new_model(family: str, p: Preset, seed: int, expanded: bool = False):
 
 def expand(family: str, model, p: Preset, seed: int, alt: bool = False):
     """StateX on a trained model (CPU copy): the preset's expansion (default reinit,
-    the paper's), or its alternative (default GLA inherit, Mamba2 preserve + dt inherit: function-preserving)."""
-    from training.expand import expand_gla_heads, expand_mamba2_state
+    the paper's), or its alternative (default GLA inherit, Mamba2 preserve + dt inherit: function-preserving).
+    GLA's ``preserve`` widens each head's keys by the factor the merge grows the state (the head count),
+    so both GLA expansions have the same state size."""
+    from training.expand import expand_gla_heads, expand_mamba2_state, widen_gla_keys
 
     cpu = copy.deepcopy(model).to("cpu")
     if family == "gla":
-        exp = expand_gla_heads(cpu, list(p.expand_layers), 1, p.alt_gla_init if alt else p.gla_init, seed)
+        init = p.alt_gla_init if alt else p.gla_init
+        layers = list(p.expand_layers)
+        exp = (widen_gla_keys(cpu, layers, p.gla_heads * cpu.config.head_dims(layers[0])[1], seed)
+               if init == "preserve" else expand_gla_heads(cpu, layers, 1, init, seed))
     else:
         exp = expand_mamba2_state(cpu, list(p.expand_layers), p.mamba2_expanded_state,
                                   p.alt_mamba2_init if alt else p.mamba2_init, seed,
