@@ -20,7 +20,11 @@ import vllm  # noqa: F401  (a missing vLLM must fail, not skip)
 from model_registry.checkpoint import load_model
 from model_registry.testing import make_tiny_checkpoint
 
-FAMILIES = ["gla", "gla_conv", "mamba2"]       # gla_conv: GLA with fla's short conv (use_short_conv)
+# gla_conv: GLA with fla's short conv (use_short_conv); gla_widened: with it, layers 0 and 2 keeping
+# their heads with 4x the key dim per head (the `preserve` expansion: per-layer key widths and score scale)
+FAMILIES = ["gla", "gla_conv", "gla_widened", "mamba2"]
+VARIANTS = {"gla": ("gla", {}), "gla_conv": ("gla", {"use_short_conv": True}),
+            "gla_widened": ("gla", {"use_short_conv": True, "widen": True}), "mamba2": ("mamba2", {})}
 BUDGET_GIB = 1                 # VLLM_CPU_KVCACHE_SPACE
 BATCH_TOKENS = 32              # max_num_batched_tokens: every prompt over 32 tokens is chunked
 MAX_TOKENS = 8
@@ -31,8 +35,8 @@ PROMPTS = [[_rng.randrange(256) for _ in range(n)] for n in (1, 2, 7, 31, 64, 97
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_ckpt")
-    return {f: make_tiny_checkpoint(root / f, f.removesuffix("_conv"), expanded=True, seed=7,
-                                    **({"use_short_conv": True} if f == "gla_conv" else {})) for f in FAMILIES}
+    return {f: make_tiny_checkpoint(root / f, VARIANTS[f][0], expanded=True, seed=7, **VARIANTS[f][1])
+            for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
