@@ -51,6 +51,17 @@ def test_gla_chunk_is_finite_and_exact_under_strong_decay(dtype):
     assert rel_err(o2, o1) < tol and rel_err(s2, s1) < tol
 
 
+def test_gla_overflow_free_scores_equal_the_midpoint_form():
+    """The two intra-chunk score forms agree where both are safe, for chunk lengths that
+    are and are not multiples of the sub-block."""
+    for C in (8, 13, 32):
+        q, k = torch.randn(2, 3, C, 16, dtype=torch.float64), torch.randn(2, 3, C, 16, dtype=torch.float64)
+        G = (F.logsigmoid(torch.randn(2, 3, C, 16, dtype=torch.float64)) / 4).cumsum(-2)
+        mid = G[..., C // 2 - 1: C // 2, :]
+        want = ((q * (G - mid).exp()) @ (k * (mid - G).exp()).transpose(-1, -2)).tril()
+        assert rel_err(gla_ref.A_intra(q, k, G), want) < 1e-12
+
+
 def test_gla_recurrence_equals_fla_naive_recurrent_gla():
     from fla.ops.gla.naive import naive_recurrent_gla
 

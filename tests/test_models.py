@@ -185,10 +185,12 @@ def test_padded_prefill_equals_the_unpadded_one(model, carried):
         out = model.prefill(padded_ids, torch.tensor([0, T, T + pad], dtype=torch.int32),
                             torch.tensor([1, -1], dtype=torch.int32), torch.tensor([carried, False]), pools,
                             padded=True)
-        assert out.shape == (1, V) and rel_err(out, ref) < 1e-5, (T, pad)
+        # fp32: the padded lane's chunk sums round differently from the prompt's own; over 240
+        # random GLA models the worst case was 1.3e-5 (a one-token prompt), so 1e-5 failed 1 in 200
+        assert out.shape == (1, V) and rel_err(out, ref) < 3e-5, (T, pad)
         for layer, ref_layer in zip(pools.pools, ref_pools.pools):
             for k, t in layer.items():
-                assert rel_err(t, ref_layer[k]) < 1e-5, (T, pad, k)
+                assert rel_err(t, ref_layer[k]) < 3e-5, (T, pad, k)
 
 
 def test_prefill_in_lanes_equals_one_varlen_prefill(model):

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import torch
 
-# Chunk length of the chunked form, and of the sub-blocks its intra-chunk scores are
-# computed in. Every decay factor is exp of a non-positive number (a later cumulative
-# log decay minus an earlier one), so nothing overflows however strong the decay: a
-# trained gate reaches g = logsigmoid(-113) / 16 = -7.1 per token, and the midpoint
-# factorisation this replaced overflowed fp32 at 16 such tokens (NaN on the CPU path).
+# Chunk length of the chunked form. Its intra-chunk scores factor the decays around the
+# chunk's midpoint (two matmuls: fast) where the factors stay far from overflow, which is
+# the case for GLA's usual gates (logsigmoid / 16: about -0.05 per token). A trained gate
+# can reach g = logsigmoid(-113) / 16 = -7.1 per token, and 16 such tokens overflowed
+# fp32 there (NaN on the CPU path); chunks like that take ``A_intra``, where every decay
+# factor is exp of a non-positive number, in sub-blocks of SUB rows (about 3x slower).
 CHUNK = 32
 SUB = 8
+# the largest |cumulative log decay - the midpoint's| the midpoint form takes: factors up
+# to e^30 (fp32) or e^300 (fp64), and their products for masked pairs, stay finite
+MIDPOINT_MAX_EXP = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
@@ -57,7 +61,13 @@ def gla_chunk(q, k, v, g, scale, initial_state=None, chunk_size: int = CHUNK):
     k_ = k_.reshape(B, H, n, C, K)
     v_ = v_.reshape(B, H, n, C, V)
     G = g_.reshape(B, H, n, C, K).cumsum(-2)              # log decay from chunk start, inclusive (non-increasing)
-    o_intra = A_intra(q_, k_, G) @ v_                       # [B,H,n,C,V]
+    mid = G[..., C // 2 - 1: C // 2, :]                     # reference point for the midpoint factorisation
+    if float((G - mid).abs().amax()) <= MIDPOINT_MAX_EXP[dt]:
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        A = ((q_ * (G - mid).exp()) @ (k_ * (mid - G).exp()).transpose(-1, -2)).masked_fill(~causal, 0.0)
+    else:
+        A = A_intra(q_, k_, G)                                # [B,H,n,C,C]
+    o_intra = A @ v_                                          # [B,H,n,C,V]
 
     q_inter = q_ * G.exp()                                   # decay from chunk start to token
     k_to_end = k_ * (G[..., -1:, :] - G).exp()               # decay from token to chunk end
