@@ -126,6 +126,17 @@ class StateXGLAConfig(_BaseConfig):
         H = self.layer_num_heads[layer]
         return H, self.layer_key_dim[layer] // H, self.value_dim // H
 
+    def to_dict(self) -> dict:
+        """Per-layer key widths only where some layer's differs from ``key_dim`` (so a config
+        whose ``hidden_size`` or ``expand_k`` is edited by hand keeps no stale widths), and
+        score scales only when set."""
+        d = super().to_dict()
+        if d.get("layer_key_dim") == [self.key_dim] * self.num_hidden_layers:
+            d.pop("layer_key_dim")
+        if d.get("layer_attn_scale", 0) is None:
+            d.pop("layer_attn_scale")
+        return d
+
     def attn_scale(self, layer: int) -> float:
         """The score scale of one layer: 1/sqrt(key dim per head) unless ``layer_attn_scale`` sets it."""
         s = self.layer_attn_scale[layer] if self.layer_attn_scale is not None else None
@@ -164,7 +175,7 @@ class StateXGLAConfig(_BaseConfig):
                               f"num_hidden_layers is {self.num_hidden_layers}")
         if self.layer_attn_scale is not None and (
                 len(self.layer_attn_scale) != self.num_hidden_layers
-                or any(s is not None and not s > 0 for s in self.layer_attn_scale)):
+                or any(s is not None and not (isinstance(s, (int, float)) and s > 0) for s in self.layer_attn_scale)):
             raise ConfigError(f"layer_attn_scale must hold {self.num_hidden_layers} positive numbers or nulls, "
                               f"got {self.layer_attn_scale}")
         for i, (h, kd) in enumerate(zip(self.layer_num_heads, self.layer_key_dim)):

@@ -219,3 +219,32 @@ def test_written_checkpoints_get_umask_modes_not_owner_only(umask, tmp_path):
         assert {"config.json", "model.safetensors", "tokenizer.json", "statex.json"} <= {f.name for f in files}
         for f in files:
             assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (f, oct(f.stat().st_mode))
+
+
+def test_gla_per_layer_key_widths_and_scales_round_trip_and_are_checked(tmp_path):
+    """A widened GLA config saves its key widths and kept score scales and loads them back;
+    an unwidened one saves neither (so editing hidden_size by hand leaves no stale widths);
+    malformed entries are a ConfigError naming the field."""
+    from transformers import AutoConfig
+
+    from model_registry.configs import StateXGLAConfig
+    from model_registry.testing import tiny_gla_config
+
+    for widen in (False, True):
+        cfg = tiny_gla_config(widen=widen, use_short_conv=True)
+        cfg.save_pretrained(tmp_path / str(widen))
+        saved = json.loads((tmp_path / str(widen) / "config.json").read_text())
+        assert ("layer_key_dim" in saved) is widen and ("layer_attn_scale" in saved) is widen
+        back = AutoConfig.from_pretrained(tmp_path / str(widen))
+        assert back.layer_key_dim == cfg.layer_key_dim and back.layer_attn_scale == cfg.layer_attn_scale
+        assert [back.head_dims(i) for i in range(4)] == [cfg.head_dims(i) for i in range(4)]
+        assert [back.attn_scale(i) for i in range(4)] == [cfg.attn_scale(i) for i in range(4)]
+    edited = json.loads((tmp_path / "False" / "config.json").read_text()) | {"hidden_size": 128}
+    edited.pop("intermediate_size")
+    assert StateXGLAConfig.from_dict(edited).layer_key_dim == [64] * 4
+    for bad, says in (({"layer_key_dim": [32, 32]}, "layer_key_dim has 2 entries"),
+                      ({"layer_key_dim": [32, 30, 32, 32]}, "layer 1: 4 heads do not divide key dim 30"),
+                      ({"layer_attn_scale": [0.5, None, "x", None]}, "layer_attn_scale must hold"),
+                      ({"layer_attn_scale": [0.0, None, None, None]}, "layer_attn_scale must hold")):
+        with pytest.raises(ConfigError, match=says):
+            tiny_gla_config(**bad)

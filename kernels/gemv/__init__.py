@@ -20,7 +20,7 @@ AUTO_MAX_N = 4096  # the auto policy's widest output: wider ones tied or lost ag
 
 def preferred(rows: int, n_out: int) -> bool:
     """Whether a projection of ``rows`` rows into ``n_out`` outputs should take this kernel."""
-    mode = os.environ.get("STATEX_GEMV", "auto")
+    mode = os.environ.get("STATEX_GEMV") or "auto"
     if mode == "0":
         return False
     if mode == "1":
