@@ -2,8 +2,8 @@
 
 GLA merges a layer's H heads into H' (``expand_gla_heads``), or, with the
 function-preserving ``preserve``, keeps the heads and widens each one's keys
-K -> K' (``widen_gla_keys``); Mamba2 grows d_state N -> N' (``expand_mamba2_state``). What each ``--init`` keeps and what
-it redraws (following the StateX reference code, thunlp/StateX), and the
+K -> K' (``widen_gla_keys``); Mamba2 grows d_state N -> N' (``expand_mamba2_state``).
+What each ``--init`` keeps and what it redraws (following the StateX reference code, thunlp/StateX), and the
 parameter and state bookkeeping: docs/training.md (`expand`).
 """
 from __future__ import annotations
@@ -44,10 +44,12 @@ class Expansion:
         """statex.json's ``expansion`` entry: what, how, parameters and state before/after."""
         p0, p1 = count_parameters(base_model), count_parameters(self.model)
         s0, s1 = base_model.state_spec(), self.model.state_spec()
-        what, method = {"gla": ("num_heads", "merge heads"), "gla_keys": ("head_k_dim", "widen keys"),
-                        "mamba2": ("state_size", "grow d_state")}[self.family]
+        if self.family == "mamba2":
+            what, method = "state_size", "grow d_state"
+        else:   # GLA's preserve widens keys; its other inits merge heads
+            what, method = ("head_k_dim", "widen keys") if self.init == "preserve" else ("num_heads", "merge heads")
         return {
-            "family": "gla" if self.family == "gla_keys" else self.family,
+            "family": self.family,
             "method": method,
             "layers": self.layers,
             "init": self.init,
@@ -112,6 +114,14 @@ def _torch_default_uniform(shape, fan_in: int, gen: torch.Generator) -> torch.Te
 
 def _like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return new.to(dtype=old.dtype)
+
+
+def _grow_preserving(old: torch.Tensor, G: int, N2: int, new_rows: torch.Tensor) -> torch.Tensor:
+    """Rows [G*N, ...] -> [G*N2, ...]: per block (a Mamba2 B/C group, a GLA head) its N old
+    rows, then N2 - N of ``new_rows``."""
+    g = old.reshape(G, -1, *old.shape[1:])
+    extra = new_rows.reshape(G, N2 - g.shape[1], *old.shape[1:])
+    return torch.cat([g, _like(extra, old)], dim=1).reshape(-1, *old.shape[1:])
 
 
 def _build(model, new_config, sd: dict[str, torch.Tensor]):
@@ -181,12 +191,6 @@ def expand_gla_heads(model, layers: list[int], num_heads: int = 1, init: str = "
     return Expansion(_build(model, new_config, sd), "gla", layers, init, seed, per_layer)
 
 
-def _per_head(old: torch.Tensor, H: int, new_rows: torch.Tensor) -> torch.Tensor:
-    """Rows [H*K, ...] -> [H*K2, ...]: per head its K old rows, then its share of ``new_rows``."""
-    g = old.reshape(H, -1, *old.shape[1:])
-    return torch.cat([g, _like(new_rows, old).reshape(H, -1, *old.shape[1:])], dim=1).reshape(-1, *old.shape[1:])
-
-
 def widen_gla_keys(model, layers: list[int], head_k_dim: int, seed: int = 0) -> Expansion:
     """Widen each head's keys in ``layers`` to ``head_k_dim`` (the heads stay): GLA's
     analogue of Mamba2's ``preserve``. Per head the old q / k rows, decay-gate rows and
@@ -194,8 +198,9 @@ def widen_gla_keys(model, layers: list[int], head_k_dim: int, seed: int = 0) -> 
     zero, so the new q is silu(conv(0)) = 0, and the layer keeps the base's score scale
     1/sqrt(K) (``layer_attn_scale``), so it computes the base's function exactly until
     training moves them. (With 1/sqrt(K') the per-head RMS norm would undo the smaller
-    scale only up to its eps, and trained GLA outputs are small enough for eps to matter.) The new dimensions' decay-gate rows repeat the head's old ones (the decays
-    the base learned; the random k rows break the symmetry)."""
+    scale only up to its eps, and trained GLA outputs are small enough for eps to matter.)
+    The new dimensions' decay-gate rows repeat the head's old ones (the decays the base
+    learned; the random k rows break the symmetry)."""
     cfg = model.config
     layers = choose_layers(cfg.num_hidden_layers, layers=list(layers))
     for i in layers:
@@ -214,18 +219,19 @@ def widen_gla_keys(model, layers: list[int], head_k_dim: int, seed: int = 0) -> 
         new = H * (head_k_dim - K)            # new rows per tensor, over all heads
         per_layer[i] = {"before": K, "after": head_k_dim}
         q, k = sd[p + "q_proj.weight"], sd[p + "k_proj.weight"]
-        sd[p + "q_proj.weight"] = _per_head(q, H, torch.zeros(new, D))
+        sd[p + "q_proj.weight"] = _grow_preserving(q, H, head_k_dim, torch.zeros(new, D))
         k_init = _xavier_uniform((H * head_k_dim, D), GLA_XAVIER_GAIN, gen)[:new]   # fla's init at the new width
-        sd[p + "k_proj.weight"] = _per_head(k, H, k_init)
+        sd[p + "k_proj.weight"] = _grow_preserving(k, H, head_k_dim, k_init)
         reps = head_k_dim // K - 1
         for name in ("gk_proj.1.weight", "gk_proj.1.bias"):
             old = sd[p + name]
-            sd[p + name] = _per_head(old, H, old.reshape(H, K, *old.shape[1:]).repeat(
+            sd[p + name] = _grow_preserving(old, H, head_k_dim, old.reshape(H, K, *old.shape[1:]).repeat(
                 1, reps, *([1] * (old.dim() - 1))).reshape(new, *old.shape[1:]))
         for name in ("q_conv1d.weight", "k_conv1d.weight"):
             if p + name in sd:   # use_short_conv: depthwise [C, 1, W]; the new q taps must not be 0,
                 old = sd[p + name]   # or the zero q rows would get no gradient through them
-                sd[p + name] = _per_head(old, H, _torch_default_uniform((new, *old.shape[1:]), W, gen))
+                sd[p + name] = _grow_preserving(old, H, head_k_dim,
+                                                _torch_default_uniform((new, *old.shape[1:]), W, gen))
 
     new_config = copy.deepcopy(cfg)
     new_config.layer_key_dim = [H * head_k_dim if i in layers else kd for i, (kd, H) in
@@ -234,7 +240,7 @@ def widen_gla_keys(model, layers: list[int], head_k_dim: int, seed: int = 0) -> 
     new_config.layer_attn_scale = [cfg.attn_scale(i) if i in layers else old_scales[i]
                                    for i in range(cfg.num_hidden_layers)]
     new_config.validate_statex()
-    return Expansion(_build(model, new_config, sd), "gla_keys", layers, "preserve", seed, per_layer)
+    return Expansion(_build(model, new_config, sd), "gla", layers, "preserve", seed, per_layer)
 
 
 # --- Mamba2 ---------------------------------------------------------------------------
@@ -250,13 +256,6 @@ def _grow_groups(old: torch.Tensor, groups: int, factor: int, mode: str) -> torc
     else:
         parts = [g] + [torch.zeros_like(g)] * (factor - 1)
     return torch.cat(parts, dim=1).reshape(-1, *old.shape[1:])
-
-
-def _grow_preserving(old: torch.Tensor, G: int, N2: int, new_rows: torch.Tensor) -> torch.Tensor:
-    """Rows [G*N, ...] -> [G*N2, ...]: per group its N old rows, then N2 - N of ``new_rows``."""
-    g = old.reshape(G, -1, *old.shape[1:])
-    extra = new_rows.reshape(G, N2 - g.shape[1], *old.shape[1:])
-    return torch.cat([g, _like(extra, old)], dim=1).reshape(-1, *old.shape[1:])
 
 
 def _grow_bc(old: torch.Tensor, offset: int, G: int, N: int, N2: int, fan_in: int, init: str,

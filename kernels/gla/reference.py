@@ -61,10 +61,10 @@ def gla_chunk(q, k, v, g, scale, initial_state=None, chunk_size: int = CHUNK):
     k_ = k_.reshape(B, H, n, C, K)
     v_ = v_.reshape(B, H, n, C, V)
     G = g_.reshape(B, H, n, C, K).cumsum(-2)              # log decay from chunk start, inclusive (non-increasing)
-    mid = G[..., C // 2 - 1: C // 2, :]                     # reference point for the midpoint factorisation
-    if float((G - mid).abs().amax()) <= MIDPOINT_MAX_EXP[dt]:
+    from_mid = G - G[..., C // 2 - 1: C // 2, :]            # log decay relative to the chunk's midpoint
+    if float(from_mid.abs().amax()) <= MIDPOINT_MAX_EXP[dt]:
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        A = ((q_ * (G - mid).exp()) @ (k_ * (mid - G).exp()).transpose(-1, -2)).masked_fill(~causal, 0.0)
+        A = ((q_ * from_mid.exp()) @ (k_ * (-from_mid).exp()).transpose(-1, -2)).masked_fill(~causal, 0.0)
     else:
         A = A_intra(q_, k_, G)                                # [B,H,n,C,C]
     o_intra = A @ v_                                          # [B,H,n,C,V]
