@@ -15,7 +15,8 @@ import torch
 # the case for GLA's usual gates (logsigmoid / 16: about -0.05 per token). A trained gate
 # can reach g = logsigmoid(-113) / 16 = -7.1 per token, and 16 such tokens overflowed
 # fp32 there (NaN on the CPU path); chunks like that take ``A_intra``, where every decay
-# factor is exp of a non-positive number, in sub-blocks of SUB rows (about 3x slower).
+# factor is exp of a non-positive number, in sub-blocks of SUB rows (slower: a loop of small
+# products instead of two matmuls).
 CHUNK = 32
 SUB = 8
 # the largest |cumulative log decay - the midpoint's| the midpoint form takes: factors up
